@@ -1,0 +1,186 @@
+//! Loads the eBPF programs, attaches them to the process tracepoints, and
+//! reads their ring buffer and counters. Nothing here decides anything.
+
+use std::path::Path;
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use corral_common::{ProcEvent, TracepointLayout, counter};
+
+/// The object built from `ebpf/` by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/corral"));
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// The tracepoints corral attaches, as (category, name).
+const TRACEPOINTS: &[(&str, &str)] = &[
+    ("sched", "sched_process_exec"),
+    ("task", "task_newtask"),
+    ("sched", "sched_process_fork"),
+    ("sched", "sched_process_exit"),
+];
+
+/// Loaded, attached programs and the maps the agent reads.
+pub struct Tracer {
+    /// Owns the programs and their links; dropping it detaches them.
+    pub ebpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct KernelCounters {
+    /// Records the ring buffer had no room for.
+    pub dropped: u64,
+    pub sent: u64,
+    pub read_failed: u64,
+    pub threads_skipped: u64,
+}
+
+impl Tracer {
+    /// Loads and attaches everything. `ring_bytes` must be a power of two
+    /// multiple of the page size.
+    pub fn load(ring_bytes: u32) -> anyhow::Result<Self> {
+        ensure_tracefs()?;
+        let layout = layout_from_tracefs(Path::new(TRACEFS))?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("LAYOUT", &layout, true)
+            .map_max_entries("EVENTS", ring_bytes)
+            .load(OBJECT)
+            .context("loading the eBPF object (are you root, with BPF enabled in the kernel?)")?;
+        for (category, name) in TRACEPOINTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+            program
+                .attach(category, name)
+                .with_context(|| format!("attaching to tracepoint {category}/{name}"))?;
+        }
+        let events = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or_else(|| anyhow!("EVENTS map missing"))?,
+        )?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .ok_or_else(|| anyhow!("COUNTERS map missing"))?,
+        )?;
+        Ok(Tracer {
+            ebpf,
+            events,
+            counters,
+        })
+    }
+
+    /// Reads the kernel-side counters.
+    pub fn sum(counters: &PerCpuArray<MapData, u64>) -> KernelCounters {
+        let sum = |slot: u32| {
+            counters
+                .get(&slot, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        KernelCounters {
+            dropped: sum(counter::RINGBUF_FULL),
+            sent: sum(counter::EVENTS_SENT),
+            read_failed: sum(counter::READ_FAILED),
+            threads_skipped: sum(counter::THREADS_SKIPPED),
+        }
+    }
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(bytes: &[u8]) -> Option<ProcEvent> {
+    (bytes.len() >= size_of::<ProcEvent>())
+        // SAFETY: length checked; ProcEvent is plain old data.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcEvent>()) })
+}
+
+/// A NUL-terminated byte field as text.
+pub fn c_str(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// Mounts tracefs where aya expects it, if it is not mounted yet.
+fn ensure_tracefs() -> anyhow::Result<()> {
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "nodev", TRACEFS])
+        .status()
+        .context("running mount for tracefs")?;
+    if !status.success() {
+        return Err(anyhow!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed; run `mount -t tracefs nodev {TRACEFS}` as root"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the field offsets the programs need from the tracepoints' format
+/// files under `tracefs`.
+pub fn layout_from_tracefs(tracefs: &Path) -> anyhow::Result<TracepointLayout> {
+    let offset = |category: &str, event: &str, field: &str| -> anyhow::Result<u32> {
+        let path = tracefs.join("events").join(category).join(event).join("format");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        field_offset(&text, field)
+            .ok_or_else(|| anyhow!("{}: no field `{field}`", path.display()))
+    };
+    Ok(TracepointLayout {
+        exec_filename: offset("sched", "sched_process_exec", "filename")?,
+        fork_child_pid: offset("sched", "sched_process_fork", "child_pid")?,
+        newtask_pid: offset("task", "task_newtask", "pid")?,
+        newtask_clone_flags: offset("task", "task_newtask", "clone_flags")?,
+    })
+}
+
+/// The offset of `field` in a tracefs format description.
+fn field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let line = line.trim();
+        let decl = line.strip_prefix("field:")?.split(';').next()?;
+        let name = decl.rsplit([' ', '*']).next()?.split('[').next()?;
+        if name != field {
+            return None;
+        }
+        let offset = line.split("offset:").nth(1)?.split(';').next()?;
+        offset.trim().parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORK_6_1: &str = "name: sched_process_fork
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;
+\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;
+";
+    const FORK_6_18: &str = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;
+\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;
+\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn finds_fields_in_both_kernel_layouts() {
+        assert_eq!(field_offset(FORK_6_1, "child_pid"), Some(44));
+        assert_eq!(field_offset(FORK_6_1, "parent_comm"), Some(8));
+        assert_eq!(field_offset(FORK_6_18, "child_pid"), Some(20));
+        assert_eq!(field_offset(FORK_6_18, "child_comm"), Some(16));
+        assert_eq!(field_offset(FORK_6_18, "pid"), None);
+    }
+}

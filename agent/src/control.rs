@@ -1,0 +1,175 @@
+//! The control socket: one JSON request per connection, one JSON answer.
+//! The server side hands requests to the daemon loop; the client side is
+//! what `corral status` and `corral explain` use.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+use tracing::debug;
+
+use crate::{bpf::KernelCounters, classify::Decision};
+
+pub const DEFAULT_SOCKET: &str = "/run/corral/control.sock";
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Explain { pid: u32 },
+    /// Every placement of a process that the kernel saw exec, with its
+    /// latency (for the exec benchmark).
+    Placements,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Explain(Box<Explanation>),
+    Placements { placements: Vec<Placement> },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub policy: String,
+    pub cgroup_root: String,
+    pub cpuset_enforced: bool,
+    pub dry_run: bool,
+    pub tracked: usize,
+    pub classes: Vec<ClassStatus>,
+    pub events: EventCounts,
+    pub kernel: KernelCounters,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventCounts {
+    pub exec: u64,
+    pub fork: u64,
+    pub exit: u64,
+    /// Processes that exited before /proc could be read.
+    pub vanished: u64,
+    pub move_errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassStatus {
+    pub class: String,
+    pub processes: usize,
+    /// None for classes corral leaves alone.
+    pub cgroup: Option<String>,
+    pub cpus: Option<String>,
+    pub cpu_weight: Option<u32>,
+    pub placements: u64,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Explanation {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub argv: Vec<String>,
+    pub decision: Decision,
+    /// The class's group, when the class is managed.
+    pub group: Option<String>,
+    /// CPUs the policy resolves the class to on this machine.
+    pub class_cpus: Option<String>,
+    /// The cgroup the process is in now, from /proc.
+    pub cgroup_now: String,
+    /// `Cpus_allowed_list` from /proc/PID/status.
+    pub cpus_allowed: String,
+    /// Ancestors, outermost first, with their own classes.
+    pub ancestry: Vec<AncestorLine>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AncestorLine {
+    pub pid: u32,
+    pub comm: String,
+    pub class: String,
+    pub rule: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Placement {
+    pub pid: u32,
+    pub class: String,
+    /// Kernel exec timestamp, CLOCK_MONOTONIC ns.
+    pub exec_ns: u64,
+    /// When the cgroup write returned, CLOCK_MONOTONIC ns.
+    pub placed_ns: u64,
+}
+
+/// A request on its way to the daemon loop, with where to send the answer.
+pub type Incoming = (Request, oneshot::Sender<Response>);
+
+/// Binds the socket (replacing a stale one) and forwards requests to `tx`.
+pub fn serve(path: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, tx).await {
+                    debug!("control connection: {e:#}");
+                }
+            });
+        }
+    }))
+}
+
+async fn answer(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+    reader.read_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            tx.send((request, reply_tx)).await.map_err(|_| anyhow!("agent is stopping"))?;
+            reply_rx.await?
+        }
+        Err(e) => Response::Error {
+            message: format!("bad request: {e}"),
+        },
+    };
+    let mut text = serde_json::to_string(&response)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    Ok(())
+}
+
+/// Sends one request to the agent at `socket` and waits for the answer.
+pub fn request(socket: &PathBuf, request: &Request) -> anyhow::Result<Response> {
+    use std::io::{BufRead as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the corral agent at {}: is it running? (start it with `corral run` or `systemctl start corral`)",
+            socket.display()
+        )
+    })?;
+    let mut text = serde_json::to_string(request)?;
+    text.push('\n');
+    stream.write_all(text.as_bytes())?;
+    let mut line = String::new();
+    std::io::BufReader::new(stream).read_line(&mut line)?;
+    serde_json::from_str(&line).with_context(|| format!("unreadable answer from the agent: {line:?}"))
+}

@@ -1,0 +1,124 @@
+//! CPU lists in the kernel's format ("0-3,8,10-11"): parsing, printing, and
+//! resolving a class's requested list on the machine corral runs on.
+
+use std::{collections::BTreeSet, fmt, path::Path};
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CpuList(BTreeSet<u32>);
+
+impl CpuList {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut cpus = BTreeSet::new();
+        for part in text.trim().split(',').filter(|p| !p.trim().is_empty()) {
+            let part = part.trim();
+            let number = |s: &str| {
+                s.trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("`{text}`: `{s}` is not a CPU number (expected e.g. \"0-7,12\")"))
+            };
+            match part.split_once('-') {
+                Some((lo, hi)) => {
+                    let (lo, hi) = (number(lo)?, number(hi)?);
+                    if lo > hi {
+                        return Err(format!("`{text}`: range {lo}-{hi} runs backwards"));
+                    }
+                    cpus.extend(lo..=hi);
+                }
+                None => {
+                    cpus.insert(number(part)?);
+                }
+            }
+        }
+        Ok(CpuList(cpus))
+    }
+
+    /// The CPUs the kernel lists as online under `sysfs_root`
+    /// (normally `/sys`).
+    pub fn online(sysfs_root: &Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(sysfs_root.join("devices/system/cpu/online"))?;
+        Self::parse(&text).map_err(std::io::Error::other)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn intersect(&self, other: &CpuList) -> CpuList {
+        CpuList(self.0.intersection(&other.0).copied().collect())
+    }
+
+    /// The part of `requested` that exists here. When none of it exists,
+    /// every online CPU, so a class is never left without CPUs. The note
+    /// says what changed, for the log.
+    pub fn resolve(requested: &CpuList, online: &CpuList) -> (CpuList, Option<String>) {
+        let present = requested.intersect(online);
+        if present.is_empty() {
+            let note = format!(
+                "none of CPUs {requested} exist on this machine (online: {online}); using all online CPUs"
+            );
+            (online.clone(), Some(note))
+        } else if present != *requested {
+            let note = format!(
+                "CPUs {requested} requested, only {present} exist on this machine (online: {online})"
+            );
+            (present, Some(note))
+        } else {
+            (present, None)
+        }
+    }
+}
+
+impl fmt::Display for CpuList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        let mut iter = self.0.iter().copied().peekable();
+        while let Some(start) = iter.next() {
+            let mut end = start;
+            while iter.peek() == Some(&(end + 1)) {
+                end = iter.next().unwrap_or(end);
+            }
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            if start == end {
+                write!(f, "{start}")?;
+            } else {
+                write!(f, "{start}-{end}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_ranges() {
+        let list = CpuList::parse("0-3, 8,10-11").unwrap();
+        assert_eq!(list.len(), 7);
+        assert_eq!(list.to_string(), "0-3,8,10-11");
+        assert!(CpuList::parse("3-1").is_err());
+        assert!(CpuList::parse("a").is_err());
+    }
+
+    #[test]
+    fn resolve_keeps_what_exists_and_never_returns_empty() {
+        let online = CpuList::parse("0-1").unwrap();
+        let (game, note) = CpuList::resolve(&CpuList::parse("0-7").unwrap(), &online);
+        assert_eq!(game.to_string(), "0-1");
+        assert!(note.unwrap().contains("only 0-1"));
+        let (render, note) = CpuList::resolve(&CpuList::parse("16-19").unwrap(), &online);
+        assert_eq!(render, online);
+        assert!(note.unwrap().contains("using all online"));
+        let (same, note) = CpuList::resolve(&online, &online);
+        assert_eq!(same, online);
+        assert!(note.is_none());
+    }
+}

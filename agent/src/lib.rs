@@ -1,0 +1,15 @@
+//! corral: classify every process and keep each class on its own cores.
+//!
+//! One module per concern: `bpf` loads and reads the kernel side, `procs`
+//! keeps the process table, `classify` decides classes from the `policy`,
+//! `place` moves processes between cgroups, `control` is the socket the CLI
+//! talks to, and `daemon` is the one loop that owns the state.
+
+pub mod classify;
+pub mod cpus;
+pub mod policy;
+pub mod procs;
+pub mod bpf;
+pub mod control;
+pub mod daemon;
+pub mod place;

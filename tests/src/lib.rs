@@ -1,0 +1,247 @@
+//! Helpers for corral's integration tests: start the real agent on a
+//! policy the test writes, in a cgroup subtree the test owns, and clean up.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+/// The workspace's `target/<profile>` directory, where `corral` is built.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+}
+
+pub fn corral_bin() -> PathBuf {
+    bin_dir().join("corral")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_owned()
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn is_cgroup2(path: &Path) -> bool {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: statfs into a zeroed struct with a valid C string.
+    unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == CGROUP2_SUPER_MAGIC
+    }
+}
+
+/// The cgroup2 mount point: /sys/fs/cgroup on unified systems, or
+/// /sys/fs/cgroup/unified on hybrid ones.
+pub fn cgroup2_mount() -> PathBuf {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| is_cgroup2(p))
+        .expect("no cgroup2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified")
+}
+
+/// Whether this machine's cgroup2 hierarchy offers the cpuset controller.
+/// Tests that need it assert it when CORRAL_REQUIRE_CPUSET=1 (the VM tier).
+pub fn cpuset_available() -> bool {
+    let offered = std::fs::read_to_string(cgroup2_mount().join("cgroup.controllers")).unwrap_or_default();
+    let has = offered.split_whitespace().any(|c| c == "cpuset");
+    if !has && std::env::var("CORRAL_REQUIRE_CPUSET").as_deref() == Ok("1") {
+        panic!("CORRAL_REQUIRE_CPUSET=1 but the cgroup2 hierarchy has no cpuset controller");
+    }
+    has
+}
+
+/// A running agent with its own policy, socket and cgroup root.
+pub struct Agent {
+    child: Child,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub policy: PathBuf,
+}
+
+impl Agent {
+    /// Starts `corral run` on `policy_text` and waits until it answers.
+    pub fn start(name: &str, policy_text: &str) -> anyhow::Result<Self> {
+        Self::start_with(name, policy_text, &[])
+    }
+
+    pub fn start_with(name: &str, policy_text: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("corral-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let policy = dir.join("policy.toml");
+        std::fs::write(&policy, policy_text)?;
+        let socket = dir.join("control.sock");
+        let cgroup_root = cgroup2_mount().join(format!("corral-test-{name}-{}", std::process::id()));
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let child = Command::new(corral_bin())
+            .arg("run")
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--cgroup-root")
+            .arg(&cgroup_root)
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .env("RUST_LOG", "corral=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", corral_bin().display()))?;
+        let mut agent = Agent { child, dir, socket, cgroup_root, policy };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if agent.corral(&["status", "--json"]).is_ok() {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("agent exited with {status} during start-up:\n{}", agent.log());
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not answer within 30 s:\n{}", agent.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs a `corral` client command against this agent; stdout on success.
+    pub fn corral(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new(corral_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()?;
+        if !output.status.success() {
+            bail!("corral {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8(output.stdout)?)
+    }
+
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.corral(&["status", "--json"])?)?)
+    }
+
+    /// The group path of `class` relative to the cgroup2 mount, as
+    /// /proc/PID/cgroup shows it.
+    pub fn group_of(&self, class: &str) -> String {
+        let path = self.cgroup_root.join(class);
+        format!("/{}", path.strip_prefix(cgroup2_mount()).expect("under mount").display())
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Err(anyhow!("agent did not stop within 10 s of SIGTERM"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        remove_cgroup_tree(&self.cgroup_root);
+    }
+}
+
+/// Kills whatever is left in a test cgroup tree and removes it.
+pub fn remove_cgroup_tree(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        if entry.path().is_dir() {
+            remove_cgroup_tree(&entry.path());
+        }
+    }
+    let _ = std::fs::write(root.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        if std::fs::remove_dir(root).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The cgroup v2 path of a process ("" when gone).
+pub fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("")
+        .to_owned()
+}
+
+pub fn cpus_allowed(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+/// Waits until `check` holds, or `timeout` passes. True if it held.
+pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    check()
+}
+
+/// Copies a system program under a new name, so a policy can match it by
+/// exe path without matching anything else on the machine.
+pub fn named_copy(dir: &Path, program: &str, name: &str) -> anyhow::Result<PathBuf> {
+    let source = ["/bin", "/usr/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow!("{program} not found in /bin or /usr/bin"))?;
+    let target = dir.join(name);
+    std::fs::copy(&source, &target)?;
+    Ok(target)
+}
+
+/// Direct children of `pid`, from /proc.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // Field 4 (ppid) follows the ")" that closes comm.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            kids.push(child);
+        }
+    }
+    kids
+}

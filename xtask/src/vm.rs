@@ -1,0 +1,102 @@
+//! The VM tier: boots a cgroup-v2-only kernel under QEMU (TCG, no KVM) with
+//! virtme-ng, the host's root read-only and the repository shared
+//! read-write, and runs tests there that need the cgroup v2 cpuset
+//! controller. Recipe: shared/VM.md.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::setup::{apt, repo_root};
+
+fn venv() -> PathBuf {
+    repo_root().join("target/vng-venv")
+}
+
+/// qemu, a distro kernel with BTF and cpusets, and virtme-ng in a venv.
+fn ensure_tools() -> anyhow::Result<PathBuf> {
+    apt(&["qemu-system-x86", "linux-image-amd64", "python3-venv", "busybox", "kmod"])?;
+    let venv = venv();
+    if !venv.join("bin/vng").exists() {
+        let status = Command::new("python3").arg("-m").arg("venv").arg(&venv).status()?;
+        if !status.success() {
+            bail!("python3 -m venv {} failed", venv.display());
+        }
+        let status = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "virtme-ng"])
+            .status()?;
+        if !status.success() {
+            bail!("pip install virtme-ng failed");
+        }
+    }
+    Ok(venv)
+}
+
+/// The newest /boot/vmlinuz-*.
+fn kernel() -> anyhow::Result<PathBuf> {
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .collect();
+    kernels.sort();
+    kernels.pop().ok_or_else(|| anyhow!("no /boot/vmlinuz-*; install linux-image-amd64"))
+}
+
+/// Runs `command` (one shell string) in the guest, as root, in the repo.
+pub fn run(command: &str) -> anyhow::Result<()> {
+    let venv = ensure_tools()?;
+    let root = repo_root();
+    let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let status = Command::new(venv.join("bin/vng"))
+        .env("PATH", path)
+        .arg("--disable-kvm")
+        .arg("--run")
+        .arg(kernel()?)
+        .args(["--cpus", "4", "--memory", "2G", "--rwdir"])
+        .arg(&root)
+        .arg("--cwd")
+        .arg(&root)
+        .args(["--append", "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1", "--"])
+        .arg(command)
+        .status()
+        .context("starting vng")?;
+    if !status.success() {
+        bail!("the VM command failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds the integration tests here and runs them in the VM, where the
+/// cpuset controller exists; CORRAL_REQUIRE_CPUSET=1 makes its absence a
+/// failure.
+pub fn test_tier() -> anyhow::Result<()> {
+    let output = Command::new("cargo")
+        .args(["test", "-p", "corral-tests", "--test", "agent", "--no-run", "--message-format=json"])
+        .output()?;
+    if !output.status.success() {
+        bail!("building the integration tests failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let binary = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "agent")
+        .find_map(|m| m["executable"].as_str().map(str::to_owned))
+        .ok_or_else(|| anyhow!("no test executable for tests/agent.rs"))?;
+    let log = repo_root().join("target/vm-test.log");
+    let _ = std::fs::remove_file(&log);
+    println!("VM tier: booting a cgroup-v2-only kernel (TCG, ~1 min) to run {binary}");
+    let command = format!(
+        "(mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; \
+         CORRAL_REQUIRE_CPUSET=1 {binary} --test-threads=1; echo \"exit=$?\") > {log} 2>&1",
+        log = log.display()
+    );
+    let result = run(&command);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("--- VM tier output ---\n{text}--- end of VM tier ---");
+    result?;
+    if !text.contains("exit=0") {
+        bail!("VM tier failed (see output above)");
+    }
+    Ok(())
+}
