@@ -15,7 +15,7 @@ fn venv() -> PathBuf {
 
 /// qemu, a distro kernel with BTF and cpusets, and virtme-ng in a venv.
 fn ensure_tools() -> anyhow::Result<PathBuf> {
-    apt(&["qemu-system-x86", "linux-image-amd64", "python3-venv", "busybox", "kmod"])?;
+    apt(&["qemu-system-x86", "linux-image-amd64", "python3-venv", "busybox-static", "kmod"])?;
     let venv = venv();
     if !venv.join("bin/vng").exists() {
         let status = Command::new("python3").arg("-m").arg("venv").arg(&venv).status()?;
