@@ -1,2 +1,240 @@
-pub fn run(_b: Bench) -> anyhow::Result<()> { Ok(()) }
-#[derive(clap::Subcommand)] pub enum Bench { Exec }
+//! Benchmarks. `exec`: spawn processes that match a class at a given rate
+//! and measure, per process, the time from the kernel's exec timestamp to
+//! the return of the agent's cgroup write; report p50/p99/max, how many
+//! were never placed, and the agent's RSS and CPU time over the run.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::setup::repo_root;
+
+#[derive(clap::Subcommand)]
+pub enum Bench {
+    /// Exec-to-placement latency under an exec storm.
+    Exec {
+        /// Processes started per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Processes started in all.
+        #[arg(long, default_value_t = 10000)]
+        count: u32,
+        /// How long each process lives, in ms.
+        #[arg(long, default_value_t = 200)]
+        life_ms: u32,
+    },
+}
+
+pub fn run(bench: Bench) -> anyhow::Result<()> {
+    match bench {
+        Bench::Exec { rate, count, life_ms } => exec(rate, count, life_ms),
+    }
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    for mount in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let c = std::ffi::CString::new(mount)?;
+        // SAFETY: statfs into a zeroed struct with a valid C string.
+        let is_v2 = unsafe {
+            let mut buf: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == CGROUP2_SUPER_MAGIC
+        };
+        if is_v2 {
+            return Ok(PathBuf::from(mount));
+        }
+    }
+    bail!("no cgroup2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified")
+}
+
+/// (utime + stime in seconds, VmRSS KiB, VmHWM KiB) of a process.
+fn usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?
+        .1
+        .split_whitespace()
+        .collect();
+    // After ")": state is field 3, utime 14, stime 15 (1-based in proc(5)).
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((ticks as f64 / hz, kib("VmRSS:"), kib("VmHWM:")))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+struct AgentRun {
+    child: Child,
+    socket: PathBuf,
+    cgroup_root: PathBuf,
+}
+
+impl Drop for AgentRun {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        if let Ok(entries) = std::fs::read_dir(&self.cgroup_root) {
+            for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroup_root);
+    }
+}
+
+fn corral(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(repo_root().join("target/release/corral"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()?;
+    if !output.status.success() {
+        bail!("corral {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+fn exec(rate: u32, count: u32, life_ms: u32) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("corral-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("bench.toml");
+    std::fs::write(
+        &policy,
+        "[classes.game]\ncpus = \"0\"\ncpu_weight = 1000\n\n[[rules]]\nname = \"bench-game\"\nclass = \"game\"\nexe = [\"*/corral-bench-game\"]\n",
+    )?;
+    let program = dir.join("corral-bench-game");
+    std::fs::copy("/bin/sleep", &program).context("copying /bin/sleep")?;
+    let socket = dir.join("control.sock");
+    let cgroup_root = cgroup2_mount()?.join(format!("corral-bench-{}", std::process::id()));
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    let child = Command::new(repo_root().join("target/release/corral"))
+        .arg("run")
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--cgroup-root")
+        .arg(&cgroup_root)
+        .arg("--socket")
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .stderr(log)
+        .spawn()?;
+    let agent_pid = child.id();
+    let agent = AgentRun { child, socket, cgroup_root };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while corral(&agent.socket, &["status", "--json"]).is_err() {
+        if Instant::now() > deadline {
+            bail!("the agent did not start; see {}", dir.join("agent.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (cpu_before, _, _) = usage(agent_pid)?;
+    let life = format!("{:.3}", life_ms as f64 / 1000.0);
+    let start = Instant::now();
+    let mut running: Vec<Child> = Vec::new();
+    let mut spawned: Vec<u32> = Vec::with_capacity(count as usize);
+    let mut spawn_failures = 0u32;
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        match Command::new(&program).arg(&life).stdin(Stdio::null()).spawn() {
+            Ok(child) => {
+                spawned.push(child.id());
+                running.push(child);
+            }
+            Err(_) => spawn_failures += 1,
+        }
+        if i % 64 == 0 {
+            running.retain_mut(|c| c.try_wait().ok().flatten().is_none());
+        }
+    }
+    let spawn_secs = start.elapsed().as_secs_f64();
+    for mut c in running {
+        let _ = c.wait();
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let (cpu_after, rss_kib, hwm_kib) = usage(agent_pid)?;
+
+    let placements: Vec<serde_json::Value> =
+        serde_json::from_str(&corral(&agent.socket, &["placements"])?)?;
+    let status: serde_json::Value = serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
+    let by_pid: HashMap<u64, u64> = placements
+        .iter()
+        .filter_map(|p| {
+            let pid = p["pid"].as_u64()?;
+            let latency = p["placed_ns"].as_u64()?.checked_sub(p["exec_ns"].as_u64()?)?;
+            Some((pid, latency))
+        })
+        .collect();
+    let mut latencies: Vec<u64> = spawned
+        .iter()
+        .filter_map(|pid| by_pid.get(&(*pid as u64)).copied())
+        .collect();
+    latencies.sort_unstable();
+    let missed = spawned.len() - latencies.len();
+    let us = |ns: u64| ns as f64 / 1000.0;
+    println!("bench exec: rate {rate}/s, count {count}, life {life_ms} ms");
+    println!(
+        "  spawned {} in {spawn_secs:.2} s ({:.0}/s achieved), spawn failures {spawn_failures}",
+        spawned.len(),
+        spawned.len() as f64 / spawn_secs
+    );
+    println!(
+        "  exec -> cgroup write: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        us(percentile(&latencies, 50.0)),
+        us(percentile(&latencies, 99.0)),
+        us(latencies.last().copied().unwrap_or(0))
+    );
+    println!("  never placed: {missed}");
+    println!("  kernel events dropped: {}", status["kernel"]["dropped"]);
+    println!(
+        "  agent: CPU {:.2} s over {wall:.2} s ({:.1}% of one core), RSS {:.1} MiB (peak {:.1} MiB)",
+        cpu_after - cpu_before,
+        100.0 * (cpu_after - cpu_before) / wall,
+        rss_kib as f64 / 1024.0,
+        hwm_kib as f64 / 1024.0
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+}
