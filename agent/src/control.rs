@@ -106,6 +106,8 @@ pub struct Placement {
     pub class: String,
     /// Kernel exec timestamp, CLOCK_MONOTONIC ns.
     pub exec_ns: u64,
+    /// When the agent began handling the exec, CLOCK_MONOTONIC ns.
+    pub handled_ns: u64,
     /// When the cgroup write returned, CLOCK_MONOTONIC ns.
     pub placed_ns: u64,
 }

@@ -123,6 +123,7 @@ impl Agent {
     }
 
     fn on_exec(&mut self, e: &ProcEvent) {
+        let handled_ns = monotonic_ns();
         self.counts.exec += 1;
         let pid = e.tgid;
         let (info, proc_ppid, start_ticks) = match procs::read_proc(pid, &self.env_keys) {
@@ -150,7 +151,7 @@ impl Agent {
             placed_class,
         });
         self.decide(pid);
-        self.place(pid, Some(e.ktime_ns));
+        self.place(pid, Some((e.ktime_ns, handled_ns)));
     }
 
     fn on_fork(&mut self, e: &ProcEvent) {
@@ -227,8 +228,9 @@ impl Agent {
     }
 
     /// Moves `pid` into its class's group unless it is there already or
-    /// its class is left alone. `exec_ns` is the kernel's exec timestamp.
-    fn place(&mut self, pid: u32, exec_ns: Option<u64>) {
+    /// its class is left alone. `exec` holds the kernel's exec timestamp and
+    /// when the agent began handling it, for the placement log.
+    fn place(&mut self, pid: u32, exec: Option<(u64, u64)>) {
         if pid == self.own_pid || pid <= 2 {
             return;
         }
@@ -246,11 +248,17 @@ impl Agent {
                     debug!(pid, comm = %process.info.comm, class, rule = %process.decision.rule, "moved");
                 }
                 *self.placements_by_class.entry(class.clone()).or_default() += 1;
-                if let Some(exec_ns) = exec_ns {
+                if let Some((exec_ns, handled_ns)) = exec {
                     if self.placements.len() == PLACEMENT_LOG {
                         self.placements.pop_front();
                     }
-                    self.placements.push_back(Placement { pid, class: class.clone(), exec_ns, placed_ns });
+                    self.placements.push_back(Placement {
+                        pid,
+                        class: class.clone(),
+                        exec_ns,
+                        handled_ns,
+                        placed_ns,
+                    });
                 }
                 if let Some(p) = self.table.get_mut(pid) {
                     p.placed_class = Some(class);

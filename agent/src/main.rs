@@ -50,6 +50,10 @@ enum Command {
         /// Ring buffer size for kernel events, in KiB (a power of two).
         #[arg(long, default_value_t = 1024)]
         ring_buffer_kib: u32,
+        /// Nice value the agent runs at: placement latency depends on the
+        /// agent getting a CPU quickly when a game starts. 0 to opt out.
+        #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
+        nice: i32,
     },
     /// Classify process chains from JSON lines without an agent or root.
     Classify {
@@ -93,7 +97,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { policy, cgroup_root, socket, dry_run, ring_buffer_kib } => {
+        Command::Run { policy, cgroup_root, socket, dry_run, ring_buffer_kib, nice } => {
+            // SAFETY: setpriority on our own process.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+                tracing::warn!(nice, "could not set the agent's nice value: {}", std::io::Error::last_os_error());
+            }
             let policy = load_policy(policy.as_deref())?;
             let ring_bytes = ring_buffer_kib
                 .checked_mul(1024)

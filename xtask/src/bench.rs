@@ -27,12 +27,15 @@ pub enum Bench {
         /// How long each process lives, in ms.
         #[arg(long, default_value_t = 200)]
         life_ms: u32,
+        /// Extra arguments for `corral run`, e.g. `--nice 0`.
+        #[arg(last = true)]
+        agent_args: Vec<String>,
     },
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
-        Bench::Exec { rate, count, life_ms } => exec(rate, count, life_ms),
+        Bench::Exec { rate, count, life_ms, agent_args } => exec(rate, count, life_ms, &agent_args),
     }
 }
 
@@ -118,7 +121,7 @@ fn corral(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8(output.stdout)?)
 }
 
-fn exec(rate: u32, count: u32, life_ms: u32) -> anyhow::Result<()> {
+fn exec(rate: u32, count: u32, life_ms: u32, agent_args: &[String]) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("corral-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let policy = dir.join("bench.toml");
@@ -139,6 +142,7 @@ fn exec(rate: u32, count: u32, life_ms: u32) -> anyhow::Result<()> {
         .arg(&cgroup_root)
         .arg("--socket")
         .arg(&socket)
+        .args(agent_args)
         .env("RUST_LOG", "warn")
         .stderr(log)
         .spawn()?;
@@ -184,22 +188,31 @@ fn exec(rate: u32, count: u32, life_ms: u32) -> anyhow::Result<()> {
     let placements: Vec<serde_json::Value> =
         serde_json::from_str(&corral(&agent.socket, &["placements"])?)?;
     let status: serde_json::Value = serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
-    let by_pid: HashMap<u64, u64> = placements
+    // pid -> (exec->placed, exec->handled, handled->placed)
+    let by_pid: HashMap<u64, (u64, u64, u64)> = placements
         .iter()
         .filter_map(|p| {
             let pid = p["pid"].as_u64()?;
-            let latency = p["placed_ns"].as_u64()?.checked_sub(p["exec_ns"].as_u64()?)?;
-            Some((pid, latency))
+            let (exec, handled, placed) =
+                (p["exec_ns"].as_u64()?, p["handled_ns"].as_u64()?, p["placed_ns"].as_u64()?);
+            Some((pid, (placed.checked_sub(exec)?, handled.saturating_sub(exec), placed.saturating_sub(handled))))
         })
         .collect();
-    let mut latencies: Vec<u64> = spawned
+    let matched: Vec<(u64, u64, u64)> = spawned
         .iter()
         .filter_map(|pid| by_pid.get(&(*pid as u64)).copied())
         .collect();
-    latencies.sort_unstable();
+    let sorted = |pick: fn(&(u64, u64, u64)) -> u64| {
+        let mut v: Vec<u64> = matched.iter().map(pick).collect();
+        v.sort_unstable();
+        v
+    };
+    let latencies = sorted(|m| m.0);
+    let waiting = sorted(|m| m.1);
+    let working = sorted(|m| m.2);
     let missed = spawned.len() - latencies.len();
     let us = |ns: u64| ns as f64 / 1000.0;
-    println!("bench exec: rate {rate}/s, count {count}, life {life_ms} ms");
+    println!("bench exec: rate {rate}/s, count {count}, life {life_ms} ms, agent args {agent_args:?}");
     println!(
         "  spawned {} in {spawn_secs:.2} s ({:.0}/s achieved), spawn failures {spawn_failures}",
         spawned.len(),
@@ -210,6 +223,16 @@ fn exec(rate: u32, count: u32, life_ms: u32) -> anyhow::Result<()> {
         us(percentile(&latencies, 50.0)),
         us(percentile(&latencies, 99.0)),
         us(latencies.last().copied().unwrap_or(0))
+    );
+    println!(
+        "    of which waiting to be read (exec -> agent picks it up): p50 {:.0} us, p99 {:.0} us",
+        us(percentile(&waiting, 50.0)),
+        us(percentile(&waiting, 99.0))
+    );
+    println!(
+        "    of which agent work (/proc read, classify, cgroup write): p50 {:.0} us, p99 {:.0} us",
+        us(percentile(&working, 50.0)),
+        us(percentile(&working, 99.0))
     );
     println!("  never placed: {missed}");
     println!("  kernel events dropped: {}", status["kernel"]["dropped"]);

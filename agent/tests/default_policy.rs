@@ -1,0 +1,177 @@
+//! The shipped default policy (`policies/default.toml`) against recorded
+//! process chains (`tests/fixtures/chains.jsonl`): how Steam, Proton, Lutris,
+//! gamescope, Blender, ComfyUI, ollama, Neovim and build tools really start
+//! their processes, and which class each should end up in.
+
+use std::{collections::BTreeMap, path::Path};
+
+use corral::{classify::classify_chain, policy::Policy, procs::ProcInfo};
+
+const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/default.toml");
+const CHAINS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chains.jsonl");
+const CLASSES: [&str; 5] = ["game", "render", "ai", "dev", "system"];
+
+fn policy() -> Policy {
+    Policy::load(Path::new(POLICY)).unwrap_or_else(|e| panic!("default policy does not load: {e}"))
+}
+
+struct Case {
+    line: usize,
+    id: String,
+    expect: String,
+    chain: Vec<ProcInfo>,
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(CHAINS).unwrap_or_else(|e| panic!("{CHAINS}: {e}"));
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let line = i + 1;
+            let value: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("chains.jsonl:{line}: {e}"));
+            let field = |key: &str| {
+                value[key]
+                    .as_str()
+                    .unwrap_or_else(|| {
+                        panic!("chains.jsonl:{line}: `{key}` missing or not a string")
+                    })
+                    .to_owned()
+            };
+            let chain: Vec<ProcInfo> = serde_json::from_value(value["chain"].clone())
+                .unwrap_or_else(|e| panic!("chains.jsonl:{line}: bad chain: {e}"));
+            assert!(!chain.is_empty(), "chains.jsonl:{line}: empty chain");
+            Case {
+                line,
+                id: field("id"),
+                expect: field("expect"),
+                chain,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn default_policy_classifies_recorded_chains() {
+    let policy = policy();
+    let cases = cases();
+
+    assert!(
+        cases.len() >= 30,
+        "only {} chains in the fixture; want at least 30",
+        cases.len()
+    );
+    let mut per_class: BTreeMap<&str, usize> = BTreeMap::new();
+    for case in &cases {
+        assert!(
+            CLASSES.contains(&case.expect.as_str()),
+            "chains.jsonl:{}: `{}` expects unknown class `{}`",
+            case.line,
+            case.id,
+            case.expect
+        );
+        *per_class.entry(case.expect.as_str()).or_default() += 1;
+    }
+    for class in CLASSES {
+        let n = per_class.get(class).copied().unwrap_or(0);
+        assert!(
+            n >= 2,
+            "the fixture has {n} chain(s) expecting `{class}`; want at least 2"
+        );
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for case in &cases {
+        assert!(
+            ids.insert(case.id.as_str()),
+            "chains.jsonl:{}: duplicate id `{}`",
+            case.line,
+            case.id
+        );
+    }
+
+    let mut mismatches = Vec::new();
+    for case in &cases {
+        let decision = classify_chain(&policy, &case.chain);
+        // Shown with `cargo test -- --nocapture`: which rule decided each chain.
+        println!(
+            "{:<40} {:<7} {}{}",
+            case.id,
+            decision.class,
+            decision.rule,
+            decision
+                .inherited_from
+                .as_ref()
+                .map(|a| format!(" (from {})", a.comm))
+                .unwrap_or_default()
+        );
+        if decision.class != case.expect {
+            let from = decision
+                .inherited_from
+                .as_ref()
+                .map(|a| format!(", passed down from `{}` at depth {}", a.comm, a.depth))
+                .unwrap_or_default();
+            mismatches.push(format!(
+                "  chains.jsonl:{} `{}`: expected {}, got {} (rule `{}`{from})",
+                case.line, case.id, case.expect, decision.class, decision.rule
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} chains misclassified by {POLICY}:\n{}",
+        mismatches.len(),
+        cases.len(),
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn default_policy_class_cpus_match_the_reference_machine() {
+    let policy = policy();
+    let cpus = |class: &str| {
+        let c = policy
+            .classes
+            .get(class)
+            .unwrap_or_else(|| panic!("no class `{class}`"));
+        c.cpus.as_ref().map(|l| l.to_string())
+    };
+    assert_eq!(
+        policy.classes["game"].cpus.as_ref().unwrap().to_string(),
+        "0-7"
+    );
+    assert_eq!(
+        policy.classes["dev"].cpus.as_ref().unwrap().to_string(),
+        "8-15"
+    );
+    assert_eq!(
+        policy.classes["render"].cpus.as_ref().unwrap().to_string(),
+        "16-19"
+    );
+    // ai shares the render cores on the reference machine.
+    assert_eq!(cpus("ai").as_deref(), Some("16-19"));
+    // system is never moved.
+    assert_eq!(cpus("system"), None);
+    assert!(!policy.classes["system"].is_managed());
+
+    let weights: BTreeMap<&str, u32> = CLASSES
+        .iter()
+        .map(|c| (*c, policy.classes[*c].cpu_weight))
+        .collect();
+    assert_eq!(
+        weights,
+        BTreeMap::from([
+            ("game", 1000),
+            ("dev", 200),
+            ("render", 100),
+            ("ai", 100),
+            ("system", 100)
+        ])
+    );
+    assert_eq!(
+        policy.classes.len(),
+        CLASSES.len(),
+        "unexpected classes: {:?}",
+        policy.classes.keys()
+    );
+}
