@@ -24,6 +24,10 @@ use crate::{
 
 /// Everything the loop reacts to.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "kernel events are handled at once, never queued; boxing would allocate on the exec path"
+)]
 pub enum Event {
     Kernel(ProcEvent),
     Control(control::Incoming),

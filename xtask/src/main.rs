@@ -68,6 +68,8 @@ fn main() -> anyhow::Result<()> {
             setup::ebpf_toolchain()?;
             setup::tracefs()?;
             cargo(&["build", "-p", "corral"])?;
+            cargo(&["clippy", "--workspace", "--exclude", "corral-ebpf", "--all-targets", "--", "-D", "warnings"])?;
+            // One at a time: the agent tests share the machine's process tree.
             cargo(&["test", "--workspace", "--", "--test-threads=1"])?;
             if no_vm {
                 println!("VM tier skipped (--no-vm)");
