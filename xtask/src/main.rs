@@ -66,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { no_vm } => {
             setup::ebpf_toolchain()?;
+            setup::clippy()?;
             setup::tracefs()?;
             cargo(&["build", "-p", "corral"])?;
             cargo(&["clippy", "--workspace", "--exclude", "corral-ebpf", "--all-targets", "--", "-D", "warnings"])?;

@@ -29,6 +29,14 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// clippy for the stable toolchain, which `cargo xtask test` runs.
+pub fn clippy() -> anyhow::Result<()> {
+    if Command::new("cargo").args(["clippy", "--version"]).output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    status(Command::new("rustup").args(["component", "add", "clippy"]))
+}
+
 /// nightly + rust-src + bpf-linker.
 pub fn ebpf_toolchain() -> anyhow::Result<()> {
     let toolchains = run(Command::new("rustup").args(["toolchain", "list"]))?;
