@@ -13,3 +13,6 @@ pub mod bpf;
 pub mod control;
 pub mod daemon;
 pub mod place;
+pub mod ananicy;
+pub mod modes;
+pub mod topology;
