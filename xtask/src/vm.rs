@@ -3,7 +3,10 @@
 //! read-write, and runs tests there that need the cgroup v2 cpuset
 //! controller. Recipe: shared/VM.md.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, anyhow, bail};
 
@@ -48,7 +51,7 @@ pub fn run(command: &str) -> anyhow::Result<()> {
     let venv = ensure_tools()?;
     let root = repo_root();
     let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
-    let status = Command::new(venv.join("bin/vng"))
+    let mut child = Command::new(venv.join("bin/vng"))
         .env("PATH", path)
         .arg("--disable-kvm")
         .arg("--run")
@@ -59,8 +62,18 @@ pub fn run(command: &str) -> anyhow::Result<()> {
         .arg(&root)
         .args(["--append", "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1", "--"])
         .arg(command)
-        .status()
+        // Through pipes: QEMU reopens its stdout by path with O_TRUNC, which
+        // would wipe a log file our caller redirected us into.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("starting vng")?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let copy_err = std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::stderr()));
+    std::io::copy(&mut out, &mut std::io::stdout())?;
+    let _ = copy_err.join();
+    let status = child.wait()?;
     if !status.success() {
         bail!("the VM command failed with {status}");
     }
