@@ -1,8 +1,10 @@
-//! Decides a process's class from the policy's rules: its own rules first,
-//! then the class its nearest classified ancestor passes down.
+//! Decides a process's class: the policy's own rules first, then the
+//! optional ananicy-cpp rules (by process name), then the class its nearest
+//! classified ancestor passes down, else `system`.
 
 use serde::{Deserialize, Serialize};
 
+use crate::ananicy::AnanicyRules;
 use crate::policy::{Matcher, Policy, Rule, SYSTEM};
 use crate::procs::ProcInfo;
 
@@ -72,12 +74,25 @@ impl Decision {
 /// decision of its parent (None when unknown or unclassified).
 pub fn classify_one(
     policy: &Policy,
+    ananicy: Option<&AnanicyRules>,
     process: &ProcInfo,
     ancestors: &[&ProcInfo],
     parent_decision: Option<&Decision>,
 ) -> Decision {
     if let Some(rule) = policy.rules.iter().find(|r| rule_matches(r, process, ancestors)) {
         return Decision::from_rule(rule);
+    }
+    if let Some(found) = ananicy.and_then(|a| {
+        a.lookup_process(&process.comm, process.argv.first().map(String::as_str))
+    }) {
+        // ananicy-cpp rules name one program each: nothing passes down.
+        return Decision {
+            class: found.class.to_owned(),
+            rule: format!("ananicy:{} ({})", found.name, found.ananicy_type),
+            source: Some(found.source.to_string()),
+            inherited_from: None,
+            passes_down: false,
+        };
     }
     match (parent_decision, ancestors.last()) {
         (Some(decision), Some(parent)) => decision
@@ -88,11 +103,11 @@ pub fn classify_one(
 }
 
 /// Classifies the last process of `chain` (outermost ancestor first).
-pub fn classify_chain(policy: &Policy, chain: &[ProcInfo]) -> Decision {
+pub fn classify_chain(policy: &Policy, ananicy: Option<&AnanicyRules>, chain: &[ProcInfo]) -> Decision {
     let refs: Vec<&ProcInfo> = chain.iter().collect();
     let mut decision: Option<Decision> = None;
     for (i, process) in chain.iter().enumerate() {
-        decision = Some(classify_one(policy, process, &refs[..i], decision.as_ref()));
+        decision = Some(classify_one(policy, ananicy, process, &refs[..i], decision.as_ref()));
     }
     decision.unwrap_or_else(Decision::default_system)
 }
@@ -181,7 +196,7 @@ unless = { argv = ["--headless-probe"] }
             p("reaper", "/s/reaper", &["reaper", "SteamLaunch"]),
             p("nvim", "/usr/bin/nvim", &["nvim"]),
         ];
-        let d = classify_chain(&policy(), &chain);
+        let d = classify_chain(&policy(), None, &chain);
         assert_eq!((d.class.as_str(), d.rule.as_str()), ("dev", "editor"));
         assert!(d.inherited_from.is_none());
     }
@@ -193,7 +208,7 @@ unless = { argv = ["--headless-probe"] }
             p("sh", "/bin/sh", &["sh"]),
             p("game", "/g/game", &["game"]),
         ];
-        let d = classify_chain(&policy(), &chain);
+        let d = classify_chain(&policy(), None, &chain);
         assert_eq!(d.class, "game");
         assert_eq!(d.inherited_from.unwrap().depth, 0);
     }
@@ -205,12 +220,12 @@ unless = { argv = ["--headless-probe"] }
             p("launcher", "/l", &["launcher"]),
             p("child", "/c", &["child"]),
         ];
-        assert_eq!(classify_chain(&policy(), &chain).class, "system");
+        assert_eq!(classify_chain(&policy(), None, &chain).class, "system");
     }
 
     #[test]
     fn unless_excludes() {
         let chain = [p("nvim", "/usr/bin/nvim", &["nvim", "--headless-probe"])];
-        assert_eq!(classify_chain(&policy(), &chain).rule, "default");
+        assert_eq!(classify_chain(&policy(), None, &chain).rule, "default");
     }
 }

@@ -24,6 +24,8 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Re-read the policy files now.
+    Reload,
     Explain { pid: u32 },
     /// Every placement of a process that the kernel saw exec, with its
     /// latency (for the exec benchmark).
@@ -33,15 +35,23 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Response {
-    Status(Status),
+    Status(Box<Status>),
     Explain(Box<Explanation>),
     Placements { placements: Vec<Placement> },
+    Reloaded(ReloadStatus),
     Error { message: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub policy: String,
+    /// Warnings from loading the policy in force (unknown keys, ...).
+    pub policy_warnings: Vec<String>,
+    /// The latest reload attempt, refused or not.
+    pub last_reload: Option<ReloadStatus>,
+    /// `shared` or `protected` (game cores kept for the game).
+    pub mode: String,
+    pub mode_why: String,
     pub cgroup_root: String,
     pub cpuset_enforced: bool,
     pub dry_run: bool,
@@ -67,10 +77,28 @@ pub struct ClassStatus {
     pub processes: usize,
     /// None for classes corral leaves alone.
     pub cgroup: Option<String>,
+    /// The CPUs the group has now.
     pub cpus: Option<String>,
+    /// The class's own CPUs on this machine, and how the policy got there.
+    pub base_cpus: Option<String>,
+    pub why: Option<String>,
     pub cpu_weight: Option<u32>,
     pub placements: u64,
     pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    pub ok: bool,
+    /// What was refused and why, or the warnings of an accepted policy.
+    pub message: String,
+    /// CLOCK_MONOTONIC ns when the reload finished.
+    pub finished_ns: u64,
+    /// Time from starting to read the files to the last move.
+    pub duration_us: u64,
+    /// Processes whose class changed, and moves done.
+    pub reclassified: usize,
+    pub moves: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,25 +1,32 @@
 //! The agent: one loop that owns the process table and turns every source
-//! (kernel events, the /proc seed, control requests, signals) into
-//! decisions and moves.
+//! (kernel events, the /proc seed, policy reloads, the dynamic-mode timer,
+//! control requests, signals) into decisions and moves.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
-    path::PathBuf,
+    collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use corral_common::{EventKind, ProcEvent};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
+    ananicy::AnanicyRules,
     bpf::{self, KernelCounters, Tracer},
-    classify::{self, Decision},
-    control::{self, AncestorLine, ClassStatus, EventCounts, Explanation, Placement, Request, Response, Status},
+    classify,
+    control::{
+        self, AncestorLine, ClassStatus, EventCounts, Explanation, Placement, ReloadStatus, Request,
+        Response, Status,
+    },
     cpus::CpuList,
+    modes::{self, Mode, ModeSwitch},
     place::{Groups, MoveError},
-    policy::Policy,
+    policy::{GAME, Policy, PolicySource},
     procs::{self, Proc, ProcInfo, ReadError, Table},
+    topology::{Resolved, Topology},
 };
 
 /// Everything the loop reacts to.
@@ -31,13 +38,22 @@ use crate::{
 pub enum Event {
     Kernel(ProcEvent),
     Control(control::Incoming),
+    /// A policy file changed, SIGHUP arrived, or `corral reload` asked.
+    Reload,
+    /// The dynamic mode's deadline passed.
+    ModeTimer,
 }
 
 /// How many placements are kept for `corral placements`.
 const PLACEMENT_LOG: usize = 100_000;
 
+/// How long file events are collected before one reload: editors write a
+/// file in several steps.
+const RELOAD_SETTLE: Duration = Duration::from_millis(20);
+
 pub struct Options {
-    pub policy: Policy,
+    pub source: PolicySource,
+    pub sysfs_root: PathBuf,
     pub cgroup_root: PathBuf,
     pub socket: PathBuf,
     pub dry_run: bool,
@@ -46,14 +62,22 @@ pub struct Options {
 
 /// The state the loop owns.
 pub struct Agent {
+    source: PolicySource,
+    sysfs_root: PathBuf,
     policy: Policy,
+    ananicy: Option<AnanicyRules>,
     env_keys: BTreeSet<String>,
     table: Table,
     groups: Groups,
+    /// Processes whose class is `game`: the dynamic mode's input.
+    games: HashSet<u32>,
+    modes: ModeSwitch,
+    epoch: Instant,
     counts: EventCounts,
     placements_by_class: BTreeMap<String, u64>,
     placements: VecDeque<Placement>,
     kernel: KernelCounters,
+    last_reload: Option<ReloadStatus>,
     own_pid: u32,
 }
 
@@ -65,51 +89,82 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Loads the ananicy-cpp rules when the policy enables them; failures
+/// turn the source off with a warning.
+pub fn load_ananicy(policy: &Policy) -> Option<AnanicyRules> {
+    if !policy.ananicy.enabled {
+        return None;
+    }
+    match AnanicyRules::load(&policy.ananicy.dirs, &policy.ananicy.types) {
+        Ok((rules, warnings)) => {
+            for w in warnings.iter().take(20) {
+                warn!("ananicy rules: {w}");
+            }
+            info!(rules = rules.len(), "ananicy-cpp rules loaded");
+            Some(rules)
+        }
+        Err(e) => {
+            warn!("ananicy-cpp rules not used: {e}");
+            None
+        }
+    }
+}
+
+/// Reads the topology and resolves the policy's core sets on it.
+pub fn resolve(policy: &Policy, sysfs_root: &Path) -> anyhow::Result<(Vec<Resolved>, CpuList)> {
+    let topology = Topology::read(sysfs_root)?;
+    let resolved = policy.resolve_cpus(&topology)?;
+    Ok((resolved, topology.online().clone()))
+}
+
 impl Agent {
-    pub fn new(policy: Policy, groups: Groups) -> Self {
+    pub fn new(source: PolicySource, sysfs_root: PathBuf, policy: Policy, groups: Groups) -> Self {
         let env_keys = policy.env_keys();
+        let ananicy = load_ananicy(&policy);
+        let modes = ModeSwitch::new(policy.modes, Duration::ZERO);
         Agent {
+            source,
+            sysfs_root,
             policy,
+            ananicy,
             env_keys,
             table: Table::default(),
             groups,
+            games: HashSet::new(),
+            modes,
+            epoch: Instant::now(),
             counts: EventCounts::default(),
             placements_by_class: BTreeMap::new(),
             placements: VecDeque::new(),
             kernel: KernelCounters::default(),
+            last_reload: None,
             own_pid: std::process::id(),
         }
     }
 
     /// Reads every process from /proc, classifies parents before children
-    /// and places what the policy manages.
+    /// and places what the policy manages. A process already in its class's
+    /// group (an agent restart) is adopted, not moved.
     pub fn seed(&mut self) {
-        let pids: Vec<u32> = procfs::process::all_processes()
-            .map(|all| all.filter_map(|p| p.ok()).map(|p| p.pid as u32).collect())
-            .unwrap_or_default();
-        for pid in &pids {
-            if let Ok((info, ppid, start_ticks)) = procs::read_proc(*pid, &self.env_keys) {
-                self.table.insert(*pid, Proc {
-                    info,
-                    ppid,
-                    start_ticks,
-                    decision: Decision::default_system(),
-                    placed_class: None,
-                });
-            }
-        }
-        // Parents first: sort by depth in the tree.
-        let mut ordered: Vec<(usize, u32)> = pids
-            .iter()
-            .filter(|p| self.table.get(**p).is_some())
-            .map(|p| (self.table.ancestors(*p).len(), *p))
-            .collect();
-        ordered.sort_unstable();
-        for (_, pid) in ordered {
+        self.table = Table::snapshot(&self.env_keys);
+        for pid in self.table.parents_first() {
             self.decide(pid);
+            self.adopt_if_placed(pid);
             self.place(pid, None);
         }
+        self.update_mode();
         info!(processes = self.table.len(), "process table seeded from /proc");
+    }
+
+    fn adopt_if_placed(&mut self, pid: u32) {
+        let Some(p) = self.table.get(pid) else { return };
+        let Some(group) = self.groups.group(&p.decision.class) else { return };
+        if self.groups.relative(&group.path).is_some_and(|rel| rel == p.info.cgroup) {
+            let class = p.decision.class.clone();
+            if let Some(p) = self.table.get_mut(pid) {
+                p.placed_class = Some(class);
+            }
+        }
     }
 
     pub fn handle(&mut self, event: Event) {
@@ -121,8 +176,16 @@ impl Agent {
                 None => warn!(kind = e.kind, "unknown event kind from the kernel"),
             },
             Event::Control((request, reply)) => {
-                let _ = reply.send(self.answer(request));
+                let response = match request {
+                    Request::Reload => Response::Reloaded(self.reload()),
+                    other => self.answer(other),
+                };
+                let _ = reply.send(response);
             }
+            Event::Reload => {
+                self.reload();
+            }
+            Event::ModeTimer => self.update_mode(),
         }
     }
 
@@ -139,21 +202,18 @@ impl Agent {
         };
         // The parent at fork is the better ancestor for classification: a
         // reparented daemon still descends from what launched it.
-        let ppid = self
-            .table
-            .get(pid)
+        let previous = self.table.get(pid);
+        let ppid = previous
             .map(|p| p.ppid)
             .filter(|p| *p != 0)
             .or((e.ppid != 0).then_some(e.ppid))
             .unwrap_or(proc_ppid);
-        let placed_class = self.table.get(pid).and_then(|p| p.placed_class.clone());
-        self.table.insert(pid, Proc {
-            info,
-            ppid,
-            start_ticks,
-            decision: Decision::default_system(),
-            placed_class,
-        });
+        let mut process = Proc::new(info, ppid, start_ticks);
+        if let Some(previous) = previous {
+            process.placed_class = previous.placed_class.clone();
+            process.origin_cgroup = previous.origin_cgroup.clone();
+        }
+        self.table.insert(pid, process);
         self.decide(pid);
         self.place(pid, Some((e.ktime_ns, handled_ns)));
     }
@@ -165,13 +225,7 @@ impl Agent {
             // A parent we never saw: learn the child from /proc.
             match procs::read_proc(child, &self.env_keys) {
                 Ok((info, ppid, start_ticks)) => {
-                    self.table.insert(child, Proc {
-                        info,
-                        ppid,
-                        start_ticks,
-                        decision: Decision::default_system(),
-                        placed_class: None,
-                    });
+                    self.table.insert(child, Proc::new(info, ppid, start_ticks));
                     self.decide(child);
                     self.place(child, None);
                 }
@@ -183,13 +237,13 @@ impl Agent {
         // and starts in the cgroup the parent was in when it forked.
         let mut info = parent.info.clone();
         info.pid = child;
-        self.table.insert(child, Proc {
-            info,
-            ppid: e.ppid,
-            start_ticks: 0,
-            decision: parent.decision.clone(),
-            placed_class: None,
-        });
+        let mut process = Proc::new(info, e.ppid, 0);
+        process.decision = parent.decision.clone();
+        process.origin_cgroup = parent.origin_cgroup.clone();
+        self.table.insert(child, process);
+        if parent.decision.class == GAME {
+            self.games.insert(child);
+        }
         if let Some(class) = parent.placed_class {
             let in_group = self.groups.group(&class).is_some_and(|g| g.id == e.cgroup_id);
             if in_group {
@@ -206,6 +260,7 @@ impl Agent {
     fn on_exit(&mut self, e: &ProcEvent) {
         self.counts.exit += 1;
         self.table.remove(e.tgid);
+        self.games.remove(&e.tgid);
     }
 
     fn forget(&mut self, pid: u32, err: &ReadError) {
@@ -214,34 +269,49 @@ impl Agent {
             ReadError::Other { .. } => debug!("{err}"),
         }
         self.table.remove(pid);
+        self.games.remove(&pid);
     }
 
     /// Classifies `pid` from its table entry and its ancestors' decisions.
-    fn decide(&mut self, pid: u32) {
+    /// Returns whether the class changed.
+    fn decide(&mut self, pid: u32) -> bool {
         let ancestors = self.table.ancestors(pid);
-        let Some(process) = self.table.get(pid) else { return };
+        let Some(process) = self.table.get(pid) else { return false };
         let infos: Vec<&ProcInfo> = ancestors
             .iter()
             .filter_map(|a| self.table.get(*a).map(|p| &p.info))
             .collect();
         let parent_decision = ancestors.last().and_then(|a| self.table.get(*a)).map(|p| &p.decision);
-        let decision = classify::classify_one(&self.policy, &process.info, &infos, parent_decision);
-        if let Some(p) = self.table.get_mut(pid) {
-            p.decision = decision;
+        let decision = classify::classify_one(
+            &self.policy,
+            self.ananicy.as_ref(),
+            &process.info,
+            &infos,
+            parent_decision,
+        );
+        if decision.class == GAME {
+            self.games.insert(pid);
+        } else {
+            self.games.remove(&pid);
         }
+        let Some(p) = self.table.get_mut(pid) else { return false };
+        let changed = p.decision.class != decision.class;
+        p.decision = decision;
+        changed
     }
 
     /// Moves `pid` into its class's group unless it is there already or
     /// its class is left alone. `exec` holds the kernel's exec timestamp and
-    /// when the agent began handling it, for the placement log.
-    fn place(&mut self, pid: u32, exec: Option<(u64, u64)>) {
+    /// when the agent began handling it, for the placement log. Returns
+    /// whether it moved.
+    fn place(&mut self, pid: u32, exec: Option<(u64, u64)>) -> bool {
         if pid == self.own_pid || pid <= 2 {
-            return;
+            return false;
         }
-        let Some(process) = self.table.get(pid) else { return };
+        let Some(process) = self.table.get(pid) else { return false };
         let class = process.decision.class.clone();
         if self.groups.group(&class).is_none() || process.placed_class.as_deref() == Some(&class) {
-            return;
+            return false;
         }
         match self.groups.move_process(&class, pid) {
             Ok(()) => {
@@ -265,18 +335,162 @@ impl Agent {
                     });
                 }
                 if let Some(p) = self.table.get_mut(pid) {
+                    if p.origin_cgroup.is_none() {
+                        p.origin_cgroup = Some(p.info.cgroup.clone());
+                    }
                     p.placed_class = Some(class);
                 }
+                true
             }
             Err(MoveError::Gone(_)) => {
                 self.counts.vanished += 1;
                 self.table.remove(pid);
+                self.games.remove(&pid);
+                false
             }
             Err(err) => {
                 self.counts.move_errors += 1;
                 warn!("{err}");
+                false
             }
         }
+    }
+
+    /// Moves a process the policy no longer manages back where it came
+    /// from. Returns whether it moved.
+    fn release(&mut self, pid: u32) -> bool {
+        let Some(p) = self.table.get(pid) else { return false };
+        if p.placed_class.is_none() {
+            return false;
+        }
+        let moved = match p.origin_cgroup.clone() {
+            Some(origin) => match self.groups.return_process(&origin, pid) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!("could not return {pid} to {origin}: {e}");
+                    false
+                }
+            },
+            None => false,
+        };
+        if let Some(p) = self.table.get_mut(pid) {
+            p.placed_class = None;
+        }
+        moved
+    }
+
+    /// Re-reads the policy. A bad policy is refused and the last good one
+    /// stays in force; a good one re-classifies every tracked process and
+    /// re-places those whose class or core set changed.
+    pub fn reload(&mut self) -> ReloadStatus {
+        let started = Instant::now();
+        let loaded = self
+            .source
+            .load()
+            .map_err(anyhow::Error::from)
+            .and_then(|policy| resolve(&policy, &self.sysfs_root).map(|(resolved, _)| (policy, resolved)));
+        let (policy, resolved) = match loaded {
+            Ok(ok) => ok,
+            Err(e) => return self.refused(started, format!("{e:#}")),
+        };
+        if let Err(e) = self.groups.reconfigure(&policy, &resolved) {
+            return self.refused(started, format!("{e:#}"));
+        }
+        for w in &policy.warnings {
+            warn!("{w}");
+        }
+        let message = policy.warnings.join("\n");
+        self.ananicy = load_ananicy(&policy);
+        let new_keys = policy.env_keys();
+        if new_keys != self.env_keys {
+            // Rules look at environment variables the table did not keep.
+            self.env_keys = new_keys;
+            let pids: Vec<u32> = self.table.iter().map(|(pid, _)| *pid).collect();
+            for pid in pids {
+                if let Ok((info, _, _)) = procs::read_proc(pid, &self.env_keys)
+                    && let Some(p) = self.table.get_mut(pid)
+                {
+                    p.info.env = info.env;
+                }
+            }
+        }
+        let mode_config_changed = policy.modes != self.modes.config();
+        self.policy = policy;
+        if mode_config_changed {
+            let now = self.epoch.elapsed();
+            self.modes = ModeSwitch::new(self.policy.modes, now);
+        }
+        let (mut reclassified, mut moves) = (0, 0);
+        for pid in self.table.parents_first() {
+            if self.decide(pid) {
+                reclassified += 1;
+            }
+            let class = self.table.get(pid).map(|p| p.decision.class.clone()).unwrap_or_default();
+            let moved = if self.groups.group(&class).is_some() {
+                self.place(pid, None)
+            } else {
+                self.release(pid)
+            };
+            moves += usize::from(moved);
+        }
+        self.apply_layout();
+        self.update_mode();
+        let status = ReloadStatus {
+            ok: true,
+            message,
+            finished_ns: monotonic_ns(),
+            duration_us: started.elapsed().as_micros() as u64,
+            reclassified,
+            moves,
+        };
+        info!(
+            files = %self.policy.describe_files(),
+            reclassified,
+            moves,
+            duration_us = status.duration_us,
+            "policy reloaded"
+        );
+        self.last_reload = Some(status.clone());
+        status
+    }
+
+    fn refused(&mut self, started: Instant, message: String) -> ReloadStatus {
+        error!("policy reload refused, keeping the last good policy: {message}");
+        let status = ReloadStatus {
+            ok: false,
+            message,
+            finished_ns: monotonic_ns(),
+            duration_us: started.elapsed().as_micros() as u64,
+            reclassified: 0,
+            moves: 0,
+        };
+        self.last_reload = Some(status.clone());
+        status
+    }
+
+    /// Feeds the game count to the dynamic mode and applies a switch.
+    pub fn update_mode(&mut self) {
+        let now = self.epoch.elapsed();
+        if let Some(mode) = self.modes.observe(now, self.games.len()) {
+            info!(%mode, why = %self.modes.why(), "dynamic mode changed");
+            self.apply_layout();
+        }
+    }
+
+    /// Writes every group's core set for the current mode.
+    fn apply_layout(&mut self) {
+        let base: BTreeMap<String, CpuList> =
+            self.groups.iter().map(|g| (g.class.clone(), g.base.clone())).collect();
+        for (class, (cpus, note)) in modes::layout(self.modes.mode(), &base, GAME) {
+            if let Err(e) = self.groups.set_cpus(&class, cpus, note) {
+                warn!(class, "could not set the core set: {e:#}");
+            }
+        }
+    }
+
+    /// When the loop must wake for the dynamic mode even without events.
+    pub fn mode_deadline(&self) -> Option<Instant> {
+        self.modes.next_deadline().map(|d| self.epoch + d)
     }
 
     pub fn set_kernel_counters(&mut self, counters: KernelCounters) {
@@ -285,7 +499,7 @@ impl Agent {
 
     pub fn answer(&self, request: Request) -> Response {
         match request {
-            Request::Status => Response::Status(self.status()),
+            Request::Status => Response::Status(Box::new(self.status())),
             Request::Explain { pid } => match self.explain(pid) {
                 Some(e) => Response::Explain(Box::new(e)),
                 None => Response::Error {
@@ -294,6 +508,9 @@ impl Agent {
             },
             Request::Placements => Response::Placements {
                 placements: self.placements.iter().cloned().collect(),
+            },
+            Request::Reload => Response::Error {
+                message: "reload is handled by the loop".into(),
             },
         }
     }
@@ -314,6 +531,8 @@ impl Agent {
                     processes: processes.get(class.name.as_str()).copied().unwrap_or(0),
                     cgroup: group.map(|g| g.path.display().to_string()),
                     cpus: group.map(|g| g.cpus.to_string()),
+                    base_cpus: group.map(|g| g.base.to_string()),
+                    why: group.map(|g| g.why.clone()),
                     cpu_weight: group.map(|g| g.cpu_weight),
                     placements: self.placements_by_class.get(&class.name).copied().unwrap_or(0),
                     note: group.and_then(|g| g.note.clone()),
@@ -321,7 +540,15 @@ impl Agent {
             })
             .collect();
         Status {
-            policy: self.policy.path.display().to_string(),
+            policy: self.policy.describe_files(),
+            policy_warnings: self.policy.warnings.clone(),
+            last_reload: self.last_reload.clone(),
+            mode: match self.modes.mode() {
+                Mode::Shared => "shared",
+                Mode::Protected => "protected",
+            }
+            .to_owned(),
+            mode_why: self.modes.why(),
             cgroup_root: self.groups.root.display().to_string(),
             cpuset_enforced: self.groups.cpuset,
             dry_run: self.groups.dry_run,
@@ -378,25 +605,84 @@ pub fn cpus_allowed(pid: u32) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
+/// Watches the directories of the policy files; sends `Event::Reload`-worthy
+/// notifications on `tx` when one of the files is written, moved in or
+/// removed.
+fn watch_policy(files: Vec<PathBuf>, tx: mpsc::Sender<()>) -> anyhow::Result<()> {
+    use inotify::{Inotify, WatchMask};
+    use tokio_stream_shim::next_event;
+    let inotify = Inotify::init().context("inotify")?;
+    let mut dirs = BTreeSet::new();
+    for file in &files {
+        if let Some(dir) = file.parent().filter(|d| d.is_dir()) {
+            dirs.insert(dir.to_owned());
+        } else {
+            info!(file = %file.display(), "its directory does not exist yet: create it, then `corral reload`");
+        }
+    }
+    let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_FROM;
+    for dir in &dirs {
+        inotify.watches().add(dir, mask).with_context(|| format!("watching {}", dir.display()))?;
+    }
+    let names: BTreeSet<std::ffi::OsString> = files.iter().filter_map(|f| f.file_name().map(Into::into)).collect();
+    let mut stream = inotify.into_event_stream(vec![0u8; 4096])?;
+    tokio::spawn(async move {
+        while let Some(name) = next_event(&mut stream).await {
+            if name.as_ref().is_some_and(|n| names.contains(n)) && tx.send(()).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The one place that touches inotify's stream type.
+mod tokio_stream_shim {
+    use std::ffi::OsString;
+
+    use inotify::EventStream;
+
+    /// The name in the next event (None for events without one); None at the end.
+    pub async fn next_event(stream: &mut EventStream<Vec<u8>>) -> Option<Option<OsString>> {
+        std::future::poll_fn(|cx| {
+            use futures_core::Stream as _;
+            std::pin::Pin::new(&mut *stream).poll_next(cx)
+        })
+        .await
+        .and_then(Result::ok)
+        .map(|event| event.name)
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let online = CpuList::online(std::path::Path::new("/sys")).context("reading online CPUs")?;
-    let groups = Groups::setup(&options.cgroup_root, &options.policy, online, options.dry_run)?;
+    let policy = options.source.load()?;
+    for w in &policy.warnings {
+        warn!("{w}");
+    }
+    let (resolved, online) = resolve(&policy, &options.sysfs_root)?;
+    let groups = Groups::setup(&options.cgroup_root, &policy, &resolved, online, options.dry_run)?;
     // Attach before seeding, so nothing started in between is missed.
     let tracer = Tracer::load(options.ring_bytes)?;
-    let mut agent = Agent::new(options.policy, groups);
+    let watched = options.source.watched_files();
+    let mut agent = Agent::new(options.source, options.sysfs_root, policy, groups);
     agent.seed();
 
     let (control_tx, mut control_rx) = mpsc::channel(64);
     let server = control::serve(&options.socket, control_tx)?;
+    let (file_tx, mut file_rx) = mpsc::channel(16);
+    if let Err(e) = watch_policy(watched, file_tx) {
+        warn!("policy files are not watched ({e:#}); reload with SIGHUP or `corral reload`");
+    }
     let Tracer { ebpf: _attached, events, counters: counter_reader } = tracer;
     // SAFETY: the ring buffer owns its fd and outlives the registration
     // (both live until this function returns).
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let mut counters = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut counters = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     info!(
         socket = %options.socket.display(),
         root = %agent.groups().root.display(),
@@ -405,6 +691,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     );
     let read_counters = |agent: &mut Agent| agent.set_kernel_counters(Tracer::sum(&counter_reader));
     loop {
+        let deadline = agent.mode_deadline();
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard?;
@@ -416,11 +703,21 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     }
                 }
                 guard.clear_ready();
+                agent.update_mode();
             }
             Some(incoming) = control_rx.recv() => {
                 read_counters(&mut agent);
                 agent.handle(Event::Control(incoming));
             }
+            Some(()) = file_rx.recv() => {
+                // Let the editor finish, then reload once for the burst.
+                tokio::time::sleep(RELOAD_SETTLE).await;
+                while file_rx.try_recv().is_ok() {}
+                agent.handle(Event::Reload);
+            }
+            _ = sighup.recv() => agent.handle(Event::Reload),
+            _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()).await },
+                if deadline.is_some() => agent.handle(Event::ModeTimer),
             _ = counters.tick() => read_counters(&mut agent),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

@@ -12,16 +12,18 @@ use corral::{
     classify,
     control::{self, Request, Response},
     daemon,
-    policy::Policy,
-    procs::ProcInfo,
+    policy::{DefaultPolicy, Policy, PolicySource},
+    procs::{ProcInfo, Table},
 };
 use serde::{Deserialize, Serialize};
 
-/// The shipped default policy, used when no policy file is installed.
+/// The shipped default policy, used when none is installed.
 const BUILT_IN_POLICY: &str = include_str!("../../policies/default.toml");
 const BUILT_IN_NAME: &str = "<built-in>/policies/default.toml";
-/// Where an installed policy is looked for, in order.
-const POLICY_PATHS: &[&str] = &["/etc/corral/policy.toml", "/usr/share/corral/default.toml"];
+/// Where packages install the shipped default.
+const INSTALLED_DEFAULT: &str = "/usr/share/corral/default.toml";
+/// The user's override; wins key by key.
+const USER_OVERRIDE: &str = "/etc/corral/policy.toml";
 
 #[derive(Parser)]
 #[command(name = "corral", version, about = "Keeps games, renders, AI and dev work out of each other's way")]
@@ -34,10 +36,11 @@ struct Cli {
 enum Command {
     /// Run the agent (as root): trace processes, classify and place them.
     Run {
-        /// Policy file (default: /etc/corral/policy.toml, then
-        /// /usr/share/corral/default.toml, then the built-in default).
-        #[arg(long)]
-        policy: Option<PathBuf>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Root of sysfs, where the CPU topology is read.
+        #[arg(long, default_value = "/sys", hide = true)]
+        sysfs_root: PathBuf,
         /// Directory in the cgroup2 hierarchy that corral manages
         /// (default: `corral` at the top of the cgroup2 mount).
         #[arg(long)]
@@ -61,8 +64,19 @@ enum Command {
         /// first; `-` for standard input.
         #[arg(long)]
         procs: PathBuf,
-        #[arg(long)]
-        policy: Option<PathBuf>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Ask the running agent to re-read its policy now (also: SIGHUP; the
+    /// agent also reloads by itself when the files change).
+    Reload {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Check, try out or show a policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// Why a process is in its class, its group and its CPUs.
     Explain {
@@ -88,6 +102,80 @@ enum Command {
     },
 }
 
+/// Which policy files to use.
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// The base policy (default: /usr/share/corral/default.toml if
+    /// installed, else the built-in copy of policies/default.toml).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// The user's override, which wins key by key; a missing file is fine.
+    #[arg(long, default_value = USER_OVERRIDE)]
+    r#override: PathBuf,
+    /// Use only --policy, without the override.
+    #[arg(long)]
+    no_override: bool,
+}
+
+impl PolicyArgs {
+    fn source(&self) -> PolicySource {
+        let default = match &self.policy {
+            Some(path) => DefaultPolicy::File(path.clone()),
+            None if Path::new(INSTALLED_DEFAULT).exists() => DefaultPolicy::File(INSTALLED_DEFAULT.into()),
+            None => DefaultPolicy::BuiltIn(BUILT_IN_NAME, BUILT_IN_POLICY),
+        };
+        PolicySource {
+            default,
+            override_path: (!self.no_override).then(|| self.r#override.clone()),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate FILE as an override of the shipped default (or alone with
+    /// --standalone) and resolve its core sets on this machine. Exit 0 if
+    /// it would be accepted, 1 if not.
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        standalone: bool,
+        #[arg(long, default_value = "/sys", hide = true)]
+        sysfs_root: PathBuf,
+    },
+    /// What would move where under FILE (as an override of the shipped
+    /// default, or alone with --standalone): on the live process table, or
+    /// on recorded chains with --procs.
+    Test {
+        file: PathBuf,
+        #[arg(long)]
+        standalone: bool,
+        #[arg(long)]
+        procs: Option<PathBuf>,
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        #[arg(long, default_value = "/sys", hide = true)]
+        sysfs_root: PathBuf,
+    },
+    /// What each class resolves to on this machine, and why.
+    Show {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[arg(long, default_value = "/sys")]
+        sysfs_root: PathBuf,
+    },
+}
+
+/// The policy a `policy check/test FILE` is about.
+fn candidate(file: &Path, standalone: bool) -> PolicySource {
+    let base = PolicyArgs { policy: None, r#override: file.to_owned(), no_override: false }.source();
+    if standalone {
+        PolicySource { default: DefaultPolicy::File(file.to_owned()), override_path: None }
+    } else {
+        base
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -97,18 +185,18 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { policy, cgroup_root, socket, dry_run, ring_buffer_kib, nice } => {
+        Command::Run { policy, sysfs_root, cgroup_root, socket, dry_run, ring_buffer_kib, nice } => {
             // SAFETY: setpriority on our own process.
             if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
                 tracing::warn!(nice, "could not set the agent's nice value: {}", std::io::Error::last_os_error());
             }
-            let policy = load_policy(policy.as_deref())?;
             let ring_bytes = ring_buffer_kib
                 .checked_mul(1024)
                 .filter(|b| b.is_power_of_two() && *b >= 4096)
                 .ok_or_else(|| anyhow!("--ring-buffer-kib must be a power of two, at least 4"))?;
             let options = daemon::Options {
-                policy,
+                source: policy.source(),
+                sysfs_root,
                 cgroup_root: cgroup_root.unwrap_or_else(corral::place::default_root),
                 socket,
                 dry_run,
@@ -119,7 +207,19 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(daemon::run(options))
         }
-        Command::Classify { procs, policy } => classify_offline(&procs, policy.as_deref()),
+        Command::Classify { procs, policy } => classify_offline(&procs, &policy.source().load()?),
+        Command::Reload { socket } => match control::request(&socket, &Request::Reload)? {
+            Response::Reloaded(r) if r.ok => {
+                println!("reloaded: {} processes re-classified, {} moved, in {} us", r.reclassified, r.moves, r.duration_us);
+                if !r.message.is_empty() {
+                    println!("{}", r.message);
+                }
+                Ok(())
+            }
+            Response::Reloaded(r) => bail!("reload refused, the agent keeps its last good policy:\n{}", r.message),
+            other => reply_error(other),
+        },
+        Command::Policy { command } => policy_command(command),
         Command::Explain { pid, socket, json } => {
             match control::request(&socket, &Request::Explain { pid })? {
                 Response::Explain(e) if json => print_json(&e),
@@ -137,18 +237,6 @@ fn main() -> anyhow::Result<()> {
             other => reply_error(other),
         },
     }
-}
-
-fn load_policy(path: Option<&Path>) -> anyhow::Result<Policy> {
-    if let Some(path) = path {
-        return Ok(Policy::load(path)?);
-    }
-    for candidate in POLICY_PATHS {
-        if Path::new(candidate).exists() {
-            return Ok(Policy::load(Path::new(candidate))?);
-        }
-    }
-    Ok(Policy::parse(Path::new(BUILT_IN_NAME), BUILT_IN_POLICY)?)
 }
 
 #[derive(Deserialize)]
@@ -169,8 +257,8 @@ struct ChainOutput<'a> {
     inherited_from: Option<usize>,
 }
 
-fn classify_offline(procs: &Path, policy: Option<&Path>) -> anyhow::Result<()> {
-    let policy = load_policy(policy)?;
+fn classify_offline(procs: &Path, policy: &Policy) -> anyhow::Result<()> {
+    let ananicy = daemon::load_ananicy(policy);
     let reader: Box<dyn std::io::BufRead> = if procs == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
@@ -190,7 +278,7 @@ fn classify_offline(procs: &Path, policy: Option<&Path>) -> anyhow::Result<()> {
         if input.chain.is_empty() {
             bail!("{}:{}: `chain` is empty; list ancestors first and the process last", procs.display(), number + 1);
         }
-        let decision = classify::classify_chain(&policy, &input.chain);
+        let decision = classify::classify_chain(policy, ananicy.as_ref(), &input.chain);
         let output = ChainOutput {
             id: &input.id,
             class: &decision.class,
@@ -274,5 +362,107 @@ fn print_status(s: &control::Status) -> anyhow::Result<()> {
         "events  exec {} fork {} exit {}  seen; dropped {} (ring buffer full), vanished {}, move errors {}, tracked {}",
         e.exec, e.fork, e.exit, s.kernel.dropped, e.vanished, e.move_errors, s.tracked
     )?;
+    Ok(())
+}
+
+fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Check { file, standalone, sysfs_root } => {
+            let source = candidate(&file, standalone);
+            let checked = source.load().map_err(anyhow::Error::from).and_then(|policy| {
+                let resolved = daemon::resolve(&policy, &sysfs_root)?.0;
+                Ok((policy, resolved))
+            });
+            match checked {
+                Ok((policy, resolved)) => {
+                    for w in &policy.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    println!("{}: ok ({} rules)", file.display(), policy.rules.len());
+                    for r in resolved {
+                        println!("  {:<8} cpus {:<12} {}", r.class, r.cpus.to_string(), r.why);
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        PolicyCommand::Show { policy, sysfs_root } => {
+            let policy = policy.source().load()?;
+            let (resolved, online) = daemon::resolve(&policy, &sysfs_root)?;
+            println!("policy {}  (this machine: {} CPUs online: {online})", policy.describe_files(), online.len());
+            for class in policy.classes.values() {
+                match resolved.iter().find(|r| r.class == class.name) {
+                    Some(r) => println!("  {:<8} cpus {:<12} weight {:<5} {}", r.class, r.cpus.to_string(), class.cpu_weight, r.why),
+                    None => println!("  {:<8} cpus {:<12} left alone: the kernel schedules it", class.name, "dynamic"),
+                }
+            }
+            println!(
+                "  modes: game cores protected while a game runs; shared again {} ms after the last game (min {} ms between switches)",
+                policy.modes.hold_down.as_millis(),
+                policy.modes.min_dwell.as_millis()
+            );
+            Ok(())
+        }
+        PolicyCommand::Test { file, standalone, procs, cgroup_root, sysfs_root } => {
+            let policy = candidate(&file, standalone).load()?;
+            let (resolved, _) = daemon::resolve(&policy, &sysfs_root)?;
+            let ananicy = daemon::load_ananicy(&policy);
+            let cpus_of = |class: &str| resolved.iter().find(|r| r.class == class).map(|r| r.cpus.to_string());
+            if let Some(procs) = procs {
+                return policy_test_chains(&procs, &policy, ananicy.as_ref(), &cpus_of);
+            }
+            let root = cgroup_root.unwrap_or_else(corral::place::default_root);
+            let mount = corral::place::cgroup2_mount_of(&root);
+            let rel_root = format!("/{}", root.strip_prefix(&mount).unwrap_or(&root).display());
+            let table = Table::snapshot(&policy.env_keys());
+            let mut decisions: std::collections::HashMap<u32, classify::Decision> = Default::default();
+            let mut moves = 0;
+            for pid in table.parents_first() {
+                let Some(process) = table.get(pid) else { continue };
+                let ancestors = table.ancestors(pid);
+                let infos: Vec<&ProcInfo> = ancestors.iter().filter_map(|a| table.get(*a).map(|p| &p.info)).collect();
+                let parent = ancestors.last().and_then(|a| decisions.get(a));
+                let d = classify::classify_one(&policy, ananicy.as_ref(), &process.info, &infos, parent);
+                let target = cpus_of(&d.class).map(|_| format!("{rel_root}/{}", d.class));
+                let now = &process.info.cgroup;
+                if let Some(target) = &target
+                    && target != now
+                {
+                    moves += 1;
+                    println!(
+                        "{pid:>7} {:<16} {now} -> {target} (cpus {}) by {}",
+                        process.info.comm,
+                        cpus_of(&d.class).unwrap_or_default(),
+                        d.rule
+                    );
+                }
+                decisions.insert(pid, d);
+            }
+            println!("{moves} of {} processes would move", table.len());
+            Ok(())
+        }
+    }
+}
+
+fn policy_test_chains(
+    procs: &Path,
+    policy: &Policy,
+    ananicy: Option<&corral::ananicy::AnanicyRules>,
+    cpus_of: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(procs).with_context(|| format!("reading {}", procs.display()))?;
+    for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let input: ChainInput = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a chain object", procs.display(), number + 1))?;
+        let d = classify::classify_chain(policy, ananicy, &input.chain);
+        match cpus_of(&d.class) {
+            Some(cpus) => println!("{}: {} (cpus {cpus}) by {}", input.id, d.class, d.rule),
+            None => println!("{}: {} (left alone) by {}", input.id, d.class, d.rule),
+        }
+    }
     Ok(())
 }

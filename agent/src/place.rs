@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use tracing::{info, warn};
 
-use crate::{cpus::CpuList, policy::Policy};
+use crate::{cpus::CpuList, policy::Policy, topology::Resolved};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -45,9 +45,14 @@ pub struct Group {
     pub path: PathBuf,
     /// The cgroup id (directory inode), as `bpf_get_current_cgroup_id` sees it.
     pub id: u64,
+    /// The class's own CPUs on this machine, from the policy.
+    pub base: CpuList,
+    /// The CPUs the group has now (the base, adjusted by the dynamic mode).
     pub cpus: CpuList,
     pub cpu_weight: u32,
-    /// Why the CPUs differ from what the policy asked, if they do.
+    /// How the policy's request became `base`.
+    pub why: String,
+    /// Why `cpus` differs from `base`, if it does.
     pub note: Option<String>,
 }
 
@@ -82,7 +87,13 @@ pub struct Groups {
 impl Groups {
     /// Creates (or adopts) the root and one group per managed class, and
     /// writes their core sets and weights. In a dry run nothing is written.
-    pub fn setup(root: &Path, policy: &Policy, online: CpuList, dry_run: bool) -> anyhow::Result<Self> {
+    pub fn setup(
+        root: &Path,
+        policy: &Policy,
+        resolved: &[Resolved],
+        online: CpuList,
+        dry_run: bool,
+    ) -> anyhow::Result<Self> {
         let parent = root
             .parent()
             .ok_or_else(|| anyhow!("cgroup root {} has no parent", root.display()))?;
@@ -112,33 +123,80 @@ impl Groups {
                 );
             }
         }
-        for class in policy.classes.values().filter(|c| c.is_managed()) {
-            let requested = class.cpus.clone().unwrap_or_default();
-            let (cpus, note) = CpuList::resolve(&requested, &groups.online);
-            if let Some(note) = &note {
-                info!(class = %class.name, "{note}");
-            }
-            let path = root.join(&class.name);
-            let mut group = Group {
-                class: class.name.clone(),
-                path,
-                id: 0,
-                cpus,
-                cpu_weight: class.cpu_weight,
-                note,
-            };
-            if !dry_run {
-                groups.write_group(&mut group)?;
-            }
-            groups.groups.insert(class.name.clone(), group);
-        }
+        groups.reconfigure(policy, resolved)?;
         Ok(groups)
+    }
+
+    /// Brings the groups in line with a (new) policy: creates groups for new
+    /// classes, rewrites core sets and weights that changed, and removes
+    /// groups of classes that are gone once they are empty.
+    pub fn reconfigure(&mut self, policy: &Policy, resolved: &[Resolved]) -> anyhow::Result<()> {
+        for r in resolved {
+            let Some(class) = policy.class(&r.class) else { continue };
+            let previous = self.groups.get(&r.class).cloned();
+            let mut group = Group {
+                class: r.class.clone(),
+                path: self.root.join(&r.class),
+                id: previous.as_ref().map_or(0, |g| g.id),
+                base: r.cpus.clone(),
+                cpus: r.cpus.clone(),
+                cpu_weight: class.cpu_weight,
+                why: r.why.clone(),
+                note: None,
+            };
+            info!(class = %r.class, cpus = %r.cpus, "{}", r.why);
+            if !self.dry_run {
+                let unchanged = previous
+                    .as_ref()
+                    .is_some_and(|p| p.cpus == group.cpus && p.cpu_weight == group.cpu_weight);
+                if !unchanged {
+                    self.write_group(&mut group)?;
+                }
+            }
+            self.groups.insert(r.class.clone(), group);
+        }
+        let wanted: Vec<&str> = resolved.iter().map(|r| r.class.as_str()).collect();
+        let gone: Vec<String> = self
+            .groups
+            .keys()
+            .filter(|c| !wanted.contains(&c.as_str()))
+            .cloned()
+            .collect();
+        for class in gone {
+            if let Some(group) = self.groups.remove(&class)
+                && !self.dry_run
+            {
+                // Fails while processes remain; they are moved out by the
+                // reload's re-placement, and the empty group goes next time.
+                let _ = std::fs::remove_dir(&group.path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets a group's current CPUs (the dynamic mode's layout). Writes only
+    /// when they change.
+    pub fn set_cpus(&mut self, class: &str, cpus: CpuList, note: Option<String>) -> anyhow::Result<bool> {
+        let cpuset = self.cpuset && !self.dry_run;
+        let Some(group) = self.groups.get_mut(class) else { return Ok(false) };
+        group.note = note;
+        if group.cpus == cpus {
+            return Ok(false);
+        }
+        if cpuset {
+            write_file(&group.path.join("cpuset.cpus"), &cpus.to_string())?;
+        }
+        group.cpus = cpus;
+        Ok(true)
     }
 
     fn write_group(&self, group: &mut Group) -> anyhow::Result<()> {
         std::fs::create_dir_all(&group.path)
             .with_context(|| format!("creating {}", group.path.display()))?;
         group.id = std::fs::metadata(&group.path)?.ino();
+        if self.cpuset && !group.path.join("cpuset.cpus").exists() {
+            warn!(group = %group.path.display(), "no cpuset.cpus in the group: core sets are not enforced");
+        }
         if self.cpuset {
             write_file(&group.path.join("cpuset.cpus"), &group.cpus.to_string())?;
         }
@@ -146,6 +204,12 @@ impl Groups {
             write_file(&group.path.join("cpu.weight"), &group.cpu_weight.to_string())?;
         }
         Ok(())
+    }
+
+    /// `path` as /proc/PID/cgroup writes it: relative to the cgroup2 mount.
+    pub fn relative(&self, path: &Path) -> Option<String> {
+        let mount = cgroup2_mount_of(&self.root);
+        path.strip_prefix(&mount).ok().map(|rel| format!("/{}", rel.display()))
     }
 
     pub fn group(&self, class: &str) -> Option<&Group> {
@@ -162,10 +226,21 @@ impl Groups {
             .groups
             .get(class)
             .ok_or_else(|| MoveError::Unmanaged(class.to_owned()))?;
+        self.move_to(&group.path, pid)
+    }
+
+    /// Moves `pid` back to the cgroup it came from, given as a path
+    /// relative to the cgroup2 mount ("/user.slice/...").
+    pub fn return_process(&self, origin: &str, pid: u32) -> Result<(), MoveError> {
+        let mount = cgroup2_mount_of(&self.root);
+        self.move_to(&mount.join(origin.trim_start_matches('/')), pid)
+    }
+
+    fn move_to(&self, dir: &Path, pid: u32) -> Result<(), MoveError> {
         if self.dry_run {
             return Ok(());
         }
-        let path = group.path.join("cgroup.procs");
+        let path = dir.join("cgroup.procs");
         let result = std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
@@ -190,6 +265,20 @@ impl Groups {
             }
         }
     }
+}
+
+/// The mount point of the cgroup2 hierarchy `dir` lives in.
+pub fn cgroup2_mount_of(dir: &Path) -> PathBuf {
+    let mut mount = dir.to_owned();
+    let mut current = dir.parent();
+    while let Some(d) = current {
+        if !is_cgroup2(d) {
+            break;
+        }
+        mount = d.to_owned();
+        current = d.parent();
+    }
+    mount
 }
 
 fn write_file(path: &Path, value: &str) -> anyhow::Result<()> {

@@ -1,19 +1,29 @@
-//! The policy file: classes (core sets, cpu weights) and ordered rules that
-//! say which processes belong to which class. Parsing and validation only;
-//! matching lives in `classify`.
+//! The policy: classes (core sets, cpu weights), ordered rules that say
+//! which processes belong to which class, dynamic-mode timing and the
+//! optional ananicy-cpp rule source. Parsing, layering (shipped default,
+//! then the user's override, key by key) and validation; matching lives in
+//! `classify`, core-set resolution in `topology`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use globset::{Glob, GlobBuilder, GlobMatcher};
+use indexmap::IndexMap;
 use serde::Deserialize;
 
-use crate::cpus::CpuList;
+use crate::{
+    modes::ModeConfig,
+    topology::{self, CoreSpec, Intent, Resolved, Topology},
+};
 
 /// The class every process has when no rule claims it. Never moved.
 pub const SYSTEM: &str = "system";
+/// The class whose cores dynamic modes protect.
+pub const GAME: &str = "game";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -31,32 +41,34 @@ pub enum PolicyError {
     },
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default, Deserialize)]
 struct PolicyFile {
     #[serde(default)]
-    classes: BTreeMap<String, toml::Spanned<ClassSpec>>,
+    classes: IndexMap<String, toml::Spanned<ClassSpec>>,
     #[serde(default)]
     rules: Vec<toml::Spanned<RuleSpec>>,
+    modes: Option<ModesSpec>,
+    ananicy: Option<AnanicySpec>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default, Clone, Deserialize)]
 struct ClassSpec {
-    /// CPU list as on the reference machine, e.g. "0-7". Absent: the class
-    /// is never moved (like `system`).
-    cpus: Option<String>,
+    /// A CPU list ("0-7") or an intent table (`{ share = 0.4, prefer =
+    /// "performance" }`). Absent: the class is never moved.
+    cpus: Option<CoreSpec>,
     /// cgroup v2 `cpu.weight`, 1..=10000 (default 100).
     cpu_weight: Option<u32>,
     #[allow(dead_code, reason = "documentation for readers of the policy file")]
     description: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize)]
 struct RuleSpec {
     name: String,
-    class: String,
+    class: Option<String>,
+    /// In an override: drop the shipped rule of this name.
+    #[serde(default)]
+    disabled: bool,
     #[serde(default)]
     inherit: bool,
     #[serde(default)]
@@ -77,8 +89,7 @@ struct RuleSpec {
     unless: Option<MatcherSpec>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, Deserialize)]
 struct MatcherSpec {
     #[serde(default)]
     exe: Vec<String>,
@@ -94,13 +105,40 @@ struct MatcherSpec {
     env: BTreeMap<String, String>,
 }
 
+#[derive(Debug, Clone, Default, Deserialize)]
+struct ModesSpec {
+    hold_down_ms: Option<u64>,
+    min_dwell_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct AnanicySpec {
+    enabled: Option<bool>,
+    dirs: Option<Vec<PathBuf>>,
+    types: Option<BTreeMap<String, String>>,
+}
+
+/// Keys each table may hold; anything else is warned about (a typo would
+/// otherwise silently do nothing).
+const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy"];
+const CLASS_KEYS: &[&str] = &["cpus", "cpu_weight", "description"];
+const RULE_KEYS: &[&str] = &[
+    "name", "class", "disabled", "inherit", "ignore_case", "exe", "comm", "argv", "cwd", "cgroup",
+    "env", "ancestor", "unless",
+];
+const MATCHER_KEYS: &[&str] = &["exe", "comm", "argv", "cwd", "cgroup", "env"];
+const MODES_KEYS: &[&str] = &["hold_down_ms", "min_dwell_ms"];
+const ANANICY_KEYS: &[&str] = &["enabled", "dirs", "types"];
+
 /// A class as resolved from the policy.
 #[derive(Debug, Clone)]
 pub struct Class {
     pub name: String,
-    /// Requested CPUs (reference machine numbering). None: never moved.
-    pub cpus: Option<CpuList>,
+    /// Requested core set. None: never moved.
+    pub cpus: Option<CoreSpec>,
     pub cpu_weight: u32,
+    /// Where the class was (last) defined, for validation messages.
+    pub source: Source,
 }
 
 impl Class {
@@ -109,11 +147,12 @@ impl Class {
     }
 }
 
-/// Where a rule was written, for `corral explain`.
+/// Where something was written, for `corral explain` and error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
     pub file: PathBuf,
     pub line: usize,
+    pub column: usize,
 }
 
 impl std::fmt::Display for Source {
@@ -148,122 +187,304 @@ pub struct Rule {
     pub source: Source,
 }
 
+/// The optional ananicy-cpp rule source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnanicyConfig {
+    pub enabled: bool,
+    pub dirs: Vec<PathBuf>,
+    /// ananicy type -> corral class.
+    pub types: BTreeMap<String, String>,
+}
+
+impl Default for AnanicyConfig {
+    fn default() -> Self {
+        AnanicyConfig {
+            enabled: false,
+            dirs: vec![PathBuf::from("/etc/ananicy.d")],
+            types: BTreeMap::from([("Game".to_owned(), GAME.to_owned())]),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Policy {
-    pub path: PathBuf,
-    pub classes: BTreeMap<String, Class>,
+    /// The files this policy was read from, default first.
+    pub files: Vec<PathBuf>,
+    pub classes: IndexMap<String, Class>,
     pub rules: Vec<Rule>,
+    pub modes: ModeConfig,
+    pub ananicy: AnanicyConfig,
+    /// Things that did not stop the policy from loading (unknown keys).
+    pub warnings: Vec<String>,
+}
+
+/// One policy file, parsed, with its text for positions.
+struct Layer {
+    path: PathBuf,
+    text: String,
+    file: PolicyFile,
+}
+
+impl Layer {
+    fn parse(path: &Path, text: &str, warnings: &mut Vec<String>) -> Result<Layer, PolicyError> {
+        let file: PolicyFile = toml::from_str(text).map_err(|err| {
+            let offset = err.span().map(|s| s.start).unwrap_or(0);
+            invalid_at(path, text, offset, err.message().trim().to_owned())
+        })?;
+        if let Ok(table) = text.parse::<toml::Table>() {
+            unknown_keys(path, text, &table, warnings);
+        }
+        Ok(Layer {
+            path: path.to_owned(),
+            text: text.to_owned(),
+            file,
+        })
+    }
+
+    fn invalid(&self, offset: usize, message: String) -> PolicyError {
+        invalid_at(&self.path, &self.text, offset, message)
+    }
+
+    fn source(&self, offset: usize) -> Source {
+        let (line, column) = line_column(&self.text, offset);
+        Source {
+            file: self.path.clone(),
+            line,
+            column,
+        }
+    }
+}
+
+fn invalid_at(path: &Path, text: &str, offset: usize, message: String) -> PolicyError {
+    let (line, column) = line_column(text, offset);
+    PolicyError::Invalid {
+        path: path.to_owned(),
+        line,
+        column,
+        message,
+    }
+}
+
+fn invalid_source(source: &Source, message: String) -> PolicyError {
+    PolicyError::Invalid {
+        path: source.file.clone(),
+        line: source.line,
+        column: source.column,
+        message,
+    }
 }
 
 impl Policy {
+    /// Reads one policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::load_layers(&[path.to_owned()])
     }
 
-    pub fn parse(path: &Path, text: &str) -> Result<Self, PolicyError> {
-        let invalid = |offset: usize, message: String| {
-            let (line, column) = line_column(text, offset);
-            PolicyError::Invalid {
-                path: path.to_owned(),
-                line,
-                column,
-                message,
+    /// Reads the shipped default and then each override in turn; later
+    /// files win key by key. Missing override files are skipped; the first
+    /// file must exist.
+    pub fn load_layers(paths: &[PathBuf]) -> Result<Self, PolicyError> {
+        let mut texts = Vec::new();
+        for (i, path) in paths.iter().enumerate() {
+            match read_policy_file(path) {
+                Ok(text) => texts.push((path.clone(), text)),
+                Err(PolicyError::Read { source, .. })
+                    if i > 0 && source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
-        };
-        let file: PolicyFile = toml::from_str(text).map_err(|err| {
-            let offset = err.span().map(|s| s.start).unwrap_or(0);
-            invalid(offset, err.message().to_owned())
-        })?;
+        }
+        let borrowed: Vec<(&Path, &str)> = texts.iter().map(|(p, t)| (p.as_path(), t.as_str())).collect();
+        Self::parse_layers(&borrowed)
+    }
 
-        let mut classes = BTreeMap::new();
-        for (name, spec) in file.classes {
-            let offset = spec.span().start;
-            let spec = spec.into_inner();
-            let cpus = match &spec.cpus {
-                Some(list) => Some(CpuList::parse(list).map_err(|e| {
-                    invalid(offset, format!("class `{name}`: cpus {e}"))
-                })?),
-                None => None,
-            };
-            let cpu_weight = spec.cpu_weight.unwrap_or(100);
-            if !(1..=10000).contains(&cpu_weight) {
-                return Err(invalid(
-                    offset,
-                    format!("class `{name}`: cpu_weight {cpu_weight} is outside 1..=10000"),
-                ));
+    /// Parses one policy text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, PolicyError> {
+        Self::parse_layers(&[(path, text)])
+    }
+
+    /// Parses policy texts, default first, and merges them.
+    pub fn parse_layers(texts: &[(&Path, &str)]) -> Result<Self, PolicyError> {
+        let mut warnings = Vec::new();
+        let layers: Vec<Layer> = texts
+            .iter()
+            .map(|(path, text)| Layer::parse(path, text, &mut warnings))
+            .collect::<Result<_, _>>()?;
+
+        // Classes: key by key, later layers win.
+        let mut class_specs: IndexMap<String, (ClassSpec, Source)> = IndexMap::new();
+        for layer in &layers {
+            for (name, spanned) in &layer.file.classes {
+                let source = layer.source(spanned.span().start);
+                let spec = spanned.get_ref().clone();
+                let entry = class_specs.entry(name.clone()).or_insert_with(|| (ClassSpec::default(), source.clone()));
+                if spec.cpus.is_some() {
+                    entry.0.cpus = spec.cpus;
+                }
+                if spec.cpu_weight.is_some() {
+                    entry.0.cpu_weight = spec.cpu_weight;
+                }
+                entry.1 = source;
             }
-            if name == SYSTEM && cpus.is_some() {
-                return Err(invalid(
-                    offset,
-                    "class `system` is left alone by design; remove its `cpus`".into(),
-                ));
-            }
-            classes.insert(name.clone(), Class { name, cpus, cpu_weight });
+        }
+        let mut classes = IndexMap::new();
+        for (name, (spec, source)) in class_specs {
+            let class = build_class(&name, spec, source)?;
+            classes.insert(name, class);
         }
         classes.entry(SYSTEM.to_owned()).or_insert_with(|| Class {
             name: SYSTEM.to_owned(),
             cpus: None,
             cpu_weight: 100,
+            source: Source {
+                file: PathBuf::from("<built-in>"),
+                line: 0,
+                column: 0,
+            },
         });
-
-        let mut rules = Vec::with_capacity(file.rules.len());
-        let mut names = BTreeSet::new();
-        for spanned in file.rules {
-            let offset = spanned.span().start;
-            let spec = spanned.into_inner();
-            let fail = |message: String| invalid(offset, format!("rule `{}`: {message}", spec.name));
-            if !classes.contains_key(&spec.class) {
-                let known: Vec<_> = classes.keys().cloned().collect();
-                return Err(fail(format!(
-                    "unknown class `{}`; define it under [classes] or use one of: {}",
-                    spec.class,
-                    known.join(", ")
-                )));
+        for class in classes.values() {
+            if let Some(CoreSpec::Intent(Intent { with: Some(other), .. })) = &class.cpus
+                && !classes.get(other).is_some_and(Class::is_managed)
+            {
+                return Err(invalid_source(
+                    &class.source,
+                    format!("class `{}`: `with = \"{other}\"` names no class with cpus", class.name),
+                ));
             }
-            if !names.insert(spec.name.clone()) {
-                return Err(fail("a rule with this name already exists; names must be unique".into()));
-            }
-            let compile = |m: &MatcherSpec| compile_matcher(m, spec.ignore_case).map_err(&fail);
-            let own = MatcherSpec {
-                exe: spec.exe.clone(),
-                comm: spec.comm.clone(),
-                argv: spec.argv.clone(),
-                cwd: spec.cwd.clone(),
-                cgroup: spec.cgroup.clone(),
-                env: spec.env.clone(),
-            };
-            let matcher = compile(&own)?;
-            let ancestor = spec.ancestor.as_ref().map(compile).transpose()?;
-            let unless = spec.unless.as_ref().map(compile).transpose()?;
-            if matcher.is_empty() && ancestor.as_ref().is_none_or(Matcher::is_empty) {
-                return Err(fail("matches every process; give it at least one matcher".into()));
-            }
-            rules.push(Rule {
-                name: spec.name,
-                class: spec.class,
-                inherit: spec.inherit,
-                matcher,
-                ancestor,
-                unless,
-                source: Source {
-                    file: path.to_owned(),
-                    line: line_column(text, offset).0,
-                },
-            });
         }
+
+        // Rules: an override's rule replaces the shipped one of the same
+        // name in place (or drops it with `disabled = true`); new rules go
+        // before all shipped ones, so the user's rules win.
+        let mut merged: Vec<(RuleSpec, Source)> = Vec::new();
+        for (index, layer) in layers.iter().enumerate() {
+            let mut fresh = Vec::new();
+            let mut seen = BTreeSet::new();
+            for spanned in &layer.file.rules {
+                let spec = spanned.get_ref().clone();
+                let source = layer.source(spanned.span().start);
+                if !seen.insert(spec.name.clone()) {
+                    return Err(layer.invalid(
+                        spanned.span().start,
+                        format!("rule `{}`: a rule with this name already exists in this file; names must be unique", spec.name),
+                    ));
+                }
+                match merged.iter().position(|(r, _)| r.name == spec.name) {
+                    Some(at) if index > 0 => {
+                        if spec.disabled {
+                            merged.remove(at);
+                        } else {
+                            merged[at] = (spec, source);
+                        }
+                    }
+                    _ if spec.disabled => {
+                        warnings.push(format!(
+                            "{source}: rule `{}` is disabled but no earlier policy file has a rule of that name",
+                            spec.name
+                        ));
+                    }
+                    _ => fresh.push((spec, source)),
+                }
+            }
+            if index == 0 {
+                merged = fresh;
+            } else {
+                fresh.extend(merged);
+                merged = fresh;
+            }
+        }
+        let mut rules = Vec::with_capacity(merged.len());
+        for (spec, source) in merged {
+            rules.push(build_rule(spec, source, &classes)?);
+        }
+
+        let mut modes = ModeConfig::default();
+        let mut ananicy = AnanicyConfig::default();
+        for layer in &layers {
+            if let Some(m) = &layer.file.modes {
+                if let Some(ms) = m.hold_down_ms {
+                    modes.hold_down = Duration::from_millis(ms);
+                }
+                if let Some(ms) = m.min_dwell_ms {
+                    modes.min_dwell = Duration::from_millis(ms);
+                }
+            }
+            if let Some(a) = &layer.file.ananicy {
+                if let Some(enabled) = a.enabled {
+                    ananicy.enabled = enabled;
+                }
+                if let Some(dirs) = &a.dirs {
+                    ananicy.dirs = dirs.clone();
+                }
+                if let Some(types) = &a.types {
+                    ananicy.types = types.clone();
+                }
+            }
+        }
+        for (kind, class) in &ananicy.types {
+            if !classes.contains_key(class) {
+                let path = layers.last().map(|l| l.path.clone()).unwrap_or_default();
+                return Err(PolicyError::Invalid {
+                    path,
+                    line: 0,
+                    column: 0,
+                    message: format!("[ananicy] types: `{kind}` maps to unknown class `{class}`"),
+                });
+            }
+        }
+
         Ok(Policy {
-            path: path.to_owned(),
+            files: layers.iter().map(|l| l.path.clone()).collect(),
             classes,
             rules,
+            modes,
+            ananicy,
+            warnings,
         })
+    }
+
+    /// The files, for messages: "default.toml + /etc/corral/policy.toml".
+    pub fn describe_files(&self) -> String {
+        self.files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + ")
     }
 
     pub fn class(&self, name: &str) -> Option<&Class> {
         self.classes.get(name)
+    }
+
+    /// Resolves every managed class's core set on `topology`, in policy
+    /// order. An explicit CPU list that names CPUs this machine does not
+    /// have is refused, with the position of the class and the CPUs that
+    /// exist.
+    pub fn resolve_cpus(&self, topology: &Topology) -> Result<Vec<Resolved>, PolicyError> {
+        let mut specs = Vec::new();
+        for class in self.classes.values() {
+            let Some(spec) = &class.cpus else { continue };
+            if let CoreSpec::List(list) = spec {
+                let present = list.intersect(topology.online());
+                if present != *list {
+                    return Err(invalid_source(
+                        &class.source,
+                        format!(
+                            "class `{}`: cpus \"{list}\" names CPUs this machine does not have; it has {} (online: {}). Use CPUs that exist, or an intent such as `cpus = {{ share = 0.4, prefer = \"performance\" }}`",
+                            class.name,
+                            topology.online().len(),
+                            topology.online()
+                        ),
+                    ));
+                }
+            }
+            specs.push((class.name.clone(), spec.clone()));
+        }
+        topology::resolve(&specs, topology).map_err(|e| PolicyError::Invalid {
+            path: self.files.first().cloned().unwrap_or_default(),
+            line: 0,
+            column: 0,
+            message: e.to_string(),
+        })
     }
 
     /// Environment variables some rule looks at: the process table keeps
@@ -280,6 +501,138 @@ impl Policy {
         }
         keys
     }
+}
+
+/// Where the agent's policy comes from: the shipped default (a file, or the
+/// copy built into the binary) and the user's override, which may not
+/// exist yet.
+#[derive(Debug, Clone)]
+pub struct PolicySource {
+    pub default: DefaultPolicy,
+    pub override_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub enum DefaultPolicy {
+    File(PathBuf),
+    /// (name for messages, text)
+    BuiltIn(&'static str, &'static str),
+}
+
+impl PolicySource {
+    pub fn load(&self) -> Result<Policy, PolicyError> {
+        let (default_path, default_text) = match &self.default {
+            DefaultPolicy::File(path) => (path.clone(), read_policy_file(path)?),
+            DefaultPolicy::BuiltIn(name, text) => (PathBuf::from(name), (*text).to_owned()),
+        };
+        let mut texts = vec![(default_path, default_text)];
+        if let Some(path) = &self.override_path {
+            match read_policy_file(path) {
+                Ok(text) => texts.push((path.clone(), text)),
+                Err(PolicyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let borrowed: Vec<(&Path, &str)> = texts.iter().map(|(p, t)| (p.as_path(), t.as_str())).collect();
+        Policy::parse_layers(&borrowed)
+    }
+
+    /// The files to watch for changes (the override may not exist yet).
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let DefaultPolicy::File(path) = &self.default {
+            files.push(path.clone());
+        }
+        files.extend(self.override_path.clone());
+        files
+    }
+}
+
+/// Reads a policy file, refusing one that anybody may write: corral runs as
+/// root and moves other users' processes by these rules.
+fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
+    let read_err = |source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.permissions().mode() & 0o002 != 0 {
+        return Err(PolicyError::Invalid {
+            path: path.to_owned(),
+            line: 1,
+            column: 1,
+            message: format!(
+                "the file is world-writable, so any user could change what root does with it; run `chmod o-w {}`",
+                path.display()
+            ),
+        });
+    }
+    std::fs::read_to_string(path).map_err(read_err)
+}
+
+fn build_class(name: &str, spec: ClassSpec, source: Source) -> Result<Class, PolicyError> {
+    let fail = |message: String| invalid_source(&source, format!("class `{name}`: {message}"));
+    let cpus = match spec.cpus {
+        Some(CoreSpec::List(list)) => Some(CoreSpec::List(list)),
+        Some(CoreSpec::Intent(intent)) => {
+            if let Some(share) = intent.share
+                && !(share > 0.0 && share <= 1.0)
+            {
+                return Err(fail(format!("share {share} must be more than 0 and at most 1")));
+            }
+            Some(CoreSpec::Intent(intent))
+        }
+        None => None,
+    };
+    let cpu_weight = spec.cpu_weight.unwrap_or(100);
+    if !(1..=10000).contains(&cpu_weight) {
+        return Err(fail(format!("cpu_weight {cpu_weight} is outside 1..=10000")));
+    }
+    if name == SYSTEM && cpus.is_some() {
+        return Err(fail("`system` is left alone by design; remove its `cpus`".into()));
+    }
+    Ok(Class {
+        name: name.to_owned(),
+        cpus,
+        cpu_weight,
+        source,
+    })
+}
+
+fn build_rule(spec: RuleSpec, source: Source, classes: &IndexMap<String, Class>) -> Result<Rule, PolicyError> {
+    let fail = |message: String| invalid_source(&source, format!("rule `{}`: {message}", spec.name));
+    let class = spec.class.clone().ok_or_else(|| fail("has no `class`".into()))?;
+    if !classes.contains_key(&class) {
+        let known: Vec<_> = classes.keys().cloned().collect();
+        return Err(fail(format!(
+            "unknown class `{class}`; define it under [classes] or use one of: {}",
+            known.join(", ")
+        )));
+    }
+    let own = MatcherSpec {
+        exe: spec.exe.clone(),
+        comm: spec.comm.clone(),
+        argv: spec.argv.clone(),
+        cwd: spec.cwd.clone(),
+        cgroup: spec.cgroup.clone(),
+        env: spec.env.clone(),
+    };
+    let compile = |m: &MatcherSpec| compile_matcher(m, spec.ignore_case).map_err(&fail);
+    let matcher = compile(&own)?;
+    let ancestor = spec.ancestor.as_ref().map(compile).transpose()?;
+    let unless = spec.unless.as_ref().map(compile).transpose()?;
+    if matcher.is_empty() && ancestor.as_ref().is_none_or(Matcher::is_empty) {
+        return Err(fail("matches every process; give it at least one matcher".into()));
+    }
+    Ok(Rule {
+        name: spec.name,
+        class,
+        inherit: spec.inherit,
+        matcher,
+        ancestor,
+        unless,
+        source,
+    })
 }
 
 impl Matcher {
@@ -321,6 +674,69 @@ fn glob(field: &str, pattern: &str, ignore_case: bool) -> Result<GlobMatcher, St
         .map_err(|e| format!("{field} pattern `{pattern}` is not a valid glob: {e}"))
 }
 
+/// Warns about keys no part of corral reads, with their position.
+fn unknown_keys(path: &Path, text: &str, table: &toml::Table, warnings: &mut Vec<String>) {
+    let mut warn = |key: &str, place: &str, known: &[&str]| {
+        // toml's untyped table has no spans: find the key's first use.
+        let offset = find_key(text, key).unwrap_or(0);
+        let (line, column) = line_column(text, offset);
+        warnings.push(format!(
+            "{}:{line}:{column}: unknown key `{key}` in {place} is ignored (known keys: {})",
+            path.display(),
+            known.join(", ")
+        ));
+    };
+    let check = |t: &toml::Table, place: &str, known: &[&str], warn: &mut dyn FnMut(&str, &str, &[&str])| {
+        for key in t.keys() {
+            if !known.contains(&key.as_str()) {
+                warn(key, place, known);
+            }
+        }
+    };
+    check(table, "the top level", TOP_KEYS, &mut warn);
+    if let Some(classes) = table.get("classes").and_then(|v| v.as_table()) {
+        for (name, class) in classes {
+            if let Some(class) = class.as_table() {
+                check(class, &format!("[classes.{name}]"), CLASS_KEYS, &mut warn);
+            }
+        }
+    }
+    if let Some(rules) = table.get("rules").and_then(|v| v.as_array()) {
+        for rule in rules.iter().filter_map(|r| r.as_table()) {
+            let name = rule.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+            check(rule, &format!("rule `{name}`"), RULE_KEYS, &mut warn);
+            for nested in ["ancestor", "unless"] {
+                if let Some(m) = rule.get(nested).and_then(|v| v.as_table()) {
+                    check(m, &format!("rule `{name}` {nested}"), MATCHER_KEYS, &mut warn);
+                }
+            }
+        }
+    }
+    if let Some(m) = table.get("modes").and_then(|v| v.as_table()) {
+        check(m, "[modes]", MODES_KEYS, &mut warn);
+    }
+    if let Some(a) = table.get("ananicy").and_then(|v| v.as_table()) {
+        check(a, "[ananicy]", ANANICY_KEYS, &mut warn);
+    }
+}
+
+/// Byte offset of the first `key =` (or `key=`) at the start of a line or
+/// after `{`/`,`.
+fn find_key(text: &str, key: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(found) = text[from..].find(key) {
+        let at = from + found;
+        let before = text[..at].trim_end_matches([' ', '\t']);
+        let after = text[at + key.len()..].trim_start_matches([' ', '\t']);
+        let starts = before.is_empty() || before.ends_with(['\n', '{', ',']);
+        if starts && after.starts_with('=') {
+            return Some(at);
+        }
+        from = at + key.len();
+    }
+    None
+}
+
 /// 1-based line and column of a byte offset.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -330,46 +746,4 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Policy, PolicyError> {
-        Policy::parse(Path::new("test.toml"), text)
-    }
-
-    #[test]
-    fn rule_sources_name_their_line() {
-        let policy = parse(
-            "[classes.game]\ncpus = \"0-3\"\n\n[[rules]]\nname = \"a\"\nclass = \"game\"\ncomm = [\"x\"]\n",
-        )
-        .unwrap();
-        assert_eq!(policy.rules[0].source.line, 4);
-        assert!(policy.class("system").is_some());
-    }
-
-    #[test]
-    fn unknown_class_is_refused_with_position() {
-        let err = parse("[[rules]]\nname = \"a\"\nclass = \"gmae\"\ncomm = [\"x\"]\n").unwrap_err();
-        let text = err.to_string();
-        assert!(text.starts_with("test.toml:1:"), "{text}");
-        assert!(text.contains("unknown class `gmae`"), "{text}");
-    }
-
-    #[test]
-    fn syntax_errors_carry_line_and_column() {
-        let err = parse("[classes.game]\ncpus = 0-7\n").unwrap_err();
-        assert!(err.to_string().starts_with("test.toml:2:"), "{err}");
-    }
-
-    #[test]
-    fn a_rule_without_matchers_is_refused() {
-        let err = parse("[[rules]]\nname = \"all\"\nclass = \"system\"\n").unwrap_err();
-        assert!(err.to_string().contains("matches every process"), "{err}");
-    }
-
-    #[test]
-    fn misspelt_matcher_key_is_refused() {
-        let err = parse("[[rules]]\nname = \"a\"\nclass = \"system\"\ncom = [\"x\"]\n").unwrap_err();
-        assert!(err.to_string().contains("com"), "{err}");
-    }
-}
+mod tests;

@@ -54,6 +54,24 @@ pub struct Proc {
     pub decision: Decision,
     /// The class whose group the agent last moved this process into.
     pub placed_class: Option<String>,
+    /// The cgroup the process was in before corral first moved it (or its
+    /// ancestor), relative to the cgroup2 mount: where it goes back when
+    /// the policy stops managing it.
+    pub origin_cgroup: Option<String>,
+}
+
+impl Proc {
+    /// A process not yet classified or placed.
+    pub fn new(info: ProcInfo, ppid: u32, start_ticks: u64) -> Self {
+        Proc {
+            info,
+            ppid,
+            start_ticks,
+            decision: Decision::default_system(),
+            placed_class: None,
+            origin_cgroup: None,
+        }
+    }
 }
 
 /// Why a process could not be read. Vanished processes are normal (short
@@ -137,6 +155,31 @@ pub struct Table {
 const MAX_DEPTH: usize = 64;
 
 impl Table {
+    /// Every process /proc shows now.
+    pub fn snapshot(env_keys: &BTreeSet<String>) -> Self {
+        let mut table = Table::default();
+        let pids: Vec<u32> = procfs::process::all_processes()
+            .map(|all| all.filter_map(|p| p.ok()).map(|p| p.pid as u32).collect())
+            .unwrap_or_default();
+        for pid in pids {
+            if let Ok((info, ppid, start_ticks)) = read_proc(pid, env_keys) {
+                table.insert(pid, Proc::new(info, ppid, start_ticks));
+            }
+        }
+        table
+    }
+
+    /// Tracked pids, parents before their children.
+    pub fn parents_first(&self) -> Vec<u32> {
+        let mut ordered: Vec<(usize, u32)> = self
+            .procs
+            .keys()
+            .map(|pid| (self.ancestors(*pid).len(), *pid))
+            .collect();
+        ordered.sort_unstable();
+        ordered.into_iter().map(|(_, pid)| pid).collect()
+    }
+
     pub fn get(&self, pid: u32) -> Option<&Proc> {
         self.procs.get(&pid)
     }

@@ -1,1 +1,1190 @@
-//! (being written)
+//! CPU topology read from sysfs, and turning each class's core-set intent
+//! ("40% of the CPUs, fastest first") into a concrete CPU list on the machine
+//! corral runs on.
+//!
+//! # Reading
+//!
+//! [`Topology::read`] takes the sysfs root (normally `/sys`; tests use the
+//! trees under `agent/tests/fixtures/sysfs/`) and reads, relative to it:
+//!
+//! - `devices/system/cpu/online`: the CPUs to consider. Required; without it
+//!   the error names the path.
+//! - per online CPU `N`, under `devices/system/cpu/cpuN/`:
+//!   `topology/core_id`, `topology/physical_package_id`,
+//!   `topology/thread_siblings_list` (SMT siblings), `cpu_capacity`,
+//!   `cpufreq/cpuinfo_max_freq` (kHz), and the level-3 entry among
+//!   `cache/indexK/` (`level`, `shared_cpu_list`, `size` such as "32768K").
+//! - `devices/cpu_core/cpus` and `devices/cpu_atom/cpus`: Intel hybrid
+//!   P-cores and E-cores.
+//!
+//! Everything but `online` is optional: VMs show little, and a missing file
+//! only means that fact is unknown (no siblings means a CPU is its own core).
+//! A file that exists but does not hold what the kernel writes is an error
+//! naming the file, because then the root is probably not sysfs.
+//!
+//! # Resolving
+//!
+//! A class asks for CPUs either as an explicit list ([`CoreSpec::List`],
+//! `cpus = "0-7"`) or as an intent ([`CoreSpec::Intent`],
+//! `cpus = { share = 0.4, prefer = "performance" }`). [`resolve`] turns every
+//! class into a non-empty [`CpuList`] plus a sentence saying why:
+//!
+//! - **Explicit lists** are cut down to the online CPUs. If none of the list
+//!   is online the class gets every online CPU, and the sentence says so.
+//!   Lists do not take CPUs away from anyone.
+//! - **Share classes** (`share` set) are served in slice order from one pool
+//!   that starts as every online CPU. A class takes
+//!   `max(1, round(share × online CPUs))` CPUs; with `smt = "together"` (the
+//!   default) whole SMT cores are taken until that many are reached, so the
+//!   count may round up by a sibling. Which CPUs are taken first:
+//!   - `performance`: highest `cpu_capacity`, then highest max frequency,
+//!     then P-core before other cores before E-core, then lowest number.
+//!   - `efficiency`: exactly the reverse of `performance` (lowest capacity
+//!     and frequency, E-cores first, and the *highest* number first among
+//!     equals, which leaves the low-numbered CPUs together for the rest).
+//!   - `cache`: CPUs whose L3 is largest first (a 7950X3D's V-cache CCD),
+//!     one L3 domain before the next among equal sizes, then `performance`
+//!     order.
+//!   - no preference: lowest number first.
+//!
+//!   A class that finds the pool short gets what is left; one that finds it
+//!   empty gets every online CPU ("too few CPUs to give X its own").
+//! - **Rest classes** (no `share`, no `with`) all get what the share classes
+//!   left in the pool (they share it; `prefer` and `smt` do not matter
+//!   there). When nothing is left they get every online CPU.
+//! - **`with = "other"`** gives the class exactly the other class's CPUs,
+//!   following chains; an unknown name or a cycle is an error. `with` cannot
+//!   be combined with `share`, `prefer` or `smt`.
+//!
+//! No class is ever given an empty set: the worst case is "all online CPUs",
+//! which is what the class would have had without corral.
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, BTreeSet},
+    fmt, io,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Deserialize, de};
+
+use crate::cpus::CpuList;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error(
+        "cannot read the online CPU list {path}: {source}; corral reads the CPU topology from sysfs, \
+         check that it is mounted (normally at /sys)"
+    )]
+    Online { path: PathBuf, source: io::Error },
+    #[error(
+        "{path}: {reason}; that is not what the kernel writes there, check that the sysfs root is right"
+    )]
+    Parse { path: PathBuf, reason: String },
+    #[error("{path} lists no CPUs; check that the sysfs root is right")]
+    NoCpus { path: PathBuf },
+    #[error(
+        "class `{class}`: cpus share = {share} is outside (0, 1]; give the fraction of the CPUs the \
+         class should get, e.g. share = 0.4 for 40%, or leave share out to give it what remains"
+    )]
+    BadShare { class: String, share: f64 },
+    #[error("class `{class}`: cpus with = \"{with}\" names no class; use one of: {known}")]
+    UnknownWith {
+        class: String,
+        with: String,
+        known: String,
+    },
+    #[error(
+        "cpus `with` goes round in a circle ({chain}); let one of these classes choose its own CPUs"
+    )]
+    CyclicWith { chain: String },
+    #[error(
+        "class `{class}`: cpus with = \"{with}\" copies that class's CPUs, so {fields} would be \
+         ignored; remove {fields} or remove with"
+    )]
+    WithConflict {
+        class: String,
+        with: String,
+        fields: String,
+    },
+    #[error("class `{class}` has two cpus settings; keep one")]
+    DuplicateClass { class: String },
+}
+
+/// What kind of core a CPU belongs to on a hybrid (P/E) machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CoreKind {
+    /// Listed in `devices/cpu_core/cpus`.
+    Performance,
+    /// Listed in neither list: not a hybrid machine, or the kernel did not
+    /// say.
+    Uniform,
+    /// Listed in `devices/cpu_atom/cpus`.
+    Efficiency,
+}
+
+/// A last-level (L3) cache and the CPUs that share it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cache {
+    /// Online CPUs sharing this cache (`shared_cpu_list`).
+    pub cpus: CpuList,
+    /// Size in KiB, when the kernel tells.
+    pub size_kib: Option<u64>,
+}
+
+/// What sysfs says about one online CPU. `None` means the file was absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cpu {
+    pub id: u32,
+    pub core_id: Option<u32>,
+    pub package: Option<u32>,
+    /// Online SMT siblings, this CPU included (just this CPU when unknown).
+    pub siblings: CpuList,
+    /// `cpu_capacity` (1024 = the biggest core), mostly on ARM.
+    pub capacity: Option<u32>,
+    pub max_freq_khz: Option<u32>,
+    pub l3: Option<Cache>,
+    pub kind: CoreKind,
+}
+
+/// The online CPUs of one machine and what is known about each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// Never empty ([`Topology::read`] refuses that).
+    online: CpuList,
+    /// One per online CPU, by id.
+    cpus: Vec<Cpu>,
+}
+
+impl Topology {
+    /// Read the topology from the sysfs tree at `sysfs_root` (normally
+    /// `/sys`). Only `devices/system/cpu/online` is required.
+    pub fn read(sysfs_root: &Path) -> Result<Self, TopologyError> {
+        let online_path = sysfs_root.join("devices/system/cpu/online");
+        let text =
+            std::fs::read_to_string(&online_path).map_err(|source| TopologyError::Online {
+                path: online_path.clone(),
+                source,
+            })?;
+        let online = parse_list(&online_path, &text)?;
+        if online.is_empty() {
+            return Err(TopologyError::NoCpus { path: online_path });
+        }
+        let online_set = members(&online);
+
+        let p_cores =
+            optional_list(&sysfs_root.join("devices/cpu_core/cpus"))?.map(|l| members(&l));
+        let e_cores =
+            optional_list(&sysfs_root.join("devices/cpu_atom/cpus"))?.map(|l| members(&l));
+
+        let mut cpus = Vec::with_capacity(online_set.len());
+        for &id in &online_set {
+            let dir = sysfs_root.join(format!("devices/system/cpu/cpu{id}"));
+            let mut siblings: BTreeSet<u32> =
+                match optional_list(&dir.join("topology/thread_siblings_list"))? {
+                    Some(list) => members(&list).intersection(&online_set).copied().collect(),
+                    None => BTreeSet::new(),
+                };
+            siblings.insert(id);
+            let package = optional::<i64>(&dir.join("topology/physical_package_id"))?
+                .and_then(|p| u32::try_from(p).ok());
+            let kind = if p_cores.as_ref().is_some_and(|p| p.contains(&id)) {
+                CoreKind::Performance
+            } else if e_cores.as_ref().is_some_and(|e| e.contains(&id)) {
+                CoreKind::Efficiency
+            } else {
+                CoreKind::Uniform
+            };
+            cpus.push(Cpu {
+                id,
+                core_id: optional(&dir.join("topology/core_id"))?,
+                package,
+                siblings: to_list(siblings),
+                capacity: optional(&dir.join("cpu_capacity"))?,
+                max_freq_khz: optional(&dir.join("cpufreq/cpuinfo_max_freq"))?,
+                l3: read_l3(&dir.join("cache"), &online_set)?,
+                kind,
+            });
+        }
+        Ok(Topology { online, cpus })
+    }
+
+    /// The online CPUs; never empty.
+    pub fn online(&self) -> &CpuList {
+        &self.online
+    }
+
+    /// Every online CPU, by id.
+    pub fn cpus(&self) -> &[Cpu] {
+        &self.cpus
+    }
+
+    pub fn cpu(&self, id: u32) -> Option<&Cpu> {
+        self.cpus
+            .binary_search_by_key(&id, |c| c.id)
+            .ok()
+            .map(|i| &self.cpus[i])
+    }
+
+    /// Whether the kernel reports P-cores and E-cores.
+    pub fn is_hybrid(&self) -> bool {
+        self.cpus.iter().any(|c| c.kind == CoreKind::Efficiency)
+            && self.cpus.iter().any(|c| c.kind == CoreKind::Performance)
+    }
+}
+
+/// The level-3 cache under `cache_dir` (`.../cpuN/cache`), if any.
+fn read_l3(cache_dir: &Path, online: &BTreeSet<u32>) -> Result<Option<Cache>, TopologyError> {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return Ok(None);
+    };
+    let mut indexes: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("index"))
+        .map(|e| e.path())
+        .collect();
+    indexes.sort();
+    for index in indexes {
+        if optional::<u32>(&index.join("level"))? != Some(3) {
+            continue;
+        }
+        let cpus = match optional_list(&index.join("shared_cpu_list"))? {
+            Some(list) => to_list(members(&list).intersection(online).copied()),
+            None => CpuList::default(),
+        };
+        let size_path = index.join("size");
+        let size_kib = match read_optional(&size_path) {
+            Some(text) => Some(parse_size_kib(&text).ok_or_else(|| TopologyError::Parse {
+                path: size_path.clone(),
+                reason: format!(
+                    "`{}` is not a cache size (expected e.g. \"32768K\")",
+                    text.trim()
+                ),
+            })?),
+            None => None,
+        };
+        return Ok(Some(Cache { cpus, size_kib }));
+    }
+    Ok(None)
+}
+
+/// The file's text, or `None` when it cannot be read (absent, or a sysfs
+/// attribute that refuses reads on this machine).
+fn read_optional(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+fn optional<T: FromStr>(path: &Path) -> Result<Option<T>, TopologyError> {
+    let Some(text) = read_optional(path) else {
+        return Ok(None);
+    };
+    text.trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| TopologyError::Parse {
+            path: path.to_path_buf(),
+            reason: format!("`{}` is not a number", text.trim()),
+        })
+}
+
+fn optional_list(path: &Path) -> Result<Option<CpuList>, TopologyError> {
+    read_optional(path)
+        .map(|text| parse_list(path, &text))
+        .transpose()
+}
+
+fn parse_list(path: &Path, text: &str) -> Result<CpuList, TopologyError> {
+    CpuList::parse(text).map_err(|reason| TopologyError::Parse {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// "32768K" → 32768; also takes M and G, and a bare number of bytes.
+fn parse_size_kib(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, scale) = match text.char_indices().last()? {
+        (i, 'K' | 'k') => (&text[..i], 1),
+        (i, 'M' | 'm') => (&text[..i], 1024),
+        (i, 'G' | 'g') => (&text[..i], 1024 * 1024),
+        _ => return text.parse::<u64>().ok().map(|bytes| bytes / 1024),
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(scale)
+}
+
+// `CpuList` keeps its set private and offers no iterator; these go through
+// its kernel-format text, which `Display` always writes as "a-b,c".
+
+/// The CPU numbers in `list`.
+fn members(list: &CpuList) -> BTreeSet<u32> {
+    let mut cpus = BTreeSet::new();
+    for part in list.to_string().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((lo, hi)) => {
+                if let (Ok(lo), Ok(hi)) = (lo.parse::<u32>(), hi.parse::<u32>()) {
+                    cpus.extend(lo..=hi);
+                }
+            }
+            None => {
+                if let Ok(cpu) = part.parse() {
+                    cpus.insert(cpu);
+                }
+            }
+        }
+    }
+    cpus
+}
+
+fn to_list(cpus: impl IntoIterator<Item = u32>) -> CpuList {
+    let text = cpus
+        .into_iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    CpuList::parse(&text).expect("a comma-separated list of u32s always parses")
+}
+
+/// Which CPUs a class would rather have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefer {
+    /// Fastest cores first (capacity, then max frequency, then P before E).
+    Performance,
+    /// Slowest cores first (E-cores on a hybrid machine).
+    Efficiency,
+    /// The largest L3 first (a 7950X3D's V-cache CCD).
+    Cache,
+}
+
+/// Whether a class takes whole SMT cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Smt {
+    /// Take both (all) hardware threads of a core, so another class never
+    /// runs on the sibling of one of ours.
+    #[default]
+    Together,
+    /// Take single hardware threads.
+    Any,
+}
+
+/// A class's core-set intent, as the policy writes it:
+/// `cpus = { share = 0.4, prefer = "performance" }`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intent {
+    /// Fraction of the online CPUs, in (0, 1]. `None`: whatever the share
+    /// classes leave.
+    pub share: Option<f64>,
+    /// Which CPUs to take first. `None`: lowest numbers first.
+    pub prefer: Option<Prefer>,
+    /// `None` means [`Smt::Together`].
+    pub smt: Option<Smt>,
+    /// Use exactly the CPUs of this other class.
+    pub with: Option<String>,
+}
+
+/// A class's `cpus` setting: a list (`"0-7"`) or an [`Intent`] table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CoreSpec {
+    List(CpuList),
+    Intent(Intent),
+}
+
+impl<'de> Deserialize<'de> for CoreSpec {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SpecVisitor;
+
+        impl<'de> de::Visitor<'de> for SpecVisitor {
+            type Value = CoreSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a CPU list such as \"0-7,12\" or a table such as \
+                     { share = 0.4, prefer = \"performance\" }",
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<CoreSpec, E> {
+                let list = CpuList::parse(text).map_err(E::custom)?;
+                if list.is_empty() {
+                    return Err(E::custom(
+                        "an empty CPU list; write the CPUs (e.g. \"0-7\") or leave cpus out",
+                    ));
+                }
+                Ok(CoreSpec::List(list))
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<CoreSpec, A::Error> {
+                Intent::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(CoreSpec::Intent)
+            }
+        }
+
+        deserializer.deserialize_any(SpecVisitor)
+    }
+}
+
+/// One class's CPUs on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub class: String,
+    /// Never empty.
+    pub cpus: CpuList,
+    /// Why these CPUs, for `corral policy show`.
+    pub why: String,
+}
+
+/// Turn every class's [`CoreSpec`] into CPUs on `topo`, in the order given.
+/// The rules are in the module documentation.
+pub fn resolve(
+    classes: &[(String, CoreSpec)],
+    topo: &Topology,
+) -> Result<Vec<Resolved>, TopologyError> {
+    validate(classes)?;
+    let online = members(&topo.online);
+    let total = online.len();
+    let all_online = |class: &str| Resolved {
+        class: class.to_string(),
+        cpus: topo.online.clone(),
+        why: format!(
+            "too few CPUs to give {class} its own; it shares all {total} ({})",
+            topo.online
+        ),
+    };
+    let mut out: Vec<Option<Resolved>> = vec![None; classes.len()];
+
+    // Explicit lists: independent of everyone else.
+    for (slot, (class, spec)) in out.iter_mut().zip(classes) {
+        if let CoreSpec::List(requested) = spec {
+            let (cpus, note) = CpuList::resolve(requested, &topo.online);
+            let why = match note {
+                _ if requested.is_empty() => {
+                    format!("an empty list; all {total} online CPUs ({})", topo.online)
+                }
+                Some(note) => note,
+                None => format!("CPUs {cpus} as listed"),
+            };
+            *slot = Some(Resolved {
+                class: class.clone(),
+                cpus,
+                why,
+            });
+        }
+    }
+
+    // Share classes, in order, from one pool.
+    let mut pool = online.clone();
+    let mut served = Vec::new();
+    for (slot, (class, spec)) in out.iter_mut().zip(classes) {
+        let CoreSpec::Intent(Intent {
+            share: Some(share),
+            prefer,
+            smt,
+            with: None,
+        }) = spec
+        else {
+            continue;
+        };
+        // `share` is in (0, 1] (validated), so this is in 1..=total.
+        let want = ((share * total as f64).round() as usize).max(1);
+        let together = smt.unwrap_or_default() == Smt::Together;
+        let chosen = take(topo, &pool, *prefer, want, together);
+        if chosen.is_empty() {
+            *slot = Some(all_online(class));
+            continue;
+        }
+        pool.retain(|c| !chosen.contains(c));
+        served.push(class.as_str());
+        let count = chosen.len();
+        let amount = match count.cmp(&want) {
+            std::cmp::Ordering::Equal => format!("share {share}"),
+            std::cmp::Ordering::Greater => {
+                format!("share {share} is {want}, rounded up to whole cores")
+            }
+            std::cmp::Ordering::Less => {
+                format!("share {share} is {want}, only {count} were left")
+            }
+        };
+        let order = match prefer {
+            Some(Prefer::Performance) => "performance cores first",
+            Some(Prefer::Efficiency) => "efficiency cores first",
+            Some(Prefer::Cache) => "largest L3 cache first",
+            None => "lowest-numbered CPUs first",
+        };
+        let mut why = format!(
+            "{count} of {total} CPUs ({amount}), {order}: {}",
+            describe(topo, &chosen)
+        );
+        if *prefer == Some(Prefer::Cache) {
+            why.push_str(&describe_l3(topo, &chosen));
+        }
+        *slot = Some(Resolved {
+            class: class.clone(),
+            cpus: to_list(chosen),
+            why,
+        });
+    }
+
+    // Rest classes share what the share classes left.
+    for (slot, (class, spec)) in out.iter_mut().zip(classes) {
+        let CoreSpec::Intent(Intent {
+            share: None,
+            with: None,
+            ..
+        }) = spec
+        else {
+            continue;
+        };
+        *slot = Some(if pool.is_empty() {
+            all_online(class)
+        } else {
+            let why = if served.is_empty() {
+                format!(
+                    "all {total} CPUs, no class takes a share: {}",
+                    describe(topo, &pool)
+                )
+            } else {
+                format!(
+                    "the {} of {total} CPUs left after {}: {}",
+                    pool.len(),
+                    served.join(", "),
+                    describe(topo, &pool)
+                )
+            };
+            Resolved {
+                class: class.clone(),
+                cpus: to_list(pool.iter().copied()),
+                why,
+            }
+        });
+    }
+
+    // `with` classes copy their target, following chains.
+    let index: BTreeMap<&str, usize> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.as_str(), i))
+        .collect();
+    for start in 0..classes.len() {
+        let mut chain = vec![start];
+        let source = loop {
+            let current = chain[chain.len() - 1];
+            if out[current].is_some() {
+                break current;
+            }
+            let CoreSpec::Intent(Intent {
+                with: Some(with), ..
+            }) = &classes[current].1
+            else {
+                unreachable!("every class but `with` ones was resolved above");
+            };
+            let next = index[with.as_str()]; // `validate` checked the name.
+            if chain.contains(&next) {
+                let names: Vec<&str> = chain
+                    .iter()
+                    .skip_while(|&&i| i != next)
+                    .chain([&next])
+                    .map(|&i| classes[i].0.as_str())
+                    .collect();
+                return Err(TopologyError::CyclicWith {
+                    chain: names.join(" → "),
+                });
+            }
+            chain.push(next);
+        };
+        let cpus = out[source]
+            .as_ref()
+            .map(|r| r.cpus.clone())
+            .unwrap_or_default();
+        // Fill the chain back to front, so each names the class it copies.
+        for pair in chain.windows(2).rev() {
+            let (class, target) = (&classes[pair[0]].0, &classes[pair[1]].0);
+            out[pair[0]] = Some(Resolved {
+                class: class.clone(),
+                cpus: cpus.clone(),
+                why: format!("same CPUs as {target}: {cpus}"),
+            });
+        }
+    }
+
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// Errors that do not depend on the machine.
+fn validate(classes: &[(String, CoreSpec)]) -> Result<(), TopologyError> {
+    let mut seen = BTreeSet::new();
+    for (class, _) in classes {
+        if !seen.insert(class.as_str()) {
+            return Err(TopologyError::DuplicateClass {
+                class: class.clone(),
+            });
+        }
+    }
+    for (class, spec) in classes {
+        let CoreSpec::Intent(intent) = spec else {
+            continue;
+        };
+        if let Some(with) = &intent.with {
+            let fields: Vec<&str> = [
+                ("share", intent.share.is_some()),
+                ("prefer", intent.prefer.is_some()),
+                ("smt", intent.smt.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(name, set)| set.then_some(name))
+            .collect();
+            if !fields.is_empty() {
+                return Err(TopologyError::WithConflict {
+                    class: class.clone(),
+                    with: with.clone(),
+                    fields: fields.join(", "),
+                });
+            }
+            if !seen.contains(with.as_str()) {
+                let known: Vec<&str> = seen.iter().copied().filter(|name| name != class).collect();
+                return Err(TopologyError::UnknownWith {
+                    class: class.clone(),
+                    with: with.clone(),
+                    known: if known.is_empty() {
+                        "(none)".into()
+                    } else {
+                        known.join(", ")
+                    },
+                });
+            }
+        }
+        if let Some(share) = intent.share
+            && !(share > 0.0 && share <= 1.0)
+        {
+            return Err(TopologyError::BadShare {
+                class: class.clone(),
+                share,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Up to `want` CPUs from `pool` in `prefer` order; with `together`, whole
+/// cores (the part of each core still in the pool) until `want` is reached.
+fn take(
+    topo: &Topology,
+    pool: &BTreeSet<u32>,
+    prefer: Option<Prefer>,
+    want: usize,
+    together: bool,
+) -> BTreeSet<u32> {
+    let mut chosen = BTreeSet::new();
+    for id in ranked(topo, prefer)
+        .into_iter()
+        .filter(|c| pool.contains(c))
+    {
+        if chosen.len() >= want {
+            break;
+        }
+        if chosen.contains(&id) {
+            continue;
+        }
+        if together {
+            let core = topo
+                .cpu(id)
+                .map(|c| members(&c.siblings))
+                .unwrap_or_default();
+            chosen.extend(core.intersection(pool).copied());
+        }
+        chosen.insert(id);
+    }
+    chosen
+}
+
+/// Every online CPU, the preferred first.
+fn ranked(topo: &Topology, prefer: Option<Prefer>) -> Vec<u32> {
+    let performance = |c: &Cpu| {
+        let kind = match c.kind {
+            CoreKind::Performance => 0,
+            CoreKind::Uniform => 1,
+            CoreKind::Efficiency => 2,
+        };
+        (
+            Reverse(c.capacity.unwrap_or(0)),
+            Reverse(c.max_freq_khz.unwrap_or(0)),
+            kind,
+            c.id,
+        )
+    };
+    let mut cpus: Vec<&Cpu> = topo.cpus.iter().collect();
+    match prefer {
+        None => cpus.sort_by_key(|c| c.id),
+        Some(Prefer::Performance) => cpus.sort_by_key(|c| performance(c)),
+        Some(Prefer::Efficiency) => cpus.sort_by_key(|c| Reverse(performance(c))),
+        Some(Prefer::Cache) => cpus.sort_by_key(|c| {
+            let l3 = c.l3.as_ref();
+            let size = l3.and_then(|l| l.size_kib).unwrap_or(0);
+            // Keep one L3 domain together before the next of the same size.
+            let domain = l3
+                .and_then(|l| members(&l.cpus).first().copied())
+                .unwrap_or(c.id);
+            (Reverse(size), domain, performance(c))
+        }),
+    }
+    cpus.into_iter().map(|c| c.id).collect()
+}
+
+/// "P-cores 0-7 + E-cores 16-19" on a hybrid machine, else "CPUs 0-3".
+fn describe(topo: &Topology, cpus: &BTreeSet<u32>) -> String {
+    if !topo.is_hybrid() {
+        return format!("CPUs {}", to_list(cpus.iter().copied()));
+    }
+    let of_kind = |kind: CoreKind| {
+        to_list(
+            cpus.iter()
+                .copied()
+                .filter(|&id| topo.cpu(id).map(|c| c.kind) == Some(kind)),
+        )
+    };
+    [
+        ("P-cores", of_kind(CoreKind::Performance)),
+        ("other CPUs", of_kind(CoreKind::Uniform)),
+        ("E-cores", of_kind(CoreKind::Efficiency)),
+    ]
+    .into_iter()
+    .filter(|(_, list)| !list.is_empty())
+    .map(|(name, list)| format!("{name} {list}"))
+    .collect::<Vec<_>>()
+    .join(" + ")
+}
+
+/// " (L3 96 MiB)" naming the L3 sizes the CPUs sit under, or "".
+fn describe_l3(topo: &Topology, cpus: &BTreeSet<u32>) -> String {
+    let sizes: BTreeSet<Reverse<u64>> = cpus
+        .iter()
+        .filter_map(|&id| topo.cpu(id)?.l3.as_ref()?.size_kib)
+        .map(Reverse)
+        .collect();
+    if sizes.is_empty() {
+        return String::new();
+    }
+    let sizes: Vec<String> = sizes
+        .into_iter()
+        .map(|Reverse(kib)| {
+            if kib % 1024 == 0 {
+                format!("{} MiB", kib / 1024)
+            } else {
+                format!("{kib} KiB")
+            }
+        })
+        .collect();
+    format!(" (L3 {})", sizes.join(" + "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Topology {
+        let root =
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sysfs")).join(name);
+        Topology::read(&root).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn intent(share: Option<f64>, prefer: Option<Prefer>, with: Option<&str>) -> CoreSpec {
+        CoreSpec::Intent(Intent {
+            share,
+            prefer,
+            smt: None,
+            with: with.map(str::to_string),
+        })
+    }
+
+    /// corral's default: game 0.4 performance, render 0.2 efficiency, dev
+    /// the rest, ai with render.
+    fn defaults(game: CoreSpec) -> Vec<(String, CoreSpec)> {
+        vec![
+            ("game".into(), game),
+            (
+                "render".into(),
+                intent(Some(0.2), Some(Prefer::Efficiency), None),
+            ),
+            ("dev".into(), intent(None, None, None)),
+            ("ai".into(), intent(None, None, Some("render"))),
+        ]
+    }
+
+    fn default_game() -> CoreSpec {
+        intent(Some(0.4), Some(Prefer::Performance), None)
+    }
+
+    /// "class=cpus" for each class, in order.
+    fn summary(resolved: &[Resolved]) -> Vec<String> {
+        resolved
+            .iter()
+            .map(|r| format!("{}={}", r.class, r.cpus))
+            .collect()
+    }
+
+    fn list(text: &str) -> CpuList {
+        CpuList::parse(text).unwrap()
+    }
+
+    #[test]
+    fn reads_hybrid_topology() {
+        let topo = fixture("hybrid-20");
+        assert_eq!(topo.online().to_string(), "0-19");
+        assert!(topo.is_hybrid());
+        let p = topo.cpu(3).unwrap();
+        assert_eq!(p.kind, CoreKind::Performance);
+        assert_eq!(p.siblings.to_string(), "2-3");
+        assert_eq!(p.core_id, Some(4));
+        assert_eq!(p.package, Some(0));
+        assert_eq!(p.capacity, Some(1024));
+        assert_eq!(p.max_freq_khz, Some(5_100_000));
+        assert_eq!(
+            p.l3,
+            Some(Cache {
+                cpus: list("0-19"),
+                size_kib: Some(24576)
+            })
+        );
+        let e = topo.cpu(17).unwrap();
+        assert_eq!(e.kind, CoreKind::Efficiency);
+        assert_eq!(e.siblings.to_string(), "17");
+        assert_eq!(e.max_freq_khz, Some(3_900_000));
+    }
+
+    #[test]
+    fn reads_x3d_topology() {
+        let topo = fixture("x3d-7950");
+        assert!(!topo.is_hybrid());
+        let vcache = topo.cpu(17).unwrap();
+        assert_eq!(vcache.siblings.to_string(), "1,17");
+        assert_eq!(vcache.l3.as_ref().unwrap().size_kib, Some(98304));
+        assert_eq!(vcache.l3.as_ref().unwrap().cpus.to_string(), "0-7,16-23");
+        assert_eq!(vcache.capacity, None);
+        assert_eq!(
+            topo.cpu(9).unwrap().l3.as_ref().unwrap().size_kib,
+            Some(32768)
+        );
+    }
+
+    #[test]
+    fn reads_a_vm_with_only_the_online_file() {
+        let topo = fixture("vm-2");
+        assert_eq!(topo.cpus().len(), 2);
+        let cpu = topo.cpu(1).unwrap();
+        assert_eq!(cpu.siblings.to_string(), "1");
+        assert_eq!(
+            (cpu.core_id, cpu.capacity, cpu.max_freq_khz),
+            (None, None, None)
+        );
+        assert_eq!((cpu.l3.as_ref(), cpu.kind), (None, CoreKind::Uniform));
+    }
+
+    #[test]
+    fn hybrid_defaults() {
+        let topo = fixture("hybrid-20");
+        let resolved = resolve(&defaults(default_game()), &topo).unwrap();
+        assert_eq!(
+            summary(&resolved),
+            ["game=0-7", "render=16-19", "dev=8-15", "ai=16-19"]
+        );
+        assert_eq!(
+            resolved[0].why,
+            "8 of 20 CPUs (share 0.4), performance cores first: P-cores 0-7"
+        );
+        assert_eq!(
+            resolved[1].why,
+            "4 of 20 CPUs (share 0.2), efficiency cores first: E-cores 16-19"
+        );
+        assert_eq!(
+            resolved[2].why,
+            "the 8 of 20 CPUs left after game, render: P-cores 8-11 + E-cores 12-15"
+        );
+        assert_eq!(resolved[3].why, "same CPUs as render: 16-19");
+    }
+
+    #[test]
+    fn x3d_game_gets_the_vcache_ccd() {
+        let topo = fixture("x3d-7950");
+        let game = intent(Some(0.25), Some(Prefer::Cache), None);
+        let resolved = resolve(&defaults(game), &topo).unwrap();
+        // render: 6 of 32, slowest CCD (the V-cache one), highest numbers
+        // first; dev: everything else.
+        assert_eq!(
+            summary(&resolved),
+            [
+                "game=0-3,16-19",
+                "render=5-7,21-23",
+                "dev=4,8-15,20,24-31",
+                "ai=5-7,21-23"
+            ]
+        );
+        assert_eq!(
+            resolved[0].why,
+            "8 of 32 CPUs (share 0.25), largest L3 cache first: CPUs 0-3,16-19 (L3 96 MiB)"
+        );
+        // With `performance`, the higher-clocked CCD wins instead; 0.4 of
+        // 32 is 13, rounded up to 7 whole cores.
+        let resolved = resolve(&defaults(default_game()), &topo).unwrap();
+        assert_eq!(resolved[0].cpus.to_string(), "8-14,24-30");
+    }
+
+    #[test]
+    fn laptop_keeps_smt_pairs_together() {
+        let topo = fixture("laptop-4");
+        let resolved = resolve(&defaults(default_game()), &topo).unwrap();
+        // game wants round(1.6) = 2: core 0 (CPUs 0,2). render wants 1 and
+        // gets the whole other core (1,3). Nothing is left for dev.
+        assert_eq!(
+            summary(&resolved),
+            ["game=0,2", "render=1,3", "dev=0-3", "ai=1,3"]
+        );
+        assert_eq!(
+            resolved[1].why,
+            "2 of 4 CPUs (share 0.2 is 1, rounded up to whole cores), efficiency cores first: CPUs 1,3"
+        );
+        assert_eq!(
+            resolved[2].why,
+            "too few CPUs to give dev its own; it shares all 4 (0-3)"
+        );
+
+        // smt = "any" takes single threads.
+        let mut classes = defaults(default_game());
+        classes[1].1 = CoreSpec::Intent(Intent {
+            share: Some(0.2),
+            prefer: Some(Prefer::Efficiency),
+            smt: Some(Smt::Any),
+            with: None,
+        });
+        let resolved = resolve(&classes, &topo).unwrap();
+        assert_eq!(
+            summary(&resolved),
+            ["game=0,2", "render=3", "dev=1", "ai=3"]
+        );
+    }
+
+    #[test]
+    fn vm_gives_every_class_something() {
+        let topo = fixture("vm-2");
+        let resolved = resolve(&defaults(default_game()), &topo).unwrap();
+        assert_eq!(
+            summary(&resolved),
+            ["game=0", "render=1", "dev=0-1", "ai=1"]
+        );
+        assert!(resolved.iter().all(|r| !r.cpus.is_empty()));
+    }
+
+    #[test]
+    fn share_class_finding_the_pool_empty_shares_all() {
+        let topo = fixture("vm-2");
+        let classes = vec![
+            ("a".to_string(), intent(Some(1.0), None, None)),
+            ("b".to_string(), intent(Some(0.1), None, None)),
+        ];
+        let resolved = resolve(&classes, &topo).unwrap();
+        assert_eq!(summary(&resolved), ["a=0-1", "b=0-1"]);
+        assert_eq!(
+            resolved[1].why,
+            "too few CPUs to give b its own; it shares all 2 (0-1)"
+        );
+    }
+
+    #[test]
+    fn explicit_list_partly_off_machine_keeps_what_exists() {
+        let topo = fixture("laptop-4");
+        let classes = vec![
+            ("game".to_string(), CoreSpec::List(list("2-7"))),
+            ("dev".to_string(), intent(None, None, None)),
+        ];
+        let resolved = resolve(&classes, &topo).unwrap();
+        // Lists do not take from the pool: dev still gets everything.
+        assert_eq!(summary(&resolved), ["game=2-3", "dev=0-3"]);
+        assert!(
+            resolved[0].why.contains("only 2-3 exist"),
+            "{}",
+            resolved[0].why
+        );
+    }
+
+    #[test]
+    fn explicit_list_fully_off_machine_uses_all_online() {
+        let topo = fixture("vm-2");
+        let classes = vec![("render".to_string(), CoreSpec::List(list("16-19")))];
+        let resolved = resolve(&classes, &topo).unwrap();
+        assert_eq!(summary(&resolved), ["render=0-1"]);
+        assert!(
+            resolved[0].why.contains("using all online CPUs"),
+            "{}",
+            resolved[0].why
+        );
+    }
+
+    #[test]
+    fn missing_online_file_names_the_path() {
+        let root = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/sysfs/no-such-machine"
+        ));
+        let err = Topology::read(root).unwrap_err().to_string();
+        assert!(
+            err.contains("no-such-machine/devices/system/cpu/online"),
+            "{err}"
+        );
+        assert!(err.contains("check that it is mounted"), "{err}");
+    }
+
+    #[test]
+    fn with_unknown_class_is_an_error() {
+        let topo = fixture("vm-2");
+        let classes = vec![
+            ("game".to_string(), default_game()),
+            ("ai".to_string(), intent(None, None, Some("rendr"))),
+        ];
+        let err = resolve(&classes, &topo).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "class `ai`: cpus with = \"rendr\" names no class; use one of: game"
+        );
+    }
+
+    #[test]
+    fn with_follows_chains_and_rejects_cycles() {
+        let topo = fixture("hybrid-20");
+        let classes = vec![
+            ("a".to_string(), intent(None, None, Some("b"))),
+            ("b".to_string(), intent(None, None, Some("c"))),
+            ("c".to_string(), CoreSpec::List(list("4-5"))),
+        ];
+        let resolved = resolve(&classes, &topo).unwrap();
+        assert_eq!(summary(&resolved), ["a=4-5", "b=4-5", "c=4-5"]);
+        assert_eq!(resolved[0].why, "same CPUs as b: 4-5");
+
+        let classes = vec![
+            ("x".to_string(), default_game()),
+            ("a".to_string(), intent(None, None, Some("b"))),
+            ("b".to_string(), intent(None, None, Some("a"))),
+        ];
+        let err = resolve(&classes, &topo).unwrap_err().to_string();
+        assert!(err.contains("(a → b → a)"), "{err}");
+        let classes = vec![("a".to_string(), intent(None, None, Some("a")))];
+        assert!(resolve(&classes, &topo).is_err());
+    }
+
+    #[test]
+    fn bad_settings_are_errors() {
+        let topo = fixture("vm-2");
+        for share in [0.0, -0.5, 1.5, f64::NAN] {
+            let classes = vec![("game".to_string(), intent(Some(share), None, None))];
+            let err = resolve(&classes, &topo).unwrap_err();
+            assert!(
+                matches!(err, TopologyError::BadShare { .. }),
+                "{share}: {err}"
+            );
+        }
+        let classes = vec![
+            ("render".to_string(), intent(None, None, None)),
+            ("ai".to_string(), intent(Some(0.5), None, Some("render"))),
+        ];
+        let err = resolve(&classes, &topo).unwrap_err().to_string();
+        assert!(err.contains("so share would be ignored"), "{err}");
+        let classes = vec![
+            ("dev".to_string(), intent(None, None, None)),
+            ("dev".to_string(), intent(None, None, None)),
+        ];
+        assert!(matches!(
+            resolve(&classes, &topo),
+            Err(TopologyError::DuplicateClass { .. })
+        ));
+    }
+
+    #[test]
+    fn rest_classes_share_the_rest() {
+        let topo = fixture("hybrid-20");
+        let classes = vec![
+            ("dev".to_string(), intent(None, None, None)),
+            ("game".to_string(), default_game()),
+            (
+                "build".to_string(),
+                intent(None, Some(Prefer::Performance), None),
+            ),
+        ];
+        let resolved = resolve(&classes, &topo).unwrap();
+        assert_eq!(summary(&resolved), ["dev=8-19", "game=0-7", "build=8-19"]);
+        let alone = vec![("dev".to_string(), intent(None, None, None))];
+        let resolved = resolve(&alone, &topo).unwrap();
+        assert_eq!(resolved[0].cpus.to_string(), "0-19");
+        assert_eq!(
+            resolved[0].why,
+            "all 20 CPUs, no class takes a share: P-cores 0-11 + E-cores 12-19"
+        );
+    }
+
+    #[test]
+    fn malformed_sysfs_file_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("corral-topology-{}", std::process::id()));
+        let cpu0 = dir.join("devices/system/cpu/cpu0/topology");
+        std::fs::create_dir_all(&cpu0).unwrap();
+        std::fs::write(dir.join("devices/system/cpu/online"), "0\n").unwrap();
+        std::fs::write(cpu0.join("core_id"), "zero\n").unwrap();
+        let err = Topology::read(&dir).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            err.contains("cpu0/topology/core_id: `zero` is not a number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cache_sizes_parse() {
+        assert_eq!(parse_size_kib("32768K\n"), Some(32768));
+        assert_eq!(parse_size_kib("96M"), Some(98304));
+        assert_eq!(parse_size_kib("1G"), Some(1024 * 1024));
+        assert_eq!(parse_size_kib("2048"), Some(2));
+        assert_eq!(parse_size_kib("K"), None);
+        assert_eq!(parse_size_kib(""), None);
+    }
+
+    #[test]
+    fn deserializes_from_the_policy_file() {
+        #[derive(Deserialize)]
+        struct Class {
+            cpus: CoreSpec,
+        }
+        let parse = |text: &str| toml::from_str::<Class>(text).map(|c| c.cpus);
+        assert_eq!(
+            parse("cpus = { share = 0.4, prefer = \"performance\" }").unwrap(),
+            intent(Some(0.4), Some(Prefer::Performance), None)
+        );
+        assert_eq!(
+            parse("cpus = { with = \"render\", smt = \"any\" }").unwrap(),
+            CoreSpec::Intent(Intent {
+                smt: Some(Smt::Any),
+                with: Some("render".into()),
+                ..Intent::default()
+            })
+        );
+        assert_eq!(parse("cpus = {}").unwrap(), intent(None, None, None));
+        assert_eq!(
+            parse("cpus = \"0-3,8\"").unwrap(),
+            CoreSpec::List(list("0-3,8"))
+        );
+        let err = parse("cpus = { share = 0.4, prefered = \"cache\" }")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `prefered`"), "{err}");
+        let err = parse("cpus = { prefer = \"fast\" }")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `fast`"), "{err}");
+        let err = parse("cpus = \"0-x\"").unwrap_err().to_string();
+        assert!(err.contains("is not a CPU number"), "{err}");
+        assert!(
+            parse("cpus = \"\"")
+                .unwrap_err()
+                .to_string()
+                .contains("an empty CPU list")
+        );
+        assert!(parse("cpus = 4").is_err());
+    }
+}

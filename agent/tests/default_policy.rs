@@ -92,7 +92,7 @@ fn default_policy_classifies_recorded_chains() {
 
     let mut mismatches = Vec::new();
     for case in &cases {
-        let decision = classify_chain(&policy, &case.chain);
+        let decision = classify_chain(&policy, None, &case.chain);
         // Shown with `cargo test -- --nocapture`: which rule decided each chain.
         println!(
             "{:<40} {:<7} {}{}",
@@ -126,32 +126,42 @@ fn default_policy_classifies_recorded_chains() {
     );
 }
 
+/// What the shipped default resolves to on a checked-in sysfs fixture.
+fn resolved_on(fixture: &str) -> BTreeMap<String, String> {
+    let root = format!("{}/tests/fixtures/sysfs/{fixture}", env!("CARGO_MANIFEST_DIR"));
+    let topology = corral::topology::Topology::read(std::path::Path::new(&root)).unwrap();
+    policy()
+        .resolve_cpus(&topology)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.class, r.cpus.to_string()))
+        .collect()
+}
+
 #[test]
 fn default_policy_class_cpus_match_the_reference_machine() {
     let policy = policy();
-    let cpus = |class: &str| {
-        let c = policy
-            .classes
-            .get(class)
-            .unwrap_or_else(|| panic!("no class `{class}`"));
-        c.cpus.as_ref().map(|l| l.to_string())
+    let on_reference = resolved_on("hybrid-20");
+    let expected = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(c, l)| (c.to_string(), l.to_string())).collect()
     };
+    // The seed's plan: 0-7 game, 8-15 dev, 16-19 render (ai shares render's).
     assert_eq!(
-        policy.classes["game"].cpus.as_ref().unwrap().to_string(),
-        "0-7"
+        on_reference,
+        expected(&[("game", "0-7"), ("dev", "8-15"), ("render", "16-19"), ("ai", "16-19")])
+    );
+    // Other machines: never an empty set, SMT siblings together.
+    assert_eq!(
+        resolved_on("vm-2"),
+        expected(&[("game", "0"), ("dev", "0-1"), ("render", "1"), ("ai", "1")])
     );
     assert_eq!(
-        policy.classes["dev"].cpus.as_ref().unwrap().to_string(),
-        "8-15"
+        resolved_on("laptop-4"),
+        expected(&[("game", "0,2"), ("dev", "0-3"), ("render", "1,3"), ("ai", "1,3")])
     );
-    assert_eq!(
-        policy.classes["render"].cpus.as_ref().unwrap().to_string(),
-        "16-19"
-    );
-    // ai shares the render cores on the reference machine.
-    assert_eq!(cpus("ai").as_deref(), Some("16-19"));
+    let x3d = resolved_on("x3d-7950");
+    assert!(x3d.values().all(|cpus| !cpus.is_empty()), "{x3d:?}");
     // system is never moved.
-    assert_eq!(cpus("system"), None);
     assert!(!policy.classes["system"].is_managed());
 
     let weights: BTreeMap<&str, u32> = CLASSES

@@ -62,7 +62,10 @@ pub struct Agent {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub cgroup_root: PathBuf,
+    /// The base policy file.
     pub policy: PathBuf,
+    /// The override file the agent watches (absent until a test writes it).
+    pub override_file: PathBuf,
 }
 
 impl Agent {
@@ -78,12 +81,15 @@ impl Agent {
         let policy = dir.join("policy.toml");
         std::fs::write(&policy, policy_text)?;
         let socket = dir.join("control.sock");
+        let override_file = dir.join("override.toml");
         let cgroup_root = cgroup2_mount().join(format!("corral-test-{name}-{}", std::process::id()));
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let child = Command::new(corral_bin())
             .arg("run")
             .arg("--policy")
             .arg(&policy)
+            .arg("--override")
+            .arg(&override_file)
             .arg("--cgroup-root")
             .arg(&cgroup_root)
             .arg("--socket")
@@ -94,7 +100,7 @@ impl Agent {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", corral_bin().display()))?;
-        let mut agent = Agent { child, dir, socket, cgroup_root, policy };
+        let mut agent = Agent { child, dir, socket, cgroup_root, policy, override_file };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if agent.corral(&["status", "--json"]).is_ok() {
@@ -125,6 +131,21 @@ impl Agent {
             bail!("corral {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// The status of one class from `corral status --json`.
+    pub fn class_status(&self, class: &str) -> serde_json::Value {
+        let status = self.status().expect("status");
+        status["classes"]
+            .as_array()
+            .and_then(|classes| classes.iter().find(|c| c["class"] == class).cloned())
+            .unwrap_or_else(|| panic!("no class {class} in {status}"))
     }
 
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
@@ -211,6 +232,14 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     check()
+}
+
+/// Writes `text` to `path` the way an editor saving in place does, with
+/// permissions corral accepts.
+pub fn write_file(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write policy");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
 }
 
 /// Copies a system program under a new name, so a policy can match it by

@@ -14,6 +14,7 @@ fn offline_classifier_prints_one_json_line_per_chain() {
         .arg(&fixture)
         .arg("--policy")
         .arg(repo_root().join("policies/default.toml"))
+        .arg("--no-override")
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

@@ -80,28 +80,44 @@ pub fn run(command: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Integration test files run again in the VM.
+const VM_TESTS: &[&str] = &["agent", "reload"];
+
 /// Builds the integration tests here and runs them in the VM, where the
 /// cpuset controller exists; CORRAL_REQUIRE_CPUSET=1 makes its absence a
 /// failure.
 pub fn test_tier() -> anyhow::Result<()> {
     let output = Command::new("cargo")
-        .args(["test", "-p", "corral-tests", "--test", "agent", "--no-run", "--message-format=json"])
+        .args(["test", "-p", "corral-tests", "--tests", "--no-run", "--message-format=json"])
         .output()?;
     if !output.status.success() {
         bail!("building the integration tests failed: {}", String::from_utf8_lossy(&output.stderr));
     }
-    let binary = String::from_utf8_lossy(&output.stdout)
+    // The tests that place processes: those whose core sets only a cgroup
+    // v2 cpuset controller can show.
+    let binaries: Vec<String> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "agent")
-        .find_map(|m| m["executable"].as_str().map(str::to_owned))
-        .ok_or_else(|| anyhow!("no test executable for tests/agent.rs"))?;
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && VM_TESTS.iter().any(|name| m["target"]["name"] == *name)
+        })
+        .filter_map(|m| m["executable"].as_str().map(str::to_owned))
+        .collect();
+    if binaries.len() != VM_TESTS.len() {
+        bail!("expected test executables for {VM_TESTS:?}, found {binaries:?}");
+    }
+    let runs: Vec<String> = binaries
+        .iter()
+        .map(|b| format!("CORRAL_REQUIRE_CPUSET=1 {b} --test-threads=1 || fail=1"))
+        .collect();
     let log = repo_root().join("target/vm-test.log");
     let _ = std::fs::remove_file(&log);
-    println!("VM tier: booting a cgroup-v2-only kernel (TCG, ~1 min) to run {binary}");
+    println!("VM tier: booting a cgroup-v2-only kernel (TCG, ~2 min) to run {VM_TESTS:?}");
     let command = format!(
-        "(mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; \
-         CORRAL_REQUIRE_CPUSET=1 {binary} --test-threads=1; echo \"exit=$?\") > {log} 2>&1",
+        "(fail=0; mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; \
+         {runs}; echo \"exit=$fail\") > {log} 2>&1",
+        runs = runs.join("; "),
         log = log.display()
     );
     let result = run(&command);
