@@ -459,9 +459,10 @@ fn policy_test_chains(
         let input: ChainInput = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: not a chain object", procs.display(), number + 1))?;
         let d = classify::classify_chain(policy, ananicy, &input.chain);
+        let id = input.id.as_str().map_or_else(|| input.id.to_string(), str::to_owned);
         match cpus_of(&d.class) {
-            Some(cpus) => println!("{}: {} (cpus {cpus}) by {}", input.id, d.class, d.rule),
-            None => println!("{}: {} (left alone) by {}", input.id, d.class, d.rule),
+            Some(cpus) => println!("{id}: {} (cpus {cpus}) by {}", d.class, d.rule),
+            None => println!("{id}: {} (left alone) by {}", d.class, d.rule),
         }
     }
     Ok(())

@@ -16,6 +16,12 @@ use crate::setup::repo_root;
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
+    /// Time from a policy file write to every affected process re-placed.
+    Reload {
+        /// Tracked processes the edit re-classifies.
+        #[arg(long, default_value_t = 1000)]
+        processes: u32,
+    },
     /// Exec-to-placement latency under an exec storm.
     Exec {
         /// Processes started per second.
@@ -35,6 +41,7 @@ pub enum Bench {
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
+        Bench::Reload { processes } => reload(processes),
         Bench::Exec { rate, count, life_ms, agent_args } => exec(rate, count, life_ms, &agent_args),
     }
 }
@@ -121,16 +128,12 @@ fn corral(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8(output.stdout)?)
 }
 
-fn exec(rate: u32, count: u32, life_ms: u32, agent_args: &[String]) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("corral-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+/// Starts the release agent on `policy_text` in a scratch directory and
+/// waits until it answers.
+fn start_agent(dir: &Path, policy_text: &str, agent_args: &[String]) -> anyhow::Result<AgentRun> {
+    std::fs::create_dir_all(dir)?;
     let policy = dir.join("bench.toml");
-    std::fs::write(
-        &policy,
-        "[classes.game]\ncpus = \"0\"\ncpu_weight = 1000\n\n[[rules]]\nname = \"bench-game\"\nclass = \"game\"\nexe = [\"*/corral-bench-game\"]\n",
-    )?;
-    let program = dir.join("corral-bench-game");
-    std::fs::copy("/bin/sleep", &program).context("copying /bin/sleep")?;
+    std::fs::write(&policy, policy_text)?;
     let socket = dir.join("control.sock");
     let cgroup_root = cgroup2_mount()?.join(format!("corral-bench-{}", std::process::id()));
     let log = std::fs::File::create(dir.join("agent.log"))?;
@@ -142,11 +145,12 @@ fn exec(rate: u32, count: u32, life_ms: u32, agent_args: &[String]) -> anyhow::R
         .arg(&cgroup_root)
         .arg("--socket")
         .arg(&socket)
+        .arg("--override")
+        .arg(dir.join("override.toml"))
         .args(agent_args)
         .env("RUST_LOG", "warn")
         .stderr(log)
         .spawn()?;
-    let agent_pid = child.id();
     let agent = AgentRun { child, socket, cgroup_root };
     let deadline = Instant::now() + Duration::from_secs(30);
     while corral(&agent.socket, &["status", "--json"]).is_err() {
@@ -155,6 +159,19 @@ fn exec(rate: u32, count: u32, life_ms: u32, agent_args: &[String]) -> anyhow::R
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(agent)
+}
+
+fn exec(rate: u32, count: u32, life_ms: u32, agent_args: &[String]) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("corral-bench-{}", std::process::id()));
+    let agent = start_agent(
+        &dir,
+        "[classes.game]\ncpus = \"0\"\ncpu_weight = 1000\n\n[[rules]]\nname = \"bench-game\"\nclass = \"game\"\nexe = [\"*/corral-bench-game\"]\n",
+        agent_args,
+    )?;
+    let agent_pid = agent.child.id();
+    let program = dir.join("corral-bench-game");
+    std::fs::copy("/bin/sleep", &program).context("copying /bin/sleep")?;
 
     let (cpu_before, _, _) = usage(agent_pid)?;
     let life = format!("{:.3}", life_ms as f64 / 1000.0);
@@ -243,6 +260,83 @@ fn exec(rate: u32, count: u32, life_ms: u32, agent_args: &[String]) -> anyhow::R
         rss_kib as f64 / 1024.0,
         hwm_kib as f64 / 1024.0
     );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC ns, the clock the agent stamps its reloads with.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn reload(processes: u32) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("corral-bench-reload-{}", std::process::id()));
+    let agent = start_agent(
+        &dir,
+        "[classes.game]\ncpus = \"0\"\n\n[classes.dev]\ncpus = \"0\"\n\n[[rules]]\nname = \"tool\"\nclass = \"dev\"\nexe = [\"*/corral-bench-tool\"]\n",
+        &[],
+    )?;
+    let program = dir.join("corral-bench-tool");
+    std::fs::copy("/bin/sleep", &program).context("copying /bin/sleep")?;
+    let mut children: Vec<Child> = (0..processes)
+        .map(|_| Command::new(&program).arg("300").spawn())
+        .collect::<Result<_, _>>()?;
+    let mount = cgroup2_mount()?;
+    let group = |class: &str| format!("/{}", agent.cgroup_root.join(class).strip_prefix(&mount).unwrap_or(Path::new("")).display());
+    let (dev, game) = (group("dev"), group("game"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !children.iter().all(|c| cgroup_of(c.id()) == dev) {
+        if Instant::now() > deadline {
+            bail!("the {processes} processes were not all placed in dev");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = monotonic_ns();
+    std::fs::write(
+        dir.join("override.toml"),
+        "[[rules]]\nname = \"tool\"\nclass = \"game\"\nexe = [\"*/corral-bench-tool\"]\n",
+    )?;
+    let wrote = monotonic_ns();
+    let status = loop {
+        let status: serde_json::Value = serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
+        if status["last_reload"]["finished_ns"].as_u64().is_some_and(|t| t > before) {
+            break status;
+        }
+        if monotonic_ns() - wrote > 10_000_000_000 {
+            bail!("no reload within 10 s of the write");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let reload = &status["last_reload"];
+    let finished = reload["finished_ns"].as_u64().unwrap_or(0);
+    let misplaced = children.iter().filter(|c| cgroup_of(c.id()) != game).count();
+    println!("bench reload: {processes} tracked processes re-classified by one policy edit");
+    println!(
+        "  file write -> all moves done: {:.1} ms (of which the reload itself: {:.1} ms; the agent waits {} ms for the editor to finish writing)",
+        (finished.saturating_sub(wrote)) as f64 / 1e6,
+        reload["duration_us"].as_u64().unwrap_or(0) as f64 / 1e3,
+        20
+    );
+    println!(
+        "  re-classified {}, moved {}, still in the old group afterwards: {misplaced}",
+        reload["reclassified"], reload["moves"]
+    );
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
