@@ -6,10 +6,10 @@ use std::path::Path;
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, trace_point::TracePointLinkId},
 };
-use corral_common::{ProcEvent, TracepointLayout, counter};
+use corral_common::{CLASS_SLOTS, ClassStats, ProcEvent, RUNQ_BUCKETS, SchedLayout, TracepointLayout, counter};
 
 /// The object built from `ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/corral"));
@@ -24,12 +24,32 @@ const TRACEPOINTS: &[(&str, &str)] = &[
     ("sched", "sched_process_exit"),
 ];
 
+/// The scheduling telemetry programs; attached only while the policy
+/// wants telemetry, so switched off they cost nothing.
+const TELEMETRY: &[(&str, &str)] = &[
+    ("sched", "sched_wakeup"),
+    ("sched", "sched_wakeup_new"),
+    ("sched", "sched_switch"),
+];
+
 /// Loaded, attached programs and the maps the agent reads.
 pub struct Tracer {
     /// Owns the programs and their links; dropping it detaches them.
-    pub ebpf: Ebpf,
-    pub events: RingBuf<MapData>,
-    pub counters: PerCpuArray<MapData, u64>,
+    ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    class_of: BpfHashMap<MapData, u64, u32>,
+    class_stats: PerCpuArray<MapData, ClassStats>,
+    telemetry: Vec<(&'static str, TracePointLinkId)>,
+}
+
+/// One class slot's scheduling statistics, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SchedStats {
+    pub oncpu_ns: u64,
+    pub runq_count: u64,
+    pub runq_sum_ns: u64,
+    /// Bucket i: waits in [2^i, 2^(i+1)) µs.
+    pub runq_hist: Vec<u64>,
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -43,13 +63,16 @@ pub struct KernelCounters {
 }
 
 impl Tracer {
-    /// Loads and attaches everything. `ring_bytes` must be a power of two
-    /// multiple of the page size.
-    pub fn load(ring_bytes: u32) -> anyhow::Result<Self> {
+    /// Loads everything and attaches the process programs. `ring_bytes`
+    /// must be a power of two multiple of the page size. Returns the ring
+    /// buffer of process events separately, for the event loop to poll.
+    pub fn load(ring_bytes: u32) -> anyhow::Result<(Self, RingBuf<MapData>)> {
         ensure_tracefs()?;
         let layout = layout_from_tracefs(Path::new(TRACEFS))?;
+        let sched_layout = sched_layout_from_tracefs(Path::new(TRACEFS))?;
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &layout, true)
+            .override_global("SCHED_LAYOUT", &sched_layout, true)
             .map_max_entries("EVENTS", ring_bytes)
             .load(OBJECT)
             .context("loading the eBPF object (are you root, with BPF enabled in the kernel?)")?;
@@ -71,11 +94,108 @@ impl Tracer {
             ebpf.take_map("COUNTERS")
                 .ok_or_else(|| anyhow!("COUNTERS map missing"))?,
         )?;
-        Ok(Tracer {
+        let class_of = BpfHashMap::try_from(
+            ebpf.take_map("CLASS_OF").ok_or_else(|| anyhow!("CLASS_OF map missing"))?,
+        )?;
+        let class_stats = PerCpuArray::try_from(
+            ebpf.take_map("CLASS_STATS").ok_or_else(|| anyhow!("CLASS_STATS map missing"))?,
+        )?;
+        for (_, name) in TELEMETRY {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+        let tracer = Tracer {
             ebpf,
-            events,
             counters,
-        })
+            class_of,
+            class_stats,
+            telemetry: Vec::new(),
+        };
+        Ok((tracer, events))
+    }
+
+    /// Attaches or detaches the scheduling telemetry programs.
+    pub fn set_telemetry(&mut self, on: bool) -> anyhow::Result<()> {
+        if on == !self.telemetry.is_empty() {
+            return Ok(());
+        }
+        if on {
+            for (category, name) in TELEMETRY {
+                let program: &mut TracePoint = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("program {name} missing"))?
+                    .try_into()?;
+                let link = program
+                    .attach(category, name)
+                    .with_context(|| format!("attaching to tracepoint {category}/{name}"))?;
+                self.telemetry.push((name, link));
+            }
+        } else {
+            for (name, link) in self.telemetry.drain(..) {
+                let program: &mut TracePoint = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("program {name} missing"))?
+                    .try_into()?;
+                program.detach(link)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn telemetry_on(&self) -> bool {
+        !self.telemetry.is_empty()
+    }
+
+    /// Tells the kernel which cgroup ids are which class slot (1..).
+    pub fn set_class_cgroups(&mut self, slots: &[(u64, u32)]) -> anyhow::Result<()> {
+        let stale: Vec<u64> = self.class_of.keys().filter_map(Result::ok).collect();
+        for id in stale {
+            let _ = self.class_of.remove(&id);
+        }
+        for (id, slot) in slots {
+            if *slot < CLASS_SLOTS && *id != 0 {
+                self.class_of.insert(id, slot, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Scheduling statistics of one class slot, summed over CPUs.
+    pub fn sched_stats(&self, slot: u32) -> SchedStats {
+        let mut total = SchedStats {
+            runq_hist: vec![0; RUNQ_BUCKETS],
+            ..Default::default()
+        };
+        if let Ok(values) = self.class_stats.get(&slot, 0) {
+            for v in values.iter() {
+                total.oncpu_ns += v.oncpu_ns;
+                total.runq_count += v.runq_count;
+                total.runq_sum_ns += v.runq_sum_ns;
+                for (t, b) in total.runq_hist.iter_mut().zip(v.runq_hist.iter()) {
+                    *t += b;
+                }
+            }
+        }
+        total
+    }
+
+    /// Reads the kernel-side counters.
+    pub fn counters(&self) -> KernelCounters {
+        Self::sum(&self.counters)
+    }
+
+    /// The programs' ids, for the kernel's BPF run-time statistics.
+    pub fn program_names(&self) -> Vec<String> {
+        self.ebpf.programs().map(|(name, _)| name.to_owned()).collect()
+    }
+
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
     }
 
     /// Reads the kernel-side counters.
@@ -93,6 +213,27 @@ impl Tracer {
             threads_skipped: sum(counter::THREADS_SKIPPED),
         }
     }
+}
+
+/// Field offsets of the scheduler tracepoints under `tracefs`.
+pub fn sched_layout_from_tracefs(tracefs: &Path) -> anyhow::Result<SchedLayout> {
+    let offset = |event: &str, field: &str| -> anyhow::Result<u32> {
+        let path = tracefs.join("events/sched").join(event).join("format");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        field_offset(&text, field).ok_or_else(|| anyhow!("{}: no field `{field}`", path.display()))
+    };
+    let wakeup = offset("sched_wakeup", "pid")?;
+    let wakeup_new = offset("sched_wakeup_new", "pid")?;
+    if wakeup != wakeup_new {
+        return Err(anyhow!("sched_wakeup and sched_wakeup_new place `pid` differently ({wakeup} vs {wakeup_new})"));
+    }
+    Ok(SchedLayout {
+        switch_prev_pid: offset("sched_switch", "prev_pid")?,
+        switch_prev_state: offset("sched_switch", "prev_state")?,
+        switch_next_pid: offset("sched_switch", "next_pid")?,
+        wakeup_pid: wakeup,
+    })
 }
 
 /// Decodes one ring buffer record.

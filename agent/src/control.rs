@@ -13,7 +13,10 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::{bpf::KernelCounters, classify::Decision};
+use crate::{
+    bpf::{KernelCounters, SchedStats},
+    classify::Decision,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/corral/control.sock";
 
@@ -85,6 +88,8 @@ pub struct ClassStatus {
     pub cpu_weight: Option<u32>,
     pub placements: u64,
     pub note: Option<String>,
+    /// On-CPU time and run-queue latency, when telemetry is on.
+    pub sched: Option<SchedStats>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

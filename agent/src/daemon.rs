@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     ananicy::AnanicyRules,
-    bpf::{self, KernelCounters, Tracer},
+    bpf::{self, KernelCounters, SchedStats, Tracer},
     classify,
     control::{
         self, AncestorLine, ClassStatus, EventCounts, Explanation, Placement, ReloadStatus, Request,
@@ -79,6 +79,10 @@ pub struct Agent {
     kernel: KernelCounters,
     last_reload: Option<ReloadStatus>,
     own_pid: u32,
+    /// The kernel side; None in tests that drive the agent without eBPF.
+    tracer: Option<Tracer>,
+    /// Telemetry slot of each managed class (slot 0: everything else).
+    slots: BTreeMap<String, u32>,
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
@@ -118,7 +122,13 @@ pub fn resolve(policy: &Policy, sysfs_root: &Path) -> anyhow::Result<(Vec<Resolv
 }
 
 impl Agent {
-    pub fn new(source: PolicySource, sysfs_root: PathBuf, policy: Policy, groups: Groups) -> Self {
+    pub fn new(
+        source: PolicySource,
+        sysfs_root: PathBuf,
+        policy: Policy,
+        groups: Groups,
+        tracer: Option<Tracer>,
+    ) -> Self {
         let env_keys = policy.env_keys();
         let ananicy = load_ananicy(&policy);
         let modes = ModeSwitch::new(policy.modes, Duration::ZERO);
@@ -139,6 +149,43 @@ impl Agent {
             kernel: KernelCounters::default(),
             last_reload: None,
             own_pid: std::process::id(),
+            tracer,
+            slots: BTreeMap::new(),
+        }
+    }
+
+    /// Attaches or detaches scheduling telemetry as the policy says, and
+    /// tells the kernel which cgroups are which class.
+    pub fn sync_telemetry(&mut self) {
+        self.slots = self
+            .groups
+            .iter()
+            .zip(1..)
+            .map(|(g, slot)| (g.class.clone(), slot))
+            .collect();
+        let Some(tracer) = self.tracer.as_mut() else { return };
+        let ids: Vec<(u64, u32)> = self
+            .groups
+            .iter()
+            .filter_map(|g| self.slots.get(&g.class).map(|slot| (g.id, *slot)))
+            .collect();
+        if let Err(e) = tracer.set_class_cgroups(&ids) {
+            warn!("telemetry: could not map class cgroups: {e:#}");
+        }
+        if let Err(e) = tracer.set_telemetry(self.policy.telemetry.enabled) {
+            warn!("telemetry is off: {e:#}");
+        }
+    }
+
+    /// Scheduling statistics of a class, when telemetry is on.
+    pub fn sched_stats(&self, class: &str) -> Option<SchedStats> {
+        let tracer = self.tracer.as_ref().filter(|t| t.telemetry_on())?;
+        Some(tracer.sched_stats(*self.slots.get(class)?))
+    }
+
+    pub fn read_kernel_counters(&mut self) {
+        if let Some(tracer) = &self.tracer {
+            self.kernel = tracer.counters();
         }
     }
 
@@ -435,6 +482,7 @@ impl Agent {
         }
         self.apply_layout();
         self.update_mode();
+        self.sync_telemetry();
         let status = ReloadStatus {
             ok: true,
             message,
@@ -493,10 +541,6 @@ impl Agent {
         self.modes.next_deadline().map(|d| self.epoch + d)
     }
 
-    pub fn set_kernel_counters(&mut self, counters: KernelCounters) {
-        self.kernel = counters;
-    }
-
     pub fn answer(&self, request: Request) -> Response {
         match request {
             Request::Status => Response::Status(Box::new(self.status())),
@@ -536,6 +580,7 @@ impl Agent {
                     cpu_weight: group.map(|g| g.cpu_weight),
                     placements: self.placements_by_class.get(&class.name).copied().unwrap_or(0),
                     note: group.and_then(|g| g.note.clone()),
+                    sched: self.sched_stats(&class.name),
                 }
             })
             .collect();
@@ -663,10 +708,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (resolved, online) = resolve(&policy, &options.sysfs_root)?;
     let groups = Groups::setup(&options.cgroup_root, &policy, &resolved, online, options.dry_run)?;
     // Attach before seeding, so nothing started in between is missed.
-    let tracer = Tracer::load(options.ring_bytes)?;
+    let (tracer, events) = Tracer::load(options.ring_bytes)?;
     let watched = options.source.watched_files();
-    let mut agent = Agent::new(options.source, options.sysfs_root, policy, groups);
+    let mut agent = Agent::new(options.source, options.sysfs_root, policy, groups, Some(tracer));
     agent.seed();
+    agent.sync_telemetry();
 
     let (control_tx, mut control_rx) = mpsc::channel(64);
     let server = control::serve(&options.socket, control_tx)?;
@@ -674,7 +720,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     if let Err(e) = watch_policy(watched, file_tx) {
         warn!("policy files are not watched ({e:#}); reload with SIGHUP or `corral reload`");
     }
-    let Tracer { ebpf: _attached, events, counters: counter_reader } = tracer;
     // SAFETY: the ring buffer owns its fd and outlives the registration
     // (both live until this function returns).
     let mut events = unsafe { AsyncFd::register(events) }
@@ -689,7 +734,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         dry_run = options.dry_run,
         "corral is running"
     );
-    let read_counters = |agent: &mut Agent| agent.set_kernel_counters(Tracer::sum(&counter_reader));
+    let read_counters = |agent: &mut Agent| agent.read_kernel_counters();
     loop {
         let deadline = agent.mode_deadline();
         tokio::select! {

@@ -49,6 +49,13 @@ struct PolicyFile {
     rules: Vec<toml::Spanned<RuleSpec>>,
     modes: Option<ModesSpec>,
     ananicy: Option<AnanicySpec>,
+    telemetry: Option<TelemetrySpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct TelemetrySpec {
+    enabled: Option<bool>,
+    metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -120,7 +127,8 @@ struct AnanicySpec {
 
 /// Keys each table may hold; anything else is warned about (a typo would
 /// otherwise silently do nothing).
-const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy"];
+const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy", "telemetry"];
+const TELEMETRY_KEYS: &[&str] = &["enabled", "metrics_addr"];
 const CLASS_KEYS: &[&str] = &["cpus", "cpu_weight", "description"];
 const RULE_KEYS: &[&str] = &[
     "name", "class", "disabled", "inherit", "ignore_case", "exe", "comm", "argv", "cwd", "cgroup",
@@ -206,6 +214,25 @@ impl Default for AnanicyConfig {
     }
 }
 
+/// Scheduling telemetry and the metrics endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// Attach the scheduler tracepoints (run-queue latency, on-CPU time).
+    /// Off: the programs are detached and cost nothing.
+    pub enabled: bool,
+    /// Where Prometheus metrics are served; None: not served.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            enabled: true,
+            metrics_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9187))),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Policy {
     /// The files this policy was read from, default first.
@@ -214,6 +241,7 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     pub modes: ModeConfig,
     pub ananicy: AnanicyConfig,
+    pub telemetry: TelemetryConfig,
     /// Things that did not stop the policy from loading (unknown keys).
     pub warnings: Vec<String>,
 }
@@ -399,7 +427,25 @@ impl Policy {
 
         let mut modes = ModeConfig::default();
         let mut ananicy = AnanicyConfig::default();
+        let mut telemetry = TelemetryConfig::default();
         for layer in &layers {
+            if let Some(t) = &layer.file.telemetry {
+                if let Some(enabled) = t.enabled {
+                    telemetry.enabled = enabled;
+                }
+                if let Some(addr) = &t.metrics_addr {
+                    telemetry.metrics_addr = if addr.is_empty() {
+                        None
+                    } else {
+                        Some(addr.parse().map_err(|_| PolicyError::Invalid {
+                            path: layer.path.clone(),
+                            line: find_key(&layer.text, "metrics_addr").map_or(0, |o| line_column(&layer.text, o).0),
+                            column: 1,
+                            message: format!("[telemetry] metrics_addr `{addr}` is not an address like \"127.0.0.1:9187\" (\"\" turns the endpoint off)"),
+                        })?)
+                    };
+                }
+            }
             if let Some(m) = &layer.file.modes {
                 if let Some(ms) = m.hold_down_ms {
                     modes.hold_down = Duration::from_millis(ms);
@@ -420,24 +466,35 @@ impl Policy {
                 }
             }
         }
-        for (kind, class) in &ananicy.types {
-            if !classes.contains_key(class) {
-                let path = layers.last().map(|l| l.path.clone()).unwrap_or_default();
-                return Err(PolicyError::Invalid {
-                    path,
-                    line: 0,
-                    column: 0,
-                    message: format!("[ananicy] types: `{kind}` maps to unknown class `{class}`"),
-                });
+        if ananicy.enabled {
+            for (kind, class) in &ananicy.types {
+                if !classes.contains_key(class) {
+                    // The last layer that sets `types` is the one to fix.
+                    let layer = layers
+                        .iter()
+                        .rev()
+                        .find(|l| l.file.ananicy.as_ref().is_some_and(|a| a.types.is_some()))
+                        .or(layers.last());
+                    let (path, offset) = layer.map_or((PathBuf::new(), 0), |l| {
+                        (l.path.clone(), find_key(&l.text, "types").unwrap_or(0))
+                    });
+                    let text = layer.map_or("", |l| l.text.as_str());
+                    return Err(invalid_at(
+                        &path,
+                        text,
+                        offset,
+                        format!("[ananicy] types: `{kind}` maps to unknown class `{class}`; map it to a class defined under [classes]"),
+                    ));
+                }
             }
         }
-
         Ok(Policy {
             files: layers.iter().map(|l| l.path.clone()).collect(),
             classes,
             rules,
             modes,
             ananicy,
+            telemetry,
             warnings,
         })
     }
@@ -717,6 +774,9 @@ fn unknown_keys(path: &Path, text: &str, table: &toml::Table, warnings: &mut Vec
     }
     if let Some(a) = table.get("ananicy").and_then(|v| v.as_table()) {
         check(a, "[ananicy]", ANANICY_KEYS, &mut warn);
+    }
+    if let Some(t) = table.get("telemetry").and_then(|v| v.as_table()) {
+        check(t, "[telemetry]", TELEMETRY_KEYS, &mut warn);
     }
 }
 

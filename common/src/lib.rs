@@ -83,6 +83,36 @@ pub struct TracepointLayout {
     pub newtask_clone_flags: u32,
 }
 
+/// Run-queue latency buckets: bucket i counts waits in [2^i, 2^(i+1)) µs
+/// (bucket 0 also takes waits under 1 µs; the last one everything longer).
+pub const RUNQ_BUCKETS: usize = 26;
+/// Class slots in the telemetry maps: slot 0 is "not a managed class",
+/// the agent numbers its class groups from 1.
+pub const CLASS_SLOTS: u32 = 16;
+
+/// Scheduling facts per class slot, summed by the agent over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ClassStats {
+    /// Time tasks of the class spent on a CPU.
+    pub oncpu_ns: u64,
+    /// Wake-up (or preemption) to on-CPU waits seen, and their sum.
+    pub runq_count: u64,
+    pub runq_sum_ns: u64,
+    pub runq_hist: [u64; RUNQ_BUCKETS],
+}
+
+/// Field offsets of the scheduler tracepoints used for telemetry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SchedLayout {
+    pub switch_prev_pid: u32,
+    pub switch_prev_state: u32,
+    pub switch_next_pid: u32,
+    /// sched_wakeup and sched_wakeup_new: offset of `pid`.
+    pub wakeup_pid: u32,
+}
+
 /// `CLONE_THREAD` from linux/sched.h.
 pub const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -92,6 +122,10 @@ mod pod {
     // with no padding (checked by the size assertions below).
     unsafe impl aya::Pod for super::ProcEvent {}
     unsafe impl aya::Pod for super::TracepointLayout {}
+    unsafe impl aya::Pod for super::ClassStats {}
+    unsafe impl aya::Pod for super::SchedLayout {}
+    const _: () = assert!(core::mem::size_of::<super::ClassStats>() == 8 * (3 + super::RUNQ_BUCKETS));
+    const _: () = assert!(core::mem::size_of::<super::SchedLayout>() == 16);
     const _: () = assert!(core::mem::size_of::<super::ProcEvent>() == 8 + 8 + 16 + 16 + 256);
     const _: () = assert!(core::mem::size_of::<super::TracepointLayout>() == 16);
 }

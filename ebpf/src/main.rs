@@ -1,7 +1,10 @@
 //! corral's kernel side: records process exec, fork and exit facts into one
-//! ring buffer. No policy and no string matching here; the agent decides.
+//! ring buffer, and (in `sched`) per-class scheduling statistics. No policy
+//! and no string matching here; the agent decides.
 #![no_std]
 #![no_main]
+
+mod sched;
 
 use aya_ebpf::{
     helpers::{
