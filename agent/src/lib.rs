@@ -16,3 +16,4 @@ pub mod place;
 pub mod ananicy;
 pub mod modes;
 pub mod topology;
+pub mod metrics;

@@ -101,7 +101,7 @@ impl Agent {
             .spawn()
             .with_context(|| format!("starting {}", corral_bin().display()))?;
         let mut agent = Agent { child, dir, socket, cgroup_root, policy, override_file };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(30) * timeout_scale();
         loop {
             if agent.corral(&["status", "--json"]).is_ok() {
                 return Ok(agent);
@@ -110,7 +110,7 @@ impl Agent {
                 bail!("agent exited with {status} during start-up:\n{}", agent.log());
             }
             if Instant::now() > deadline {
-                bail!("agent did not answer within 30 s:\n{}", agent.log());
+                bail!("agent did not answer within {} s:\n{}", 30 * timeout_scale(), agent.log());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -163,7 +163,7 @@ impl Agent {
     pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         // SAFETY: sending a signal to our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10) * timeout_scale();
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
@@ -222,9 +222,16 @@ pub fn cpus_allowed(pid: u32) -> String {
         .to_owned()
 }
 
-/// Waits until `check` holds, or `timeout` passes. True if it held.
+/// How much longer waits may take here: CORRAL_TIMEOUT_SCALE, set by the
+/// VM tier, whose emulated CPUs are many times slower.
+pub fn timeout_scale() -> u32 {
+    std::env::var("CORRAL_TIMEOUT_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
+}
+
+/// Waits until `check` holds, or `timeout` (times the scale) passes. True
+/// if it held.
 pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + timeout * timeout_scale();
     while Instant::now() < deadline {
         if check() {
             return true;

@@ -5,7 +5,9 @@
 
 use std::{process::Command, time::Duration};
 
-use corral_tests::{Agent, cgroup_of, cpus_allowed, cpuset_available, named_copy, wait_for, write_file};
+use corral_tests::{
+    Agent, cgroup_of, cpus_allowed, cpuset_available, named_copy, timeout_scale, wait_for, write_file,
+};
 
 fn policy(prefix: &str, extra_rules: &str, modes: &str) -> String {
     format!(
@@ -91,7 +93,10 @@ fn editing_the_policy_moves_processes_and_a_bad_edit_keeps_everything() {
 #[test]
 fn a_running_game_takes_its_cpus_from_the_other_classes_until_hold_down_passes() {
     let rules = "\n[[rules]]\nname = \"game\"\nclass = \"game\"\nexe = [\"*/crm-game\"]\n";
-    let modes = "[modes]\nhold_down_ms = 1500\nmin_dwell_ms = 100\n";
+    // Slower machines (the VM tier) get proportionally longer times.
+    let scale = timeout_scale();
+    let modes = format!("[modes]\nhold_down_ms = {}\nmin_dwell_ms = 100\n", 1500 * scale);
+    let modes = modes.as_str();
     let agent = Agent::start("modes", &policy("crm", rules, modes)).unwrap();
     // No game yet: dev keeps its own CPUs, game's included.
     assert_eq!(agent.status().unwrap()["mode"], "shared");
@@ -120,7 +125,7 @@ fn a_running_game_takes_its_cpus_from_the_other_classes_until_hold_down_passes()
     let _ = game.kill();
     let _ = game.wait();
     // Held down: still protected shortly after the game exits...
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500) * scale);
     assert_eq!(agent.status().unwrap()["mode"], "protected");
     // ...and shared once the hold-down has passed.
     assert!(wait_for(Duration::from_secs(5), || agent.status().unwrap()["mode"] == "shared"));

@@ -109,7 +109,7 @@ pub fn test_tier() -> anyhow::Result<()> {
     }
     let runs: Vec<String> = binaries
         .iter()
-        .map(|b| format!("CORRAL_REQUIRE_CPUSET=1 {b} --test-threads=1 || fail=1"))
+        .map(|b| format!("CORRAL_REQUIRE_CPUSET=1 CORRAL_TIMEOUT_SCALE=6 {b} --test-threads=1 || fail=1"))
         .collect();
     let log = repo_root().join("target/vm-test.log");
     let _ = std::fs::remove_file(&log);
