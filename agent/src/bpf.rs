@@ -42,6 +42,15 @@ pub struct Tracer {
     telemetry: Vec<(&'static str, TracePointLinkId)>,
 }
 
+/// One program's cost, from the kernel's BPF statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProgramStats {
+    pub name: String,
+    pub attached: bool,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
 /// One class slot's scheduling statistics, summed over CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SchedStats {
@@ -189,13 +198,31 @@ impl Tracer {
         Self::sum(&self.counters)
     }
 
-    /// The programs' ids, for the kernel's BPF run-time statistics.
-    pub fn program_names(&self) -> Vec<String> {
-        self.ebpf.programs().map(|(name, _)| name.to_owned()).collect()
-    }
-
-    pub fn ebpf(&self) -> &Ebpf {
-        &self.ebpf
+    /// Run counts and run time of each program, from the kernel's BPF
+    /// statistics (/proc/self/fdinfo of the program). Both stay 0 unless
+    /// `kernel.bpf_stats_enabled` is 1.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let fd = program.fd().ok()?.as_fd().as_raw_fd();
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+                let field = |key: &str| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                Some(ProgramStats {
+                    name: name.to_owned(),
+                    attached: TRACEPOINTS.iter().any(|(_, n)| *n == name)
+                        || self.telemetry.iter().any(|(n, _)| *n == name),
+                    run_count: field("run_cnt:"),
+                    run_time_ns: field("run_time_ns:"),
+                })
+            })
+            .collect()
     }
 
     /// Reads the kernel-side counters.

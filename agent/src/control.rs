@@ -14,7 +14,7 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    bpf::{KernelCounters, SchedStats},
+    bpf::{KernelCounters, ProgramStats, SchedStats},
     classify::Decision,
 };
 
@@ -62,6 +62,11 @@ pub struct Status {
     pub classes: Vec<ClassStatus>,
     pub events: EventCounts,
     pub kernel: KernelCounters,
+    /// What each eBPF program costs (needs `sysctl kernel.bpf_stats_enabled=1`).
+    pub bpf_programs: Vec<ProgramStats>,
+    /// The agent's own resident memory and CPU time.
+    pub agent_rss_bytes: u64,
+    pub agent_cpu_seconds: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

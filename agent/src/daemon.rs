@@ -560,6 +560,7 @@ impl Agent {
     }
 
     fn status(&self) -> Status {
+        let (rss, cpu) = own_usage();
         let mut processes: BTreeMap<&str, usize> = BTreeMap::new();
         for (_, p) in self.table.iter() {
             *processes.entry(p.decision.class.as_str()).or_default() += 1;
@@ -601,6 +602,9 @@ impl Agent {
             classes,
             events: self.counts.clone(),
             kernel: self.kernel,
+            bpf_programs: self.tracer.as_ref().map(Tracer::program_stats).unwrap_or_default(),
+            agent_rss_bytes: rss,
+            agent_cpu_seconds: cpu,
         }
     }
 
@@ -639,6 +643,25 @@ impl Agent {
     pub fn groups(&self) -> &Groups {
         &self.groups
     }
+}
+
+/// The agent's resident memory (bytes) and CPU time (seconds).
+pub fn own_usage() -> (u64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (rss_kib * 1024, ticks as f64 / hz)
 }
 
 /// `Cpus_allowed_list` of a process.

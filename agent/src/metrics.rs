@@ -56,6 +56,9 @@ pub const PLACEMENT_LATENCY_BUCKETS_SECONDS: [f64; 10] = [
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// How long a client may take to send its request or read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long, and how many bytes, a closing connection still reads (see `linger`).
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 64 * 1024;
 /// Connections served at once; more are closed at once rather than queued,
 /// so a flood of idle clients cannot hold the agent's memory.
 const MAX_CONNECTIONS: usize = 64;
@@ -911,7 +914,9 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
 /// Robust against bad clients: each connection has its own task, at most
 /// 64 at once (more are closed at once), a request head over 8 KiB gets
 /// `431`, and a client that takes over 5 s to send its request or read the
-/// answer is dropped. `snapshot` is called once per scrape on a runtime
+/// answer is dropped. Before closing, the server reads and discards what
+/// the client still sends (at most 64 KiB, 0.5 s), so a `431` is not lost
+/// to a TCP reset. `snapshot` is called once per scrape on a runtime
 /// thread, so it should only clone a ready string (e.g. from a
 /// `tokio::sync::watch` or an `Arc<Mutex<String>>`).
 pub async fn serve(
@@ -1012,7 +1017,27 @@ async fn answer(
             std::io::ErrorKind::TimedOut,
             "client did not read the answer",
         )
-    })?
+    })??;
+    linger(&mut stream).await;
+    Ok(())
+}
+
+/// Reads and discards what the client still sends (an oversized head, a
+/// body we ignored) for a moment before closing: closing a socket with
+/// unread data sends a reset, and the client would lose the answer (a `431`
+/// most of all). Bounded in time and bytes; ends at the client's EOF.
+async fn linger(stream: &mut TcpStream) {
+    let drain = async {
+        let mut chunk = [0u8; 1024];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = timeout(LINGER, drain).await;
 }
 
 /// Reads until the blank line that ends the head, at most

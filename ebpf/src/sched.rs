@@ -80,11 +80,19 @@ pub fn sched_wakeup_new(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Notes when a task of a managed class became runnable. Tasks outside
+/// the classes (most of the machine) cost one lookup and nothing else.
 fn mark_runnable(ctx: &TracePointContext) {
     // SAFETY: offset from the running kernel's tracefs format file.
-    if let Ok(pid) = unsafe { ctx.read_at::<i32>(layout().wakeup_pid as usize) }
-        && pid > 0
-    {
+    let Ok(pid) = (unsafe { ctx.read_at::<i32>(layout().wakeup_pid as usize) }) else {
+        return;
+    };
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: a lookup in our own map.
+    let cgroup = unsafe { TASK_CGROUP.get(pid as u32) }.copied().unwrap_or(0);
+    if slot_of(cgroup) != 0 {
         let _ = RUNNABLE_SINCE.insert(pid as u32, unsafe { bpf_ktime_get_ns() }, 0);
     }
 }
@@ -107,17 +115,22 @@ fn try_switch(ctx: &TracePointContext) -> Result<(), i32> {
     let since = ON_CPU_SINCE.get_ptr_mut(0).ok_or(-1)?;
     if prev > 0 {
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        let slot = slot_of(cgroup);
         // SAFETY: per-CPU slots, only this CPU touches them now.
         unsafe {
             if *since != 0
-                && let Some(s) = stats(slot_of(cgroup))
+                && let Some(s) = stats(slot)
             {
                 (*s).oncpu_ns += now.saturating_sub(*since);
             }
         }
-        let _ = TASK_CGROUP.insert(prev as u32, cgroup, 0);
+        // Map updates cost more than lookups: write only what changed.
+        // SAFETY: a lookup in our own map.
+        if unsafe { TASK_CGROUP.get(prev as u32) }.copied() != Some(cgroup) {
+            let _ = TASK_CGROUP.insert(prev as u32, cgroup, 0);
+        }
         // Preempted or yielding (no sleep state bits): it waits again.
-        if prev_state & 0x7f == 0 {
+        if slot != 0 && prev_state & 0x7f == 0 {
             let _ = RUNNABLE_SINCE.insert(prev as u32, now, 0);
         }
     }

@@ -16,6 +16,22 @@ use crate::setup::repo_root;
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
+    /// What corral costs a scheduler-heavy workload: `perf bench sched
+    /// messaging` without corral, with exec tracing only, and with full
+    /// telemetry, interleaved; BPF run time per event; agent CPU and RSS.
+    Overhead {
+        /// Rounds of the three variants.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// `perf bench sched messaging` groups and loops per run.
+        #[arg(long, default_value_t = 10)]
+        groups: u32,
+        #[arg(long, default_value_t = 300)]
+        loops: u32,
+        /// Seconds to watch the idle agent.
+        #[arg(long, default_value_t = 10)]
+        idle_secs: u64,
+    },
     /// Time from a policy file write to every affected process re-placed.
     Reload {
         /// Tracked processes the edit re-classifies.
@@ -42,6 +58,7 @@ pub enum Bench {
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Reload { processes } => reload(processes),
+        Bench::Overhead { rounds, groups, loops, idle_secs } => overhead(rounds, groups, loops, idle_secs),
         Bench::Exec { rate, count, life_ms, agent_args } => exec(rate, count, life_ms, &agent_args),
     }
 }
@@ -263,6 +280,116 @@ fn exec(rate: u32, count: u32, life_ms: u32, agent_args: &[String]) -> anyhow::R
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// One `perf bench sched messaging` run; its "Total time" in seconds.
+fn messaging(groups: u32, loops: u32) -> anyhow::Result<f64> {
+    let output = Command::new("perf")
+        .args(["bench", "sched", "messaging", "-g", &groups.to_string(), "-l", &loops.to_string()])
+        .output()
+        .context("running perf bench (apt-get install linux-perf)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Total time:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no total time in perf output: {text}"))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn overhead(rounds: u32, groups: u32, loops: u32, idle_secs: u64) -> anyhow::Result<()> {
+    if Command::new("perf").arg("--version").output().is_err() {
+        crate::setup::apt(&["linux-perf"])?;
+    }
+    let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
+    let stats_before = std::fs::read_to_string(stats_path).unwrap_or_else(|_| "0".into());
+    std::fs::write(stats_path, "1").context("enabling kernel.bpf_stats_enabled")?;
+    let policy = |telemetry: bool| {
+        format!(
+            "[classes.game]\ncpus = \"0\"\n\n[telemetry]\nenabled = {telemetry}\nmetrics_addr = \"\"\n\n[[rules]]\nname = \"bench\"\nclass = \"game\"\nexe = [\"*/corral-bench-nothing\"]\n"
+        )
+    };
+    let variants = ["without corral", "exec tracing only", "full telemetry"];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut bpf: HashMap<String, (u64, u64)> = HashMap::new();
+    let dir = std::env::temp_dir().join(format!("corral-bench-overhead-{}", std::process::id()));
+    messaging(groups, loops)?; // warm-up
+    for round in 0..rounds {
+        for step in 0..3 {
+            let variant = (step + round as usize) % 3;
+            let agent = match variant {
+                0 => None,
+                v => Some(start_agent(&dir.join(format!("{round}-{v}")), &policy(v == 2), &[])?),
+            };
+            let before = agent.as_ref().map(program_stats).transpose()?;
+            times[variant].push(messaging(groups, loops)?);
+            if let (Some(agent), Some(before), 2) = (&agent, before, variant) {
+                for (name, (count, ns)) in program_stats(agent)? {
+                    let (c0, t0) = before.get(&name).copied().unwrap_or((0, 0));
+                    let entry = bpf.entry(name).or_default();
+                    entry.0 += count.saturating_sub(c0);
+                    entry.1 += ns.saturating_sub(t0);
+                }
+            }
+        }
+    }
+    let base = median(&mut times[0].clone());
+    println!("bench overhead: perf bench sched messaging -g {groups} -l {loops}, {rounds} interleaved rounds");
+    for (i, name) in variants.iter().enumerate() {
+        let m = median(&mut times[i].clone());
+        println!(
+            "  {name:<18} median {m:.3} s  slowdown {:+.2}%  (runs: {})",
+            100.0 * (m / base - 1.0),
+            times[i].iter().map(|t| format!("{t:.3}")).collect::<Vec<_>>().join(" ")
+        );
+    }
+    println!("  BPF run time per event (full telemetry runs, kernel.bpf_stats_enabled):");
+    let mut names: Vec<_> = bpf.into_iter().filter(|(_, (c, _))| *c > 0).collect();
+    names.sort();
+    for (name, (count, ns)) in names {
+        println!("    {name:<20} {count:>10} runs  {:.0} ns/run", ns as f64 / count as f64);
+    }
+
+    // The idle agent, full telemetry on.
+    let agent = start_agent(&dir.join("idle"), &policy(true), &[])?;
+    let pid = agent.child.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let (cpu0, _, _) = usage(pid)?;
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let (cpu1, rss, _) = usage(pid)?;
+    println!(
+        "  idle agent: {:.3}% of one core over {idle_secs} s, RSS {:.1} MiB",
+        100.0 * (cpu1 - cpu0) / idle_secs as f64,
+        rss as f64 / 1024.0
+    );
+    drop(agent);
+    let _ = std::fs::write(stats_path, stats_before.trim());
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("  under an exec storm: see `cargo xtask bench exec --rate 1000 --count 10000`");
+    Ok(())
+}
+
+/// name -> (run count, run time ns) of the agent's programs.
+fn program_stats(agent: &AgentRun) -> anyhow::Result<HashMap<String, (u64, u64)>> {
+    let status: serde_json::Value = serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
+    Ok(status["bpf_programs"]
+        .as_array()
+        .map(|programs| {
+            programs
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        p["name"].as_str()?.to_owned(),
+                        (p["run_count"].as_u64()?, p["run_time_ns"].as_u64()?),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 /// CLOCK_MONOTONIC ns, the clock the agent stamps its reloads with.

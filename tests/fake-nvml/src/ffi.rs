@@ -381,7 +381,10 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
 /// # Safety
 /// `memory` is null or valid for a write of `nvmlMemory_t`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: NvmlDevice, memory: *mut NvmlMemory) -> u32 {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
+    device: NvmlDevice,
+    memory: *mut NvmlMemory,
+) -> u32 {
     call("nvmlDeviceGetMemoryInfo", true, |state| {
         with_device(state, device, |_, d| {
             let total = d.total_mib * MIB;
