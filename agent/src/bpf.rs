@@ -128,7 +128,7 @@ impl Tracer {
 
     /// Attaches or detaches the scheduling telemetry programs.
     pub fn set_telemetry(&mut self, on: bool) -> anyhow::Result<()> {
-        if on == !self.telemetry.is_empty() {
+        if on != self.telemetry.is_empty() {
             return Ok(());
         }
         if on {

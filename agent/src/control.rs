@@ -64,6 +64,8 @@ pub struct Status {
     pub kernel: KernelCounters,
     /// What each eBPF program costs (needs `sysctl kernel.bpf_stats_enabled=1`).
     pub bpf_programs: Vec<ProgramStats>,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics_addr: Option<String>,
     /// The agent's own resident memory and CPU time.
     pub agent_rss_bytes: u64,
     pub agent_cpu_seconds: f64,

@@ -22,6 +22,7 @@ use crate::{
         Response, Status,
     },
     cpus::CpuList,
+    metrics::{self, ClassMetrics, Histogram, Metrics, ReloadCounts},
     modes::{self, Mode, ModeSwitch},
     place::{Groups, MoveError},
     policy::{GAME, Policy, PolicySource},
@@ -83,6 +84,11 @@ pub struct Agent {
     tracer: Option<Tracer>,
     /// Telemetry slot of each managed class (slot 0: everything else).
     slots: BTreeMap<String, u32>,
+    /// Kernel exec timestamp -> cgroup write, for every exec placement.
+    placement_latency: Histogram,
+    reloads: ReloadCounts,
+    /// The metrics endpoint's address once bound.
+    metrics_bound: Option<std::net::SocketAddr>,
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
@@ -151,6 +157,58 @@ impl Agent {
             own_pid: std::process::id(),
             tracer,
             slots: BTreeMap::new(),
+            placement_latency: Histogram::placement_latency(),
+            reloads: ReloadCounts::default(),
+            metrics_bound: None,
+        }
+    }
+
+    /// Everything the agent exports, as of now.
+    pub fn metrics(&self) -> Metrics {
+        let mut processes: BTreeMap<&str, u64> = BTreeMap::new();
+        for (_, p) in self.table.iter() {
+            *processes.entry(p.decision.class.as_str()).or_default() += 1;
+        }
+        let classes = self
+            .policy
+            .classes
+            .values()
+            .map(|class| {
+                let group = self.groups.group(&class.name);
+                let sched = self.sched_stats(&class.name);
+                let mut m = ClassMetrics {
+                    processes: processes.get(class.name.as_str()).copied().unwrap_or(0),
+                    cpu_seconds: sched.as_ref().map_or(0.0, |s| s.oncpu_ns as f64 / 1e9),
+                    runqueue_latency: sched
+                        .as_ref()
+                        .map_or_else(|| Histogram::from_log2_us(&[]), |s| Histogram::from_log2_us(&s.runq_hist)),
+                    placements: self.placements_by_class.get(&class.name).copied().unwrap_or(0),
+                    cpus: group.map_or(0, |g| g.cpus.len() as u64),
+                    ..Default::default()
+                };
+                if let Some(pressure) = group.and_then(|g| std::fs::read_to_string(g.path.join("cpu.pressure")).ok()) {
+                    m.set_cpu_pressure(&pressure);
+                }
+                (class.name.clone(), m)
+            })
+            .collect();
+        let (rss, cpu) = metrics::read_self();
+        Metrics {
+            classes,
+            placement_latency: self.placement_latency.clone(),
+            events: metrics::EventCounts {
+                exec: self.counts.exec,
+                fork: self.counts.fork,
+                exit: self.counts.exit,
+            },
+            events_dropped_total: self.kernel.dropped,
+            events_vanished_total: self.counts.vanished,
+            move_errors_total: self.counts.move_errors,
+            policy_reloads: self.reloads.clone(),
+            gpus: Vec::new(),
+            agent_resident_memory_bytes: rss,
+            agent_cpu_seconds_total: cpu,
+            mode: self.modes.mode(),
         }
     }
 
@@ -370,6 +428,7 @@ impl Agent {
                 }
                 *self.placements_by_class.entry(class.clone()).or_default() += 1;
                 if let Some((exec_ns, handled_ns)) = exec {
+                    self.placement_latency.observe(placed_ns.saturating_sub(exec_ns) as f64 / 1e9);
                     if self.placements.len() == PLACEMENT_LOG {
                         self.placements.pop_front();
                     }
@@ -483,6 +542,7 @@ impl Agent {
         self.apply_layout();
         self.update_mode();
         self.sync_telemetry();
+        self.reloads.ok += 1;
         let status = ReloadStatus {
             ok: true,
             message,
@@ -504,6 +564,7 @@ impl Agent {
 
     fn refused(&mut self, started: Instant, message: String) -> ReloadStatus {
         error!("policy reload refused, keeping the last good policy: {message}");
+        self.reloads.refused += 1;
         let status = ReloadStatus {
             ok: false,
             message,
@@ -603,6 +664,7 @@ impl Agent {
             events: self.counts.clone(),
             kernel: self.kernel,
             bpf_programs: self.tracer.as_ref().map(Tracer::program_stats).unwrap_or_default(),
+            metrics_addr: self.metrics_bound.map(|a| a.to_string()),
             agent_rss_bytes: rss,
             agent_cpu_seconds: cpu,
         }
@@ -747,6 +809,26 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // (both live until this function returns).
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    // The metrics endpoint serves the latest rendering, refreshed every
+    // second by the loop (scrapes never touch the agent's state).
+    let rendered = std::sync::Arc::new(std::sync::Mutex::new(agent.metrics().render()));
+    let metrics_server = match agent.policy.telemetry.metrics_addr {
+        Some(addr) => {
+            let shared = rendered.clone();
+            match metrics::serve(addr, move || shared.lock().map(|t| t.clone()).unwrap_or_default()).await {
+                Ok((bound, handle)) => {
+                    info!(%bound, "metrics at http://{bound}/metrics");
+                    agent.metrics_bound = Some(bound);
+                    Some(handle)
+                }
+                Err(e) => {
+                    warn!("metrics endpoint off: {e:#}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let mut counters = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -786,7 +868,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             _ = sighup.recv() => agent.handle(Event::Reload),
             _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()).await },
                 if deadline.is_some() => agent.handle(Event::ModeTimer),
-            _ = counters.tick() => read_counters(&mut agent),
+            _ = counters.tick() => {
+                read_counters(&mut agent);
+                let text = agent.metrics().render();
+                if let Ok(mut shared) = rendered.lock() {
+                    *shared = text;
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -794,6 +882,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     info!("stopping: widening every managed group to all CPUs");
     agent.groups().widen_all();
     server.abort();
+    if let Some(handle) = metrics_server {
+        handle.abort();
+    }
     let _ = std::fs::remove_file(&options.socket);
     Ok(())
 }
