@@ -204,7 +204,7 @@ impl Agent {
             events_dropped_total: self.kernel.dropped,
             events_vanished_total: self.counts.vanished,
             move_errors_total: self.counts.move_errors,
-            policy_reloads: self.reloads.clone(),
+            policy_reloads: self.reloads,
             gpus: Vec::new(),
             agent_resident_memory_bytes: rss,
             agent_cpu_seconds_total: cpu,
