@@ -17,3 +17,7 @@ pub mod ananicy;
 pub mod modes;
 pub mod topology;
 pub mod metrics;
+pub mod top;
+pub mod gpu;
+pub mod arbiter;
+pub mod actions;

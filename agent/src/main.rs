@@ -93,6 +93,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view by class: CPU, run-queue latency, core sets, placements.
+    Top {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
     /// Every exec'd process placed so far, with its kernel exec time and
     /// placement time (JSON; used by `cargo xtask bench exec`).
     #[command(hide = true)]
@@ -220,6 +227,9 @@ fn main() -> anyhow::Result<()> {
             other => reply_error(other),
         },
         Command::Policy { command } => policy_command(command),
+        Command::Top { socket, interval_ms } => {
+            corral::top::run(&socket, std::time::Duration::from_millis(interval_ms.max(100)))
+        }
         Command::Explain { pid, socket, json } => {
             match control::request(&socket, &Request::Explain { pid })? {
                 Response::Explain(e) if json => print_json(&e),

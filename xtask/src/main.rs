@@ -67,6 +67,9 @@ fn main() -> anyhow::Result<()> {
         Task::Test { no_vm } => {
             setup::ebpf_toolchain()?;
             setup::clippy()?;
+            // `corral top` is tested in a tmux pseudo-terminal; the overhead
+            // bench uses perf.
+            setup::apt(&["tmux", "util-linux"])?;
             setup::tracefs()?;
             cargo(&["build", "-p", "corral"])?;
             cargo(&["clippy", "--workspace", "--exclude", "corral-ebpf", "--all-targets", "--", "-D", "warnings"])?;

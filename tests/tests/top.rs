@@ -1,0 +1,79 @@
+//! `corral top` in a real pseudo-terminal (tmux): it draws every class with
+//! live numbers from the running agent, and `q` quits it.
+
+use std::{process::Command, time::Duration};
+
+use corral_tests::{Agent, corral_bin, named_copy, wait_for};
+
+const POLICY: &str = r#"
+[classes.game]
+cpus = "0"
+
+[classes.dev]
+cpus = "0"
+
+[telemetry]
+enabled = true
+metrics_addr = ""
+
+[[rules]]
+name = "busy"
+class = "game"
+exe = ["*/cto-busy"]
+"#;
+
+fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux").args(args).output().expect("tmux (apt-get install tmux)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn top_shows_classes_with_live_numbers_and_quits_on_q() {
+    let agent = Agent::start("top", POLICY).unwrap();
+    let busy = named_copy(&agent.dir, "dash", "cto-busy")
+        .or_else(|_| named_copy(&agent.dir, "sh", "cto-busy"))
+        .unwrap();
+    let mut loops: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new("taskset")
+                .args(["-c", "0"])
+                .arg(&busy)
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let session = format!("corral-top-{}", std::process::id());
+    let command = format!(
+        "{} top --socket {} --interval-ms 300",
+        corral_bin().display(),
+        agent.socket.display()
+    );
+    tmux(&["new-session", "-d", "-s", &session, "-x", "140", "-y", "30", &command]);
+    let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
+    let drawn = wait_for(Duration::from_secs(10), || {
+        let s = screen();
+        // The game row has a CPU% and a run-queue p99 with a unit.
+        s.lines().any(|l| {
+            l.starts_with("game ") && (l.contains("us ") || l.contains("ms ") || l.contains("us  ") || l.contains("ms  "))
+        })
+    });
+    let last = screen();
+    for l in &mut loops {
+        let _ = l.kill();
+        let _ = l.wait();
+    }
+    assert!(drawn, "no live game row in:\n{last}");
+    assert!(last.contains("RUNQ p99"), "{last}");
+    assert!(last.lines().any(|l| l.starts_with("dev ")), "{last}");
+    assert!(last.contains("mode shared") || last.contains("mode protected"), "{last}");
+
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let quit = wait_for(Duration::from_secs(5), || {
+        !Command::new("tmux").args(["has-session", "-t", &session]).status().unwrap().success()
+    });
+    if !quit {
+        tmux(&["kill-session", "-t", &session]);
+    }
+    assert!(quit, "corral top did not quit on q");
+}
