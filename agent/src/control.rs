@@ -14,8 +14,10 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
+    arbiter::ArbiterState,
     bpf::{KernelCounters, ProgramStats, SchedStats},
     classify::Decision,
+    gpu::GpuSnapshot,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/corral/control.sock";
@@ -33,6 +35,10 @@ pub enum Request {
     /// Every placement of a process that the kernel saw exec, with its
     /// latency (for the exec benchmark).
     Placements,
+    /// Put the asking process into `class`'s group for good (it keeps the
+    /// class across exec): `corral run --class`. Answers the class's
+    /// environment.
+    Enter { class: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +48,7 @@ pub enum Response {
     Explain(Box<Explanation>),
     Placements { placements: Vec<Placement> },
     Reloaded(ReloadStatus),
+    Entered { group: String, env: std::collections::BTreeMap<String, String> },
     Error { message: String },
 }
 
@@ -66,6 +73,7 @@ pub struct Status {
     pub bpf_programs: Vec<ProgramStats>,
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics_addr: Option<String>,
+    pub gpu: GpuStatus,
     /// The agent's own resident memory and CPU time.
     pub agent_rss_bytes: u64,
     pub agent_cpu_seconds: f64,
@@ -99,6 +107,36 @@ pub struct ClassStatus {
     pub sched: Option<SchedStats>,
 }
 
+/// VRAM coordination as `corral status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GpuStatus {
+    pub on: bool,
+    /// Why GPU features are off.
+    pub off_reason: Option<String>,
+    pub snapshot: Option<GpuSnapshot>,
+    pub vram_by_class: std::collections::BTreeMap<String, u64>,
+    pub arbiter: Option<ArbiterState>,
+    /// Why the thermal guard is slowing background classes, if it is.
+    pub cooling: Option<String>,
+    /// The latest actions, oldest first.
+    pub actions: Vec<GpuActionRecord>,
+    /// "class:kind" -> count.
+    pub action_counts: std::collections::BTreeMap<String, u64>,
+    /// Whether the kernel's dmem cgroup controller can cap VRAM here.
+    pub dmem: String,
+}
+
+/// One VRAM or thermal action, with its reason and what came of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GpuActionRecord {
+    /// CLOCK_MONOTONIC ns.
+    pub at_ns: u64,
+    pub class: String,
+    pub kind: String,
+    pub reason: String,
+    pub outcome: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReloadStatus {
     pub ok: bool,
@@ -130,6 +168,10 @@ pub struct Explanation {
     pub cpus_allowed: String,
     /// Ancestors, outermost first, with their own classes.
     pub ancestry: Vec<AncestorLine>,
+    /// VRAM the process holds, when the GPU feature is on and NVML knows.
+    pub vram_bytes: Option<u64>,
+    /// VRAM actions taken on the process's class.
+    pub gpu_actions: Vec<GpuActionRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,7 +195,14 @@ pub struct Placement {
 }
 
 /// A request on its way to the daemon loop, with where to send the answer.
-pub type Incoming = (Request, oneshot::Sender<Response>);
+pub type Incoming = (Request, Peer, oneshot::Sender<Response>);
+
+/// Who is asking, from the socket's SO_PEERCRED.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peer {
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+}
 
 /// Binds the socket (replacing a stale one) and forwards requests to `tx`.
 pub fn serve(path: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
@@ -179,6 +228,13 @@ pub fn serve(path: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<tokio::t
 }
 
 async fn answer(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> anyhow::Result<()> {
+    let peer = stream
+        .peer_cred()
+        .map(|c| Peer {
+            pid: c.pid().and_then(|p| u32::try_from(p).ok()),
+            uid: Some(c.uid()),
+        })
+        .unwrap_or_default();
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
@@ -186,7 +242,7 @@ async fn answer(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> anyhow::Resul
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
-            tx.send((request, reply_tx)).await.map_err(|_| anyhow!("agent is stopping"))?;
+            tx.send((request, peer, reply_tx)).await.map_err(|_| anyhow!("agent is stopping"))?;
             reply_rx.await?
         }
         Err(e) => Response::Error {

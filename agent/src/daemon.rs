@@ -14,15 +14,18 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    actions,
     ananicy::AnanicyRules,
+    arbiter::{Action, ActionKind, Arbiter, Observation, ThermalAction, ThermalGuard},
+    gpu::{GpuEvent, GpuSnapshot},
     bpf::{self, KernelCounters, SchedStats, Tracer},
     classify,
     control::{
-        self, AncestorLine, ClassStatus, EventCounts, Explanation, Placement, ReloadStatus, Request,
-        Response, Status,
+        self, AncestorLine, ClassStatus, EventCounts, Explanation, GpuActionRecord, GpuStatus, Peer,
+        Placement, ReloadStatus, Request, Response, Status,
     },
     cpus::CpuList,
-    metrics::{self, ClassMetrics, Histogram, Metrics, ReloadCounts},
+    metrics::{self, ClassMetrics, GpuMetrics, Histogram, Metrics, ReloadCounts},
     modes::{self, Mode, ModeSwitch},
     place::{Groups, MoveError},
     policy::{GAME, Policy, PolicySource},
@@ -43,7 +46,44 @@ pub enum Event {
     Reload,
     /// The dynamic mode's deadline passed.
     ModeTimer,
+    /// From the NVML poller thread.
+    Gpu(GpuEvent),
 }
+
+/// How many GPU actions are kept for `corral status` and `explain`.
+const GPU_ACTION_LOG: usize = 64;
+
+/// VRAM coordination state: the last poll, the arbiter, the thermal guard.
+struct GpuState {
+    on: bool,
+    /// Why the GPU feature is off (said once).
+    off_reason: Option<String>,
+    last: Option<GpuSnapshot>,
+    arbiter: Arbiter,
+    thermal: ThermalGuard,
+    /// The thermal guard shrank the background classes' core sets.
+    cooling: Option<String>,
+    actions: VecDeque<GpuActionRecord>,
+    action_counts: BTreeMap<String, u64>,
+}
+
+impl GpuState {
+    fn new(policy: &Policy) -> Self {
+        GpuState {
+            on: false,
+            off_reason: (!policy.gpu.enabled).then(|| "off in the policy ([gpu] enabled = false)".to_owned()),
+            last: None,
+            arbiter: Arbiter::new(policy.gpu.arbiter.clone()),
+            thermal: ThermalGuard::new(policy.gpu.thermal.clone()),
+            cooling: None,
+            actions: VecDeque::new(),
+            action_counts: BTreeMap::new(),
+        }
+    }
+}
+
+/// Classes the thermal guard slows down when it is too hot.
+const COOLED_CLASSES: &[&str] = &["render", "ai"];
 
 /// How many placements are kept for `corral placements`.
 const PLACEMENT_LOG: usize = 100_000;
@@ -89,6 +129,7 @@ pub struct Agent {
     reloads: ReloadCounts,
     /// The metrics endpoint's address once bound.
     metrics_bound: Option<std::net::SocketAddr>,
+    gpu: GpuState,
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
@@ -138,6 +179,8 @@ impl Agent {
         let env_keys = policy.env_keys();
         let ananicy = load_ananicy(&policy);
         let modes = ModeSwitch::new(policy.modes, Duration::ZERO);
+        let policy_for_gpu = &policy;
+        let gpu = GpuState::new(policy_for_gpu);
         Agent {
             source,
             sysfs_root,
@@ -160,11 +203,13 @@ impl Agent {
             placement_latency: Histogram::placement_latency(),
             reloads: ReloadCounts::default(),
             metrics_bound: None,
+            gpu,
         }
     }
 
     /// Everything the agent exports, as of now.
     pub fn metrics(&self) -> Metrics {
+        let vram = self.gpu.last.as_ref().map(|s| self.vram_by_class(s)).unwrap_or_default();
         let mut processes: BTreeMap<&str, u64> = BTreeMap::new();
         for (_, p) in self.table.iter() {
             *processes.entry(p.decision.class.as_str()).or_default() += 1;
@@ -189,6 +234,19 @@ impl Agent {
                 if let Some(pressure) = group.and_then(|g| std::fs::read_to_string(g.path.join("cpu.pressure")).ok()) {
                     m.set_cpu_pressure(&pressure);
                 }
+                if let Some(snapshot) = &self.gpu.last {
+                    m.vram_used_bytes = Some(vram.get(&class.name).copied().unwrap_or(0));
+                    let total = snapshot.devices.first().map_or(0, |d| d.total_bytes);
+                    m.vram_budget_bytes = self
+                        .policy
+                        .gpu
+                        .arbiter
+                        .classes
+                        .iter()
+                        .find(|b| b.class == class.name)
+                        .and_then(|b| b.max.or(b.reserve))
+                        .map(|a| a.bytes(total));
+                }
                 (class.name.clone(), m)
             })
             .collect();
@@ -205,7 +263,26 @@ impl Agent {
             events_vanished_total: self.counts.vanished,
             move_errors_total: self.counts.move_errors,
             policy_reloads: self.reloads,
-            gpus: Vec::new(),
+            gpus: self
+                .gpu
+                .last
+                .as_ref()
+                .map(|snapshot| {
+                    snapshot
+                        .devices
+                        .iter()
+                        .map(|d| GpuMetrics {
+                            index: d.index,
+                            name: d.name.clone(),
+                            utilization_ratio: d.utilization_gpu.map(|u| f64::from(u) / 100.0),
+                            temperature_celsius: d.temperature_c.map(f64::from),
+                            power_watts: d.power_mw.map(|mw| f64::from(mw) / 1000.0),
+                            memory_used_bytes: Some(d.used_bytes),
+                            memory_total_bytes: Some(d.total_bytes),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             agent_resident_memory_bytes: rss,
             agent_cpu_seconds_total: cpu,
             mode: self.modes.mode(),
@@ -280,13 +357,15 @@ impl Agent {
                 Some(EventKind::Exit) => self.on_exit(&e),
                 None => warn!(kind = e.kind, "unknown event kind from the kernel"),
             },
-            Event::Control((request, reply)) => {
+            Event::Control((request, peer, reply)) => {
                 let response = match request {
                     Request::Reload => Response::Reloaded(self.reload()),
+                    Request::Enter { class } => self.enter(&class, peer),
                     other => self.answer(other),
                 };
                 let _ = reply.send(response);
             }
+            Event::Gpu(event) => self.on_gpu(event),
             Event::Reload => {
                 self.reload();
             }
@@ -317,6 +396,13 @@ impl Agent {
         if let Some(previous) = previous {
             process.placed_class = previous.placed_class.clone();
             process.origin_cgroup = previous.origin_cgroup.clone();
+            if previous.pinned {
+                // `corral run --class`: the class holds across exec.
+                process.pinned = true;
+                process.decision = previous.decision.clone();
+                self.table.insert(pid, process);
+                return;
+            }
         }
         self.table.insert(pid, process);
         self.decide(pid);
@@ -345,6 +431,7 @@ impl Agent {
         let mut process = Proc::new(info, e.ppid, 0);
         process.decision = parent.decision.clone();
         process.origin_cgroup = parent.origin_cgroup.clone();
+        process.pinned = parent.pinned;
         self.table.insert(child, process);
         if parent.decision.class == GAME {
             self.games.insert(child);
@@ -521,6 +608,14 @@ impl Agent {
             }
         }
         let mode_config_changed = policy.modes != self.modes.config();
+        if policy.gpu.arbiter != self.policy.gpu.arbiter {
+            let now = self.epoch.elapsed();
+            let actions = self.gpu.arbiter.reconfigure(policy.gpu.arbiter.clone(), now);
+            self.execute(actions);
+        }
+        if policy.gpu.thermal != self.policy.gpu.thermal {
+            self.gpu.thermal = ThermalGuard::new(policy.gpu.thermal.clone());
+        }
         self.policy = policy;
         if mode_config_changed {
             let now = self.epoch.elapsed();
@@ -528,6 +623,9 @@ impl Agent {
         }
         let (mut reclassified, mut moves) = (0, 0);
         for pid in self.table.parents_first() {
+            if self.table.get(pid).is_some_and(|p| p.pinned) {
+                continue;
+            }
             if self.decide(pid) {
                 reclassified += 1;
             }
@@ -591,9 +689,233 @@ impl Agent {
         let base: BTreeMap<String, CpuList> =
             self.groups.iter().map(|g| (g.class.clone(), g.base.clone())).collect();
         for (class, (cpus, note)) in modes::layout(self.modes.mode(), &base, GAME) {
+            let (cpus, note) = match &self.gpu.cooling {
+                Some(why) if COOLED_CLASSES.contains(&class.as_str()) => (halve(&cpus), Some(format!("thermal guard: {why}"))),
+                _ => (cpus, note),
+            };
             if let Err(e) = self.groups.set_cpus(&class, cpus, note) {
                 warn!(class, "could not set the core set: {e:#}");
             }
+        }
+    }
+
+    /// `corral run --class CLASS`: moves the asking process into the class's
+    /// group before it execs the program, so there is no exec race, and
+    /// pins the class across that exec.
+    fn enter(&mut self, class: &str, peer: Peer) -> Response {
+        let Some(pid) = peer.pid else {
+            return Response::Error { message: "cannot tell which process is asking (no SO_PEERCRED)".into() };
+        };
+        let Some(group) = self.groups.group(class) else {
+            let managed: Vec<String> = self.groups.iter().map(|g| g.class.clone()).collect();
+            return Response::Error {
+                message: format!("class `{class}` has no group; `corral run --class` takes one of: {}", managed.join(", ")),
+            };
+        };
+        let group_path = group.path.display().to_string();
+        let info = match procs::read_proc(pid, &self.env_keys) {
+            Ok((info, ppid, start)) => Proc::new(info, ppid, start),
+            Err(e) => return Response::Error { message: e.to_string() },
+        };
+        self.table.insert(pid, info);
+        if let Some(p) = self.table.get_mut(pid) {
+            p.pinned = true;
+            p.decision = classify::Decision {
+                class: class.to_owned(),
+                rule: format!("corral run --class {class}"),
+                source: None,
+                inherited_from: None,
+                passes_down: true,
+            };
+        }
+        if class == GAME {
+            self.games.insert(pid);
+        }
+        if !self.place(pid, None) && self.table.get(pid).and_then(|p| p.placed_class.as_deref()) != Some(class) {
+            return Response::Error { message: format!("could not move process {pid} into {group_path}") };
+        }
+        info!(pid, class, uid = ?peer.uid, "corral run --class");
+        let env = self.policy.class(class).map(|c| c.env.clone()).unwrap_or_default();
+        Response::Entered { group: group_path, env }
+    }
+
+    fn on_gpu(&mut self, event: GpuEvent) {
+        match event {
+            GpuEvent::Off { reason } => {
+                warn!("GPU features off: {reason}");
+                self.gpu.on = false;
+                self.gpu.off_reason = Some(reason);
+                let now = self.epoch.elapsed();
+                let actions = self.gpu.arbiter.release_all(now, "the GPU went away");
+                self.execute(actions);
+            }
+            GpuEvent::On => {
+                info!("GPU features on");
+                self.gpu.on = true;
+                self.gpu.off_reason = None;
+            }
+            GpuEvent::Snapshot(snapshot) => {
+                self.gpu.on = true;
+                self.gpu.off_reason = None;
+                self.arbitrate(&snapshot);
+                self.thermal(&snapshot);
+                self.gpu.last = Some(snapshot);
+            }
+        }
+    }
+
+    /// VRAM used per class on the first GPU, from its process list.
+    fn vram_by_class(&self, snapshot: &GpuSnapshot) -> BTreeMap<String, u64> {
+        let mut used = BTreeMap::new();
+        if let Some(device) = snapshot.devices.first() {
+            for p in &device.processes {
+                let Some(bytes) = p.used_bytes else { continue };
+                let class = self.table.get(p.pid).map_or(crate::policy::SYSTEM, |t| t.decision.class.as_str());
+                *used.entry(class.to_owned()).or_insert(0) += bytes;
+            }
+        }
+        used
+    }
+
+    fn arbitrate(&mut self, snapshot: &GpuSnapshot) {
+        let Some(device) = snapshot.devices.first() else { return };
+        let observation = Observation {
+            now: self.epoch.elapsed(),
+            total_bytes: device.total_bytes,
+            free_bytes: device.free_bytes,
+            used_by_class: self.vram_by_class(snapshot),
+            protected_running: !self.games.is_empty(),
+        };
+        let actions = self.gpu.arbiter.decide(&observation);
+        self.execute(actions);
+    }
+
+    fn thermal(&mut self, snapshot: &GpuSnapshot) {
+        let gpu_c = snapshot.devices.iter().filter_map(|d| d.temperature_c).max().map(f64::from);
+        let cpu_c = crate::arbiter::cpu_temperature(&self.sysfs_root);
+        match self.gpu.thermal.observe(self.epoch.elapsed(), gpu_c, cpu_c) {
+            Some(ThermalAction::Cool { reason }) => {
+                warn!("thermal guard: {reason}; halving the core sets of {COOLED_CLASSES:?}");
+                self.gpu.cooling = Some(reason);
+                self.apply_layout();
+            }
+            Some(ThermalAction::Restore { reason }) => {
+                info!("thermal guard: {reason}; core sets restored");
+                self.gpu.cooling = None;
+                self.apply_layout();
+            }
+            None => {}
+        }
+    }
+
+    /// Carries out arbiter actions; each is logged with its reason and
+    /// counted. Asking applications happens in the background.
+    fn execute(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            if action.class == GAME {
+                error!("refusing a GPU action on `game`: {:?}", action.kind);
+                continue;
+            }
+            let group = self.groups.group(&action.class).map(|g| g.path.clone());
+            let outcome = match (action.kind, &group) {
+                (ActionKind::Notify, _) => {
+                    actions::notify_desktop("corral: VRAM needed by a game", &action.reason);
+                    "notified".to_owned()
+                }
+                (ActionKind::Ask, _) => self.ask(&action.class),
+                (ActionKind::Freeze, Some(g)) => match actions::set_frozen(g, true) {
+                    Ok(()) => "frozen".to_owned(),
+                    Err(e) => format!("freeze failed: {e}"),
+                },
+                (ActionKind::Thaw, Some(g)) => match actions::set_frozen(g, false) {
+                    Ok(()) => "thawed".to_owned(),
+                    Err(e) => format!("thaw failed: {e}"),
+                },
+                (ActionKind::Kill, Some(g)) => match actions::kill_group(g) {
+                    Ok(n) => format!("killed {n} processes"),
+                    Err(e) => format!("kill failed: {e}"),
+                },
+                (_, None) => "class has no group; nothing to do".to_owned(),
+            };
+            warn!(class = %action.class, kind = ?action.kind, "{} -> {outcome}", action.reason);
+            let kind = format!("{:?}", action.kind).to_lowercase();
+            *self.gpu.action_counts.entry(format!("{}:{kind}", action.class)).or_default() += 1;
+            if self.gpu.actions.len() == GPU_ACTION_LOG {
+                self.gpu.actions.pop_front();
+            }
+            self.gpu.actions.push_back(GpuActionRecord {
+                at_ns: monotonic_ns(),
+                class: action.class,
+                kind,
+                reason: action.reason,
+                outcome,
+            });
+        }
+    }
+
+    /// Asks the class's applications that can give VRAM back (ComfyUI,
+    /// ollama) to do so, in the background. Returns what was asked.
+    fn ask(&self, class: &str) -> String {
+        let mut asked = Vec::new();
+        for (_, p) in self.table.iter().filter(|(_, p)| p.decision.class == class) {
+            let comfy = p.info.argv.iter().any(|a| a.ends_with("main.py"))
+                && (p.info.argv.iter().any(|a| a.to_lowercase().contains("comfy")) || p.info.cwd.to_lowercase().contains("comfy"));
+            if comfy {
+                let addr = actions::comfyui_addr(&p.info.argv);
+                if !asked.contains(&addr) {
+                    asked.push(addr);
+                    tokio::spawn(async move {
+                        match actions::ask_comfyui(addr).await {
+                            Ok(()) => info!(%addr, "ComfyUI asked to free its VRAM"),
+                            Err(e) => warn!("{e}"),
+                        }
+                    });
+                }
+            } else if p.info.exe.ends_with("/ollama") && p.info.argv.iter().any(|a| a == "serve") {
+                let addr = actions::ollama_addr(&p.info.env);
+                if !asked.contains(&addr) {
+                    asked.push(addr);
+                    tokio::spawn(async move {
+                        match actions::ask_ollama(addr).await {
+                            Ok(models) => info!(%addr, ?models, "ollama asked to unload its models"),
+                            Err(e) => warn!("{e}"),
+                        }
+                    });
+                }
+            }
+        }
+        if asked.is_empty() {
+            "nothing in the class knows how to give VRAM back (ComfyUI, ollama)".to_owned()
+        } else {
+            format!("asked {}", asked.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "))
+        }
+    }
+
+    /// The GPU part of `corral status`.
+    fn gpu_status(&self) -> GpuStatus {
+        GpuStatus {
+            on: self.gpu.on,
+            off_reason: self.gpu.off_reason.clone(),
+            snapshot: self.gpu.last.clone(),
+            vram_by_class: self.gpu.last.as_ref().map(|s| self.vram_by_class(s)).unwrap_or_default(),
+            arbiter: Some(self.gpu.arbiter.state()),
+            cooling: self.gpu.cooling.clone(),
+            actions: self.gpu.actions.iter().cloned().collect(),
+            action_counts: self.gpu.action_counts.clone(),
+            dmem: match actions::dmem_support(&place_mount(&self.groups)) {
+                actions::DmemSupport::Absent { reason } => format!("absent: {reason}"),
+                actions::DmemSupport::Present { regions } => format!("present: {regions:?}"),
+            },
+        }
+    }
+
+    /// Thaws every group under corral's root: the fail-safe on stop and
+    /// after a crash.
+    pub fn thaw_everything(&self) {
+        match actions::thaw_all_under(&self.groups.root) {
+            Ok(0) => {}
+            Ok(n) => info!(groups = n, "thawed frozen groups"),
+            Err(e) => warn!("could not thaw every group: {e}"),
         }
     }
 
@@ -614,8 +936,8 @@ impl Agent {
             Request::Placements => Response::Placements {
                 placements: self.placements.iter().cloned().collect(),
             },
-            Request::Reload => Response::Error {
-                message: "reload is handled by the loop".into(),
+            Request::Reload | Request::Enter { .. } => Response::Error {
+                message: "handled by the loop".into(),
             },
         }
     }
@@ -665,6 +987,7 @@ impl Agent {
             kernel: self.kernel,
             bpf_programs: self.tracer.as_ref().map(Tracer::program_stats).unwrap_or_default(),
             metrics_addr: self.metrics_bound.map(|a| a.to_string()),
+            gpu: self.gpu_status(),
             agent_rss_bytes: rss,
             agent_cpu_seconds: cpu,
         }
@@ -699,12 +1022,54 @@ impl Agent {
             cgroup_now,
             cpus_allowed: cpus_allowed(pid).unwrap_or_default(),
             ancestry,
+            vram_bytes: self.gpu.last.as_ref().and_then(|s| {
+                s.devices.iter().flat_map(|d| &d.processes).filter(|p| p.pid == pid).filter_map(|p| p.used_bytes).reduce(|a, b| a + b)
+            }),
+            gpu_actions: self
+                .gpu
+                .actions
+                .iter()
+                .filter(|a| a.class == process.decision.class)
+                .cloned()
+                .collect(),
         })
     }
 
     pub fn groups(&self) -> &Groups {
         &self.groups
     }
+}
+
+/// The first half of a CPU list (at least one CPU): what the thermal guard
+/// leaves the background classes.
+fn halve(cpus: &CpuList) -> CpuList {
+    let text = cpus.to_string();
+    let all: Vec<u32> = CpuList::parse(&text)
+        .map(|l| expand(&l))
+        .unwrap_or_default();
+    let keep = all.len().div_ceil(2).max(1).min(all.len());
+    let list = all[..keep].iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    CpuList::parse(&list).unwrap_or_else(|_| cpus.clone())
+}
+
+/// The CPU numbers in a list.
+fn expand(list: &CpuList) -> Vec<u32> {
+    let mut out = Vec::new();
+    for part in list.to_string().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+                    out.extend(a..=b);
+                }
+            }
+            None => out.extend(part.parse::<u32>().ok()),
+        }
+    }
+    out
+}
+
+fn place_mount(groups: &Groups) -> PathBuf {
+    crate::place::cgroup2_mount_of(&groups.root)
 }
 
 /// The agent's resident memory (bytes) and CPU time (seconds).
@@ -795,9 +1160,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // Attach before seeding, so nothing started in between is missed.
     let (tracer, events) = Tracer::load(options.ring_bytes)?;
     let watched = options.source.watched_files();
+    let gpu_config = policy.gpu.clone();
     let mut agent = Agent::new(options.source, options.sysfs_root, policy, groups, Some(tracer));
+    // A crashed agent may have left a group frozen: never keep it so.
+    agent.thaw_everything();
     agent.seed();
     agent.sync_telemetry();
+    let (gpu_tx, mut gpu_rx) = mpsc::channel(8);
+    let _poller = gpu_config
+        .enabled
+        .then(|| crate::gpu::spawn_poller(gpu_config.library.clone(), gpu_config.poll_interval, gpu_tx));
 
     let (control_tx, mut control_rx) = mpsc::channel(64);
     let server = control::serve(&options.socket, control_tx)?;
@@ -855,6 +1227,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 guard.clear_ready();
                 agent.update_mode();
             }
+            Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
             Some(incoming) = control_rx.recv() => {
                 read_counters(&mut agent);
                 agent.handle(Event::Control(incoming));
@@ -879,7 +1252,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
     }
-    info!("stopping: widening every managed group to all CPUs");
+    info!("stopping: thawing and widening every managed group to all CPUs");
+    agent.thaw_everything();
     agent.groups().widen_all();
     server.abort();
     if let Some(handle) = metrics_server {

@@ -35,7 +35,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent (as root): trace processes, classify and place them.
+    /// With `--class CLASS -- CMD...`: start CMD directly in a class's
+    /// group, with the class's environment from the policy.
     Run {
+        /// Start a program in this class instead of running the agent.
+        #[arg(long)]
+        class: Option<String>,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true)]
+        program: Vec<String>,
         #[command(flatten)]
         policy: PolicyArgs,
         /// Root of sysfs, where the CPU topology is read.
@@ -192,7 +200,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { policy, sysfs_root, cgroup_root, socket, dry_run, ring_buffer_kib, nice } => {
+        Command::Run { class: Some(class), program, socket, .. } => run_in_class(&class, &program, &socket),
+        Command::Run { class: None, policy, sysfs_root, cgroup_root, socket, dry_run, ring_buffer_kib, nice, .. } => {
             // SAFETY: setpriority on our own process.
             if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
                 tracing::warn!(nice, "could not set the agent's nice value: {}", std::io::Error::last_os_error());
@@ -476,4 +485,20 @@ fn policy_test_chains(
         }
     }
     Ok(())
+}
+
+/// `corral run --class CLASS -- CMD...`: the agent moves this process into
+/// the class's group, then it becomes CMD, so CMD never runs outside it.
+fn run_in_class(class: &str, program: &[String], socket: &PathBuf) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let Some((cmd, args)) = program.split_first() else {
+        bail!("nothing to run: `corral run --class {class} -- PROGRAM [ARGS...]`");
+    };
+    match control::request(socket, &Request::Enter { class: class.to_owned() })? {
+        Response::Entered { env, .. } => {
+            let err = std::process::Command::new(cmd).args(args).envs(&env).exec();
+            bail!("could not run {cmd}: {err}")
+        }
+        other => reply_error(other),
+    }
 }

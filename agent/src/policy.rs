@@ -16,6 +16,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 
 use crate::{
+    arbiter::{Amount, ArbiterConfig, ClassBudget, Step, ThermalConfig},
     modes::ModeConfig,
     topology::{self, CoreSpec, Intent, Resolved, Topology},
 };
@@ -50,6 +51,38 @@ struct PolicyFile {
     modes: Option<ModesSpec>,
     ananicy: Option<AnanicySpec>,
     telemetry: Option<TelemetrySpec>,
+    gpu: Option<GpuSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct GpuSpec {
+    enabled: Option<bool>,
+    library: Option<PathBuf>,
+    poll_interval_ms: Option<u64>,
+    grace_ms: Option<u64>,
+    margin: Option<Amount>,
+    classes: Option<IndexMap<String, GpuClassSpec>>,
+    thermal: Option<ThermalSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GpuClassSpec {
+    priority: u32,
+    reserve: Option<Amount>,
+    min: Option<Amount>,
+    max: Option<Amount>,
+    #[serde(default)]
+    ladder: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThermalSpec {
+    gpu_max_c: Option<f64>,
+    cpu_max_c: Option<f64>,
+    hysteresis_c: Option<f64>,
+    hold_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -65,6 +98,8 @@ struct ClassSpec {
     cpus: Option<CoreSpec>,
     /// cgroup v2 `cpu.weight`, 1..=10000 (default 100).
     cpu_weight: Option<u32>,
+    /// Environment for programs started with `corral run --class`.
+    env: Option<BTreeMap<String, String>>,
     #[allow(dead_code, reason = "documentation for readers of the policy file")]
     description: Option<String>,
 }
@@ -127,9 +162,10 @@ struct AnanicySpec {
 
 /// Keys each table may hold; anything else is warned about (a typo would
 /// otherwise silently do nothing).
-const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy", "telemetry"];
+const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy", "telemetry", "gpu"];
+const GPU_KEYS: &[&str] = &["enabled", "library", "poll_interval_ms", "grace_ms", "margin", "classes", "thermal"];
 const TELEMETRY_KEYS: &[&str] = &["enabled", "metrics_addr"];
-const CLASS_KEYS: &[&str] = &["cpus", "cpu_weight", "description"];
+const CLASS_KEYS: &[&str] = &["cpus", "cpu_weight", "env", "description"];
 const RULE_KEYS: &[&str] = &[
     "name", "class", "disabled", "inherit", "ignore_case", "exe", "comm", "argv", "cwd", "cgroup",
     "env", "ancestor", "unless",
@@ -145,6 +181,8 @@ pub struct Class {
     /// Requested core set. None: never moved.
     pub cpus: Option<CoreSpec>,
     pub cpu_weight: u32,
+    /// Environment for programs started with `corral run --class`.
+    pub env: BTreeMap<String, String>,
     /// Where the class was (last) defined, for validation messages.
     pub source: Source,
 }
@@ -233,6 +271,39 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// VRAM coordination and the thermal guard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuConfig {
+    pub enabled: bool,
+    /// libnvidia-ml to load; None: `libnvidia-ml.so.1` from the loader path.
+    pub library: Option<PathBuf>,
+    pub poll_interval: Duration,
+    pub arbiter: ArbiterConfig,
+    pub thermal: ThermalConfig,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: false,
+            library: None,
+            poll_interval: Duration::from_secs(1),
+            arbiter: ArbiterConfig {
+                protected_class: GAME.to_owned(),
+                grace: Duration::from_secs(5),
+                margin: Amount::Percent(5.0),
+                classes: Vec::new(),
+            },
+            thermal: ThermalConfig {
+                gpu_max_c: None,
+                cpu_max_c: None,
+                hysteresis_c: 5.0,
+                hold: Duration::from_secs(30),
+            },
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Policy {
     /// The files this policy was read from, default first.
@@ -242,6 +313,7 @@ pub struct Policy {
     pub modes: ModeConfig,
     pub ananicy: AnanicyConfig,
     pub telemetry: TelemetryConfig,
+    pub gpu: GpuConfig,
     /// Things that did not stop the policy from loading (unknown keys).
     pub warnings: Vec<String>,
 }
@@ -351,6 +423,9 @@ impl Policy {
                 if spec.cpu_weight.is_some() {
                     entry.0.cpu_weight = spec.cpu_weight;
                 }
+                if let Some(env) = spec.env {
+                    entry.0.env.get_or_insert_with(BTreeMap::new).extend(env);
+                }
                 entry.1 = source;
             }
         }
@@ -363,6 +438,7 @@ impl Policy {
             name: SYSTEM.to_owned(),
             cpus: None,
             cpu_weight: 100,
+            env: BTreeMap::new(),
             source: Source {
                 file: PathBuf::from("<built-in>"),
                 line: 0,
@@ -428,7 +504,55 @@ impl Policy {
         let mut modes = ModeConfig::default();
         let mut ananicy = AnanicyConfig::default();
         let mut telemetry = TelemetryConfig::default();
+        let mut gpu = GpuConfig::default();
         for layer in &layers {
+            if let Some(g) = &layer.file.gpu {
+                if let Some(enabled) = g.enabled {
+                    gpu.enabled = enabled;
+                }
+                if let Some(library) = &g.library {
+                    gpu.library = Some(library.clone());
+                }
+                if let Some(ms) = g.poll_interval_ms {
+                    gpu.poll_interval = Duration::from_millis(ms.max(50));
+                }
+                if let Some(ms) = g.grace_ms {
+                    gpu.arbiter.grace = Duration::from_millis(ms);
+                }
+                if let Some(margin) = g.margin {
+                    gpu.arbiter.margin = margin;
+                }
+                if let Some(classes) = &g.classes {
+                    for (class, spec) in classes {
+                        let budget = ClassBudget {
+                            class: class.clone(),
+                            priority: spec.priority,
+                            reserve: spec.reserve,
+                            min: spec.min,
+                            max: spec.max,
+                            ladder: spec.ladder.clone(),
+                        };
+                        match gpu.arbiter.classes.iter_mut().find(|b| b.class == *class) {
+                            Some(existing) => *existing = budget,
+                            None => gpu.arbiter.classes.push(budget),
+                        }
+                    }
+                }
+                if let Some(t) = &g.thermal {
+                    if t.gpu_max_c.is_some() {
+                        gpu.thermal.gpu_max_c = t.gpu_max_c;
+                    }
+                    if t.cpu_max_c.is_some() {
+                        gpu.thermal.cpu_max_c = t.cpu_max_c;
+                    }
+                    if let Some(h) = t.hysteresis_c {
+                        gpu.thermal.hysteresis_c = h;
+                    }
+                    if let Some(ms) = t.hold_ms {
+                        gpu.thermal.hold = Duration::from_millis(ms);
+                    }
+                }
+            }
             if let Some(t) = &layer.file.telemetry {
                 if let Some(enabled) = t.enabled {
                     telemetry.enabled = enabled;
@@ -488,6 +612,24 @@ impl Policy {
                 }
             }
         }
+        if gpu.enabled {
+            let last = layers
+                .iter()
+                .rev()
+                .find(|l| l.file.gpu.is_some())
+                .or(layers.last());
+            let fail = |message: String| match last {
+                Some(l) => invalid_at(&l.path, &l.text, find_key(&l.text, "gpu").or_else(|| l.text.find("[gpu")).unwrap_or(0), message),
+                None => invalid_at(Path::new(""), "", 0, message),
+            };
+            for budget in &gpu.arbiter.classes {
+                if !classes.contains_key(&budget.class) {
+                    return Err(fail(format!("[gpu.classes.{}]: no such class; define it under [classes]", budget.class)));
+                }
+            }
+            gpu.arbiter.validate().map_err(|e| fail(format!("[gpu]: {e}")))?;
+        }
+
         Ok(Policy {
             files: layers.iter().map(|l| l.path.clone()).collect(),
             classes,
@@ -495,6 +637,7 @@ impl Policy {
             modes,
             ananicy,
             telemetry,
+            gpu,
             warnings,
         })
     }
@@ -652,6 +795,7 @@ fn build_class(name: &str, spec: ClassSpec, source: Source) -> Result<Class, Pol
         name: name.to_owned(),
         cpus,
         cpu_weight,
+        env: spec.env.unwrap_or_default(),
         source,
     })
 }
@@ -777,6 +921,9 @@ fn unknown_keys(path: &Path, text: &str, table: &toml::Table, warnings: &mut Vec
     }
     if let Some(t) = table.get("telemetry").and_then(|v| v.as_table()) {
         check(t, "[telemetry]", TELEMETRY_KEYS, &mut warn);
+    }
+    if let Some(g) = table.get("gpu").and_then(|v| v.as_table()) {
+        check(g, "[gpu]", GPU_KEYS, &mut warn);
     }
 }
 

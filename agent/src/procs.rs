@@ -58,6 +58,9 @@ pub struct Proc {
     /// ancestor), relative to the cgroup2 mount: where it goes back when
     /// the policy stops managing it.
     pub origin_cgroup: Option<String>,
+    /// Put in its class by `corral run --class`: rules do not move it, and
+    /// its children keep the class.
+    pub pinned: bool,
 }
 
 impl Proc {
@@ -70,6 +73,7 @@ impl Proc {
             decision: Decision::default_system(),
             placed_class: None,
             origin_cgroup: None,
+            pinned: false,
         }
     }
 }

@@ -74,9 +74,24 @@ impl Agent {
         Self::start_with(name, policy_text, &[])
     }
 
+    /// The scratch directory `start*` will use for `name`, so a test can
+    /// put files there before the agent starts.
+    pub fn dir_for(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("corral-test-{name}-{}", std::process::id()))
+    }
+
     pub fn start_with(name: &str, policy_text: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("corral-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        Self::start_env(name, policy_text, extra, &[])
+    }
+
+    /// Starts the agent with extra arguments and environment variables.
+    pub fn start_env(
+        name: &str,
+        policy_text: &str,
+        extra: &[&str],
+        envs: &[(&str, &Path)],
+    ) -> anyhow::Result<Self> {
+        let dir = Self::dir_for(name);
         std::fs::create_dir_all(&dir)?;
         let policy = dir.join("policy.toml");
         std::fs::write(&policy, policy_text)?;
@@ -95,6 +110,7 @@ impl Agent {
             .arg("--socket")
             .arg(&socket)
             .args(extra)
+            .envs(envs.iter().map(|(k, v)| (*k, *v)))
             .env("RUST_LOG", "corral=debug")
             .stdout(Stdio::null())
             .stderr(log)
