@@ -8,8 +8,9 @@
 //!
 //! The fake re-reads its JSON state file on every NVML call, so the poll
 //! figure is mostly file reading and parsing: an upper bound for the agent's
-//! own work, not a measure of the real driver (see shared/NVML.md for
-//! running against one).
+//! own work, not a measure of the real driver. When the machine has a real
+//! `libnvidia-ml.so.1` and GPU, the same poll is timed against it too, and
+//! what it reports is printed (otherwise one line says why not).
 
 use std::{
     collections::BTreeMap,
@@ -68,6 +69,7 @@ fn main() {
     );
     drop(gpu);
     let _ = std::fs::remove_dir_all(&dir);
+    real_nvml();
 
     let timeline = timeline();
     let mut arbiter = Arbiter::new(config());
@@ -80,6 +82,49 @@ fn main() {
     println!(
         "arbiter: {:.3} µs/decide over a {STEPS}-step timeline ({actions} actions)",
         total.as_secs_f64() * 1e6 / f64::from(STEPS),
+    );
+}
+
+/// The same poll against the machine's own driver, when it has one
+/// (`libnvidia-ml.so.1` through the loader path).
+fn real_nvml() {
+    let gpu = match Gpu::open(None) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            println!("real NVML: not timed: {e}");
+            return;
+        }
+    };
+    let snapshot = match gpu.poll() {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            println!("real NVML: the first poll failed: {e}");
+            return;
+        }
+    };
+    for d in &snapshot.devices {
+        println!(
+            "real NVML: GPU {} {:?} {}: {} of {} MiB used, {} processes, util {:?}%, {:?} °C, \
+             {:?} mW",
+            d.index,
+            d.name,
+            d.uuid,
+            d.used_bytes >> 20,
+            d.total_bytes >> 20,
+            d.processes.len(),
+            d.utilization_gpu,
+            d.temperature_c,
+            d.power_mw
+        );
+    }
+    let started = Instant::now();
+    let mut failed = 0;
+    for _ in 0..POLLS {
+        failed += usize::from(black_box(gpu.poll()).is_err());
+    }
+    println!(
+        "real NVML: {:.1} µs/poll over {POLLS} polls ({failed} failed)",
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(POLLS)
     );
 }
 

@@ -434,3 +434,11 @@ fn poller_keeps_polling_through_errors_that_are_not_a_lost_gpu() {
     assert_eq!(next_snapshot(&mut rx).devices[0].processes.len(), 4);
     stop(rx, handle);
 }
+
+/// The daemon may hand a `Gpu` to another thread or share it.
+#[test]
+fn gpu_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Gpu>();
+    check::<GpuEvent>();
+}

@@ -118,15 +118,21 @@ impl Agent {
             .with_context(|| format!("starting {}", corral_bin().display()))?;
         let mut agent = Agent { child, dir, socket, cgroup_root, policy, override_file };
         let deadline = Instant::now() + Duration::from_secs(30) * timeout_scale();
+        let mut last_error = String::new();
         loop {
-            if agent.corral(&["status", "--json"]).is_ok() {
-                return Ok(agent);
+            match agent.corral(&["status", "--json"]) {
+                Ok(_) => return Ok(agent),
+                Err(e) => last_error = e.to_string(),
             }
             if let Some(status) = agent.child.try_wait()? {
                 bail!("agent exited with {status} during start-up:\n{}", agent.log());
             }
             if Instant::now() > deadline {
-                bail!("agent did not answer within {} s:\n{}", 30 * timeout_scale(), agent.log());
+                bail!(
+                    "agent did not answer within {} s (last client error: {last_error}):\n{}",
+                    30 * timeout_scale(),
+                    agent.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
