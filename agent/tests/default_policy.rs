@@ -185,3 +185,41 @@ fn default_policy_class_cpus_match_the_reference_machine() {
         policy.classes.keys()
     );
 }
+
+/// The seed's VRAM matrix on its 12 GiB RTX 4070, from the shipped default:
+/// game reserve 4 GiB (priority 1), Blender 5-8 (2), ComfyUI 2-3 (3),
+/// dev 1-2 (4); and the same shares on a 24 GiB card.
+#[test]
+fn default_policy_vram_matrix_matches_the_reference_card() {
+    let policy = policy();
+    assert!(policy.gpu.enabled);
+    let gib = 1u64 << 30;
+    let card = 12 * gib;
+    let rounded = |a: Option<corral::arbiter::Amount>, total: u64| {
+        a.map(|a| (a.bytes(total) as f64 / gib as f64).round() as u64)
+    };
+    let budget = |class: &str| {
+        policy
+            .gpu
+            .arbiter
+            .classes
+            .iter()
+            .find(|b| b.class == class)
+            .unwrap_or_else(|| panic!("no VRAM budget for {class}"))
+            .clone()
+    };
+    let game = budget("game");
+    assert_eq!((game.priority, rounded(game.reserve, card)), (1, Some(4)));
+    for (class, priority, min, max) in [("render", 2, 5, 8), ("ai", 3, 2, 3), ("dev", 4, 1, 2)] {
+        let b = budget(class);
+        assert_eq!(
+            (b.priority, rounded(b.min, card), rounded(b.max, card)),
+            (priority, Some(min), Some(max)),
+            "{class}"
+        );
+        assert!(!b.ladder.contains(&corral::arbiter::Step::Kill), "{class} must not be killed by default");
+    }
+    // Scales with the card: twice the card, twice the budgets.
+    assert_eq!(rounded(budget("ai").max, 24 * gib), Some(6));
+    assert_eq!(policy.gpu.arbiter.protected_class, "game");
+}
