@@ -107,6 +107,22 @@ pub fn test_tier() -> anyhow::Result<()> {
     if binaries.len() != VM_TESTS.len() {
         bail!("expected test executables for {VM_TESTS:?}, found {binaries:?}");
     }
+    // The guest sees target/ live through 9p: run copies, so a build on the
+    // host during the (slow) VM run cannot swap a binary under a test. The
+    // tests find `corral` next to their own `deps/` directory.
+    let snapshot = repo_root().join("target/vm-bin");
+    let _ = std::fs::remove_dir_all(&snapshot);
+    std::fs::create_dir_all(snapshot.join("deps"))?;
+    std::fs::copy(repo_root().join("target/debug/corral"), snapshot.join("corral"))
+        .context("copying target/debug/corral for the VM (build it first)")?;
+    let binaries: Vec<String> = binaries
+        .iter()
+        .map(|b| {
+            let name = std::path::Path::new(b).file_name().expect("file name");
+            let copy = snapshot.join("deps").join(name);
+            std::fs::copy(b, &copy).map(|_| copy.display().to_string())
+        })
+        .collect::<Result<_, _>>()?;
     let runs: Vec<String> = binaries
         .iter()
         .map(|b| format!("CORRAL_REQUIRE_CPUSET=1 CORRAL_TIMEOUT_SCALE=6 {b} --test-threads=1 || fail=1"))
