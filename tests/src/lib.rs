@@ -118,12 +118,11 @@ impl Agent {
             .with_context(|| format!("starting {}", corral_bin().display()))?;
         let mut agent = Agent { child, dir, socket, cgroup_root, policy, override_file };
         let deadline = Instant::now() + Duration::from_secs(30) * timeout_scale();
-        let mut last_error = String::new();
         loop {
-            match agent.corral(&["status", "--json"]) {
+            let last_error = match agent.corral(&["status", "--json"]) {
                 Ok(_) => return Ok(agent),
-                Err(e) => last_error = e.to_string(),
-            }
+                Err(e) => e,
+            };
             if let Some(status) = agent.child.try_wait()? {
                 bail!("agent exited with {status} during start-up:\n{}", agent.log());
             }

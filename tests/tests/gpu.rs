@@ -30,7 +30,10 @@ impl Drop for Killed {
 
 /// A stand-in for ComfyUI's HTTP server: records each request line and
 /// body, and runs `on_free` when `/free` is posted.
-fn comfyui_stub(on_free: Arc<Mutex<Option<Box<dyn Fn() + Send>>>>) -> (u16, Arc<Mutex<Vec<String>>>) {
+/// What the stub does when ComfyUI is asked to free memory.
+type OnFree = Arc<Mutex<Option<Box<dyn Fn() + Send>>>>;
+
+fn comfyui_stub(on_free: OnFree) -> (u16, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -96,7 +99,7 @@ fn game_start_asks_then_freezes_ai_thaws_after_and_on_stop() {
     let library = fake_nvml::install_as_libnvidia(&dir);
     let state_file = dir.join("nvml.json");
     state(&state_file, 1, 0);
-    let on_free: Arc<Mutex<Option<Box<dyn Fn() + Send>>>> = Arc::new(Mutex::new(None));
+    let on_free: OnFree = Arc::new(Mutex::new(None));
     let (port, requests) = comfyui_stub(on_free.clone());
 
     let policy = format!(
@@ -182,10 +185,10 @@ exe = ["*/cgp-game"]
     assert!(explain.contains("\"kind\": \"freeze\""), "{explain}");
 
     // The game ends: ai thaws at once.
-    children.0.pop().map(|mut g| {
+    if let Some(mut g) = children.0.pop() {
         let _ = g.kill();
         let _ = g.wait();
-    });
+    }
     assert!(wait_for(Duration::from_secs(5), || !frozen(&ai_group)), "ai stayed frozen after the game");
 
     // Round 2: ComfyUI frees its memory when asked; no freeze is needed.
@@ -205,10 +208,10 @@ exe = ["*/cgp-game"]
     // Round 3: frozen again (ComfyUI ignores us), then the agent stops: the
     // group must not stay frozen.
     *on_free.lock().unwrap() = None;
-    children.0.pop().map(|mut g| {
+    if let Some(mut g) = children.0.pop() {
         let _ = g.kill();
         let _ = g.wait();
-    });
+    }
     state(&state_file, ai_pid, 9 * 1024);
     std::thread::sleep(Duration::from_millis(1000));
     children.0.push(Command::new(&game_bin).arg("120").spawn().unwrap());
