@@ -212,6 +212,11 @@ pub fn serve(path: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<tokio::t
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding control socket {}", path.display()))?;
+    // Every local user may connect; what each may ask is checked per
+    // request against SO_PEERCRED.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("opening {} to local users", path.display()))?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -236,23 +241,30 @@ async fn answer(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> anyhow::Resul
         })
         .unwrap_or_default();
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
-    reader.read_line(&mut line).await?;
-    let response = match serde_json::from_str::<Request>(&line) {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64 + 1));
+    reader.read_until(b'\n', &mut line).await?;
+    let response = match parse_request(&line) {
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
             tx.send((request, peer, reply_tx)).await.map_err(|_| anyhow!("agent is stopping"))?;
             reply_rx.await?
         }
-        Err(e) => Response::Error {
-            message: format!("bad request: {e}"),
-        },
+        Err(message) => Response::Error { message },
     };
     let mut text = serde_json::to_string(&response)?;
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
     Ok(())
+}
+
+/// Parses one request line. Never panics, whatever the bytes.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request too large: more than {MAX_REQUEST} bytes"));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| format!("bad request: not UTF-8 ({e})"))?;
+    serde_json::from_str::<Request>(text.trim()).map_err(|e| format!("bad request: {e}"))
 }
 
 /// Sends one request to the agent at `socket` and waits for the answer.

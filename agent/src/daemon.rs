@@ -99,6 +99,8 @@ pub struct Options {
     pub socket: PathBuf,
     pub dry_run: bool,
     pub ring_bytes: u32,
+    /// How often /proc is swept for processes whose events were missed.
+    pub sweep_interval: Duration,
 }
 
 /// The state the loop owns.
@@ -130,6 +132,8 @@ pub struct Agent {
     /// The metrics endpoint's address once bound.
     metrics_bound: Option<std::net::SocketAddr>,
     gpu: GpuState,
+    /// systemd's notify socket, when started by systemd.
+    notifier: Option<crate::notify::Notifier>,
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
@@ -204,6 +208,7 @@ impl Agent {
             reloads: ReloadCounts::default(),
             metrics_bound: None,
             gpu,
+            notifier: None,
         }
     }
 
@@ -318,10 +323,17 @@ impl Agent {
         Some(tracer.sched_stats(*self.slots.get(class)?))
     }
 
-    pub fn read_kernel_counters(&mut self) {
-        if let Some(tracer) = &self.tracer {
-            self.kernel = tracer.counters();
+    /// Reads the kernel counters; true when records were dropped since the
+    /// last read (then a sweep should follow).
+    pub fn read_kernel_counters(&mut self) -> bool {
+        let Some(tracer) = &self.tracer else { return false };
+        let before = self.kernel.dropped;
+        self.kernel = tracer.counters();
+        if self.kernel.dropped > before {
+            warn!(dropped = self.kernel.dropped - before, "the kernel dropped process events (ring buffer full); sweeping /proc");
+            return true;
         }
+        false
     }
 
     /// Reads every process from /proc, classifies parents before children
@@ -358,10 +370,25 @@ impl Agent {
                 None => warn!(kind = e.kind, "unknown event kind from the kernel"),
             },
             Event::Control((request, peer, reply)) => {
-                let response = match request {
-                    Request::Reload => Response::Reloaded(self.reload()),
-                    Request::Enter { class } => self.enter(&class, peer),
-                    other => self.answer(other),
+                let response = match self.refusal(&request, peer) {
+                    Some(message) => {
+                        warn!(?request, uid = ?peer.uid, "refused: {message}");
+                        Response::Error { message }
+                    }
+                    None => match request {
+                        Request::Reload => {
+                            if let Some(n) = &self.notifier {
+                                n.reloading();
+                            }
+                            let status = self.reload();
+                            if let Some(n) = &self.notifier {
+                                n.ready(&self.one_line_status());
+                            }
+                            Response::Reloaded(status)
+                        }
+                        Request::Enter { class } => self.enter(&class, peer),
+                        other => self.answer(other),
+                    },
                 };
                 let _ = reply.send(response);
             }
@@ -629,6 +656,12 @@ impl Agent {
             if self.decide(pid) {
                 reclassified += 1;
             }
+            if !self.same_process(pid) {
+                // The pid now belongs to another process: forget the old one.
+                self.table.remove(pid);
+                self.games.remove(&pid);
+                continue;
+            }
             let class = self.table.get(pid).map(|p| p.decision.class.clone()).unwrap_or_default();
             let moved = if self.groups.group(&class).is_some() {
                 self.place(pid, None)
@@ -697,6 +730,43 @@ impl Agent {
                 warn!(class, "could not set the core set: {e:#}");
             }
         }
+    }
+
+    /// Why `peer` may not make `request`, if it may not. Reading is open to
+    /// every local user (explain only for their own processes); changing
+    /// anything is for root, except `corral run --class` into classes the
+    /// policy opens to users (`user_run = true`).
+    fn refusal(&self, request: &Request, peer: Peer) -> Option<String> {
+        let uid = peer.uid?;
+        if uid == 0 {
+            return None;
+        }
+        match request {
+            Request::Status | Request::Placements => None,
+            Request::Explain { pid } => match procs::owner(*pid) {
+                Some(owner) if owner == uid => None,
+                Some(_) => Some(format!("process {pid} belongs to another user; only root can explain it")),
+                None => None,
+            },
+            Request::Reload => Some("only root can reload the policy (try `sudo corral reload`)".into()),
+            Request::Enter { class } => match self.policy.class(class) {
+                Some(c) if c.user_run => None,
+                Some(_) => Some(format!(
+                    "class `{class}` is not open to users; root can allow it with `user_run = true` under [classes.{class}]"
+                )),
+                None => None,
+            },
+        }
+    }
+
+    /// A short line for systemd's STATUS=.
+    fn one_line_status(&self) -> String {
+        let placed: u64 = self.placements_by_class.values().sum();
+        format!(
+            "{} processes tracked, {placed} placed, mode {}",
+            self.table.len(),
+            self.modes.mode()
+        )
     }
 
     /// `corral run --class CLASS`: moves the asking process into the class's
@@ -907,6 +977,56 @@ impl Agent {
                 actions::DmemSupport::Present { regions } => format!("present: {regions:?}"),
             },
         }
+    }
+
+    /// Reconciles the table with /proc: learns processes whose events were
+    /// lost (a full ring buffer, a missed exec), places them, and forgets
+    /// processes that are gone. Runs on a slow timer and at once when the
+    /// kernel reports dropped events. Returns how many were newly placed.
+    pub fn sweep(&mut self) -> usize {
+        let live: std::collections::HashSet<u32> = procfs::process::all_processes()
+            .map(|all| all.filter_map(|p| p.ok()).map(|p| p.pid as u32).collect())
+            .unwrap_or_default();
+        if live.is_empty() {
+            return 0;
+        }
+        let gone: Vec<u32> = self.table.iter().map(|(pid, _)| *pid).filter(|pid| !live.contains(pid)).collect();
+        for pid in gone {
+            self.table.remove(pid);
+            self.games.remove(&pid);
+        }
+        let mut fresh = Vec::new();
+        for pid in live {
+            if self.table.get(pid).is_none()
+                && let Ok((info, ppid, start)) = procs::read_proc(pid, &self.env_keys)
+            {
+                self.table.insert(pid, Proc::new(info, ppid, start));
+                fresh.push(pid);
+            }
+        }
+        let mut placed = 0;
+        let order: Vec<u32> = self.table.parents_first().into_iter().filter(|p| fresh.contains(p)).collect();
+        for pid in order {
+            self.decide(pid);
+            self.adopt_if_placed(pid);
+            placed += usize::from(self.place(pid, None));
+        }
+        if placed > 0 {
+            info!(placed, "sweep placed processes whose events were missed");
+            self.update_mode();
+        }
+        placed
+    }
+
+    /// Whether `pid` is still the process the table knows (not a reused
+    /// pid): its start time matches. Unknown start times pass.
+    fn same_process(&self, pid: u32) -> bool {
+        let Some(known) = self.table.get(pid).map(|p| p.start_ticks).filter(|t| *t != 0) else {
+            return true;
+        };
+        procfs::process::Process::new(pid as i32)
+            .and_then(|p| p.stat())
+            .is_ok_and(|stat| stat.starttime == known)
     }
 
     /// Thaws every group under corral's root: the fail-safe on stop and
@@ -1202,6 +1322,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         None => None,
     };
     let mut counters = tokio::time::interval(Duration::from_secs(1));
+    let mut sweeps = tokio::time::interval(options.sweep_interval);
+    sweeps.tick().await;
+    let mut notifier = crate::notify::Notifier::from_env();
+    let watchdog_every = notifier.watchdog_every.unwrap_or(Duration::from_secs(3600));
+    let mut watchdog = tokio::time::interval(watchdog_every);
+    notifier.ready(&agent.one_line_status());
+    notifier.watchdog();
+    agent.notifier = Some(notifier);
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
@@ -1238,11 +1366,30 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 while file_rx.try_recv().is_ok() {}
                 agent.handle(Event::Reload);
             }
-            _ = sighup.recv() => agent.handle(Event::Reload),
+            _ = sighup.recv() => {
+                if let Some(n) = &agent.notifier {
+                    n.reloading();
+                }
+                agent.handle(Event::Reload);
+                if let Some(n) = &agent.notifier {
+                    n.ready(&agent.one_line_status());
+                }
+            }
             _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()).await },
                 if deadline.is_some() => agent.handle(Event::ModeTimer),
+            _ = watchdog.tick() => {
+                // Fed from the loop itself: a stuck loop stops feeding it.
+                if let Some(n) = agent.notifier.as_mut() {
+                    n.watchdog();
+                }
+            }
+            _ = sweeps.tick() => {
+                agent.sweep();
+            }
             _ = counters.tick() => {
-                read_counters(&mut agent);
+                if read_counters(&mut agent) {
+                    agent.sweep();
+                }
                 let text = agent.metrics().render();
                 if let Ok(mut shared) = rendered.lock() {
                     *shared = text;
@@ -1251,6 +1398,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+    }
+    if let Some(n) = &agent.notifier {
+        n.stopping();
     }
     info!("stopping: thawing and widening every managed group to all CPUs");
     agent.thaw_everything();

@@ -21,3 +21,4 @@ pub mod top;
 pub mod gpu;
 pub mod arbiter;
 pub mod actions;
+pub mod notify;

@@ -65,7 +65,22 @@ enum Command {
         /// agent getting a CPU quickly when a game starts. 0 to opt out.
         #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
         nice: i32,
+        /// How often /proc is swept for processes whose events were missed
+        /// (also right after the kernel reports dropped events).
+        #[arg(long, default_value_t = 10_000)]
+        sweep_interval_ms: u64,
     },
+    /// Undo what a crashed agent may have left: thaw every group under the
+    /// cgroup root and give every group all online CPUs. Moves nothing;
+    /// the next `corral run` re-adopts what is in the groups. Safe to run
+    /// any time (the service runs it after every stop).
+    Recover {
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+    },
+    /// Print the manual page (roff) generated from these definitions.
+    #[command(hide = true)]
+    Man,
     /// Classify process chains from JSON lines without an agent or root.
     Classify {
         /// JSON lines: {"id": "...", "chain": [process, ...]}, ancestors
@@ -201,7 +216,13 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run { class: Some(class), program, socket, .. } => run_in_class(&class, &program, &socket),
-        Command::Run { class: None, policy, sysfs_root, cgroup_root, socket, dry_run, ring_buffer_kib, nice, .. } => {
+        Command::Recover { cgroup_root } => recover(&cgroup_root.unwrap_or_else(corral::place::default_root)),
+        Command::Man => {
+            use clap::CommandFactory as _;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Run { class: None, policy, sysfs_root, cgroup_root, socket, dry_run, ring_buffer_kib, nice, sweep_interval_ms, .. } => {
             // SAFETY: setpriority on our own process.
             if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
                 tracing::warn!(nice, "could not set the agent's nice value: {}", std::io::Error::last_os_error());
@@ -217,6 +238,7 @@ fn main() -> anyhow::Result<()> {
                 socket,
                 dry_run,
                 ring_bytes,
+                sweep_interval: std::time::Duration::from_millis(sweep_interval_ms.max(100)),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -501,4 +523,26 @@ fn run_in_class(class: &str, program: &[String], socket: &PathBuf) -> anyhow::Re
         }
         other => reply_error(other),
     }
+}
+
+/// `corral recover`: thaw and widen every group under `root`.
+fn recover(root: &Path) -> anyhow::Result<()> {
+    if !root.exists() {
+        println!("{}: nothing to recover (no such cgroup)", root.display());
+        return Ok(());
+    }
+    let thawed = corral::actions::thaw_all_under(root)
+        .with_context(|| format!("thawing the groups under {}", root.display()))?;
+    let online = corral::cpus::CpuList::online(Path::new("/sys"))?;
+    let mut widened = 0;
+    for entry in std::fs::read_dir(root)?.flatten().filter(|e| e.path().is_dir()) {
+        let cpus = entry.path().join("cpuset.cpus");
+        if cpus.exists() {
+            std::fs::write(&cpus, online.to_string())
+                .with_context(|| format!("writing {}", cpus.display()))?;
+            widened += 1;
+        }
+    }
+    println!("{}: thawed {thawed} groups, gave {widened} groups all CPUs ({online})", root.display());
+    Ok(())
 }

@@ -100,6 +100,8 @@ struct ClassSpec {
     cpu_weight: Option<u32>,
     /// Environment for programs started with `corral run --class`.
     env: Option<BTreeMap<String, String>>,
+    /// Whether users other than root may `corral run --class` into it.
+    user_run: Option<bool>,
     #[allow(dead_code, reason = "documentation for readers of the policy file")]
     description: Option<String>,
 }
@@ -165,7 +167,7 @@ struct AnanicySpec {
 const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy", "telemetry", "gpu"];
 const GPU_KEYS: &[&str] = &["enabled", "library", "poll_interval_ms", "grace_ms", "margin", "classes", "thermal"];
 const TELEMETRY_KEYS: &[&str] = &["enabled", "metrics_addr"];
-const CLASS_KEYS: &[&str] = &["cpus", "cpu_weight", "env", "description"];
+const CLASS_KEYS: &[&str] = &["cpus", "cpu_weight", "env", "user_run", "description"];
 const RULE_KEYS: &[&str] = &[
     "name", "class", "disabled", "inherit", "ignore_case", "exe", "comm", "argv", "cwd", "cgroup",
     "env", "ancestor", "unless",
@@ -183,6 +185,8 @@ pub struct Class {
     pub cpu_weight: u32,
     /// Environment for programs started with `corral run --class`.
     pub env: BTreeMap<String, String>,
+    /// Users other than root may `corral run --class` into it.
+    pub user_run: bool,
     /// Where the class was (last) defined, for validation messages.
     pub source: Source,
 }
@@ -426,6 +430,9 @@ impl Policy {
                 if let Some(env) = spec.env {
                     entry.0.env.get_or_insert_with(BTreeMap::new).extend(env);
                 }
+                if spec.user_run.is_some() {
+                    entry.0.user_run = spec.user_run;
+                }
                 entry.1 = source;
             }
         }
@@ -439,6 +446,7 @@ impl Policy {
             cpus: None,
             cpu_weight: 100,
             env: BTreeMap::new(),
+            user_run: false,
             source: Source {
                 file: PathBuf::from("<built-in>"),
                 line: 0,
@@ -796,6 +804,7 @@ fn build_class(name: &str, spec: ClassSpec, source: Source) -> Result<Class, Pol
         cpus,
         cpu_weight,
         env: spec.env.unwrap_or_default(),
+        user_run: spec.user_run.unwrap_or(false),
         source,
     })
 }

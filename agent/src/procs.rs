@@ -148,6 +148,16 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<(ProcInfo, u32
     Ok((info, stat.ppid as u32, stat.starttime))
 }
 
+/// The real uid of a process, from /proc/PID/status.
+pub fn owner(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// All processes, by tgid.
 #[derive(Debug, Default)]
 pub struct Table {
