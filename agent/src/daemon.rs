@@ -134,6 +134,8 @@ pub struct Agent {
     gpu: GpuState,
     /// systemd's notify socket, when started by systemd.
     notifier: Option<crate::notify::Notifier>,
+    /// The dropped-records count the last full sweep covered.
+    dropped_swept: u64,
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
@@ -209,6 +211,7 @@ impl Agent {
             metrics_bound: None,
             gpu,
             notifier: None,
+            dropped_swept: 0,
         }
     }
 
@@ -323,14 +326,22 @@ impl Agent {
         Some(tracer.sched_stats(*self.slots.get(class)?))
     }
 
-    /// Reads the kernel counters; true when records were dropped since the
-    /// last read (then a sweep should follow).
-    pub fn read_kernel_counters(&mut self) -> bool {
-        let Some(tracer) = &self.tracer else { return false };
-        let before = self.kernel.dropped;
-        self.kernel = tracer.counters();
-        if self.kernel.dropped > before {
-            warn!(dropped = self.kernel.dropped - before, "the kernel dropped process events (ring buffer full); sweeping /proc");
+    /// Reads the kernel counters.
+    pub fn read_kernel_counters(&mut self) {
+        if let Some(tracer) = &self.tracer {
+            self.kernel = tracer.counters();
+        }
+    }
+
+    /// Whether records were dropped since the last full sweep (then one is
+    /// due); remembers that it said so.
+    fn dropped_since_sweep(&mut self) -> bool {
+        if self.kernel.dropped > self.dropped_swept {
+            warn!(
+                dropped = self.kernel.dropped - self.dropped_swept,
+                "the kernel dropped process events (ring buffer full); sweeping /proc"
+            );
+            self.dropped_swept = self.kernel.dropped;
             return true;
         }
         false
@@ -983,12 +994,30 @@ impl Agent {
     /// lost (a full ring buffer, a missed exec), places them, and forgets
     /// processes that are gone. Runs on a slow timer and at once when the
     /// kernel reports dropped events. Returns how many were newly placed.
-    pub fn sweep(&mut self) -> usize {
+    ///
+    /// `full`: after dropped events, also re-read every known process,
+    /// since a lost exec leaves a process known only by its parent's fork.
+    pub fn sweep(&mut self, full: bool) -> usize {
         let live: std::collections::HashSet<u32> = procfs::process::all_processes()
             .map(|all| all.filter_map(|p| p.ok()).map(|p| p.pid as u32).collect())
             .unwrap_or_default();
         if live.is_empty() {
             return 0;
+        }
+        let mut stale = Vec::new();
+        if full {
+            let known: Vec<u32> = self.table.iter().map(|(pid, _)| *pid).filter(|pid| live.contains(pid)).collect();
+            for pid in known {
+                let Ok((info, _, start)) = procs::read_proc(pid, &self.env_keys) else { continue };
+                if let Some(p) = self.table.get_mut(pid)
+                    && !p.pinned
+                    && (p.info != info || p.start_ticks != start)
+                {
+                    p.info = info;
+                    p.start_ticks = start;
+                    stale.push(pid);
+                }
+            }
         }
         let gone: Vec<u32> = self.table.iter().map(|(pid, _)| *pid).filter(|pid| !live.contains(pid)).collect();
         for pid in gone {
@@ -1005,6 +1034,7 @@ impl Agent {
             }
         }
         let mut placed = 0;
+        fresh.extend(stale);
         let order: Vec<u32> = self.table.parents_first().into_iter().filter(|p| fresh.contains(p)).collect();
         for pid in order {
             self.decide(pid);
@@ -1384,11 +1414,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 }
             }
             _ = sweeps.tick() => {
-                agent.sweep();
+                agent.sweep(false);
             }
             _ = counters.tick() => {
-                if read_counters(&mut agent) {
-                    agent.sweep();
+                read_counters(&mut agent);
+                if agent.dropped_since_sweep() {
+                    agent.sweep(true);
                 }
                 let text = agent.metrics().render();
                 if let Ok(mut shared) = rendered.lock() {

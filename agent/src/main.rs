@@ -65,6 +65,11 @@ enum Command {
         /// agent getting a CPU quickly when a game starts. 0 to opt out.
         #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
         nice: i32,
+        /// Run the agent's event loop at real-time priority (SCHED_FIFO 1),
+        /// so a placement never waits behind a busy CPU. Opt-in: the kernel's
+        /// RT throttling still leaves other work 5% should the agent spin.
+        #[arg(long)]
+        realtime: bool,
         /// How often /proc is swept for processes whose events were missed
         /// (also right after the kernel reports dropped events).
         #[arg(long, default_value_t = 10_000)]
@@ -222,7 +227,14 @@ fn main() -> anyhow::Result<()> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
-        Command::Run { class: None, policy, sysfs_root, cgroup_root, socket, dry_run, ring_buffer_kib, nice, sweep_interval_ms, .. } => {
+        Command::Run { class: None, policy, sysfs_root, cgroup_root, socket, dry_run, ring_buffer_kib, nice, sweep_interval_ms, realtime, .. } => {
+            if realtime {
+                let param = libc::sched_param { sched_priority: 1 };
+                // SAFETY: sched_setscheduler on our own thread with a valid param.
+                if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+                    tracing::warn!("could not switch to SCHED_FIFO: {}", std::io::Error::last_os_error());
+                }
+            }
             // SAFETY: setpriority on our own process.
             if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
                 tracing::warn!(nice, "could not set the agent's nice value: {}", std::io::Error::last_os_error());

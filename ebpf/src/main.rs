@@ -155,6 +155,7 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), i32> {
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    sched::forget_task(pid);
     // Only the group leader's exit ends a process for the agent.
     if tgid == pid {
         let _ = PARENTS.remove(tgid);

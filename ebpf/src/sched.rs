@@ -68,6 +68,13 @@ fn stats(slot: u32) -> Option<*mut ClassStats> {
     CLASS_STATS.get_ptr_mut(slot)
 }
 
+/// Forgets an exiting task, so the maps hold live tasks only and never
+/// need to evict (LRU eviction under the scheduler's locks is costly).
+pub fn forget_task(pid: u32) {
+    let _ = TASK_CGROUP.remove(pid);
+    let _ = RUNNABLE_SINCE.remove(pid);
+}
+
 #[tracepoint]
 pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
     mark_runnable(&ctx);

@@ -97,7 +97,14 @@ impl Agent {
         std::fs::write(&policy, policy_text)?;
         let socket = dir.join("control.sock");
         let override_file = dir.join("override.toml");
-        let cgroup_root = cgroup2_mount().join(format!("corral-test-{name}-{}", std::process::id()));
+        // A test may bring its own root (`--cgroup-root DIR` in `extra`).
+        let cgroup_root = extra
+            .iter()
+            .position(|a| *a == "--cgroup-root")
+            .and_then(|i| extra.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cgroup2_mount().join(format!("corral-test-{name}-{}", std::process::id())));
+        let own_root = !extra.contains(&"--cgroup-root");
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let child = Command::new(corral_bin())
             .arg("run")
@@ -105,8 +112,8 @@ impl Agent {
             .arg(&policy)
             .arg("--override")
             .arg(&override_file)
-            .arg("--cgroup-root")
-            .arg(&cgroup_root)
+            .args(own_root.then_some("--cgroup-root"))
+            .args(own_root.then_some(&cgroup_root))
             .arg("--socket")
             .arg(&socket)
             .args(extra)

@@ -49,6 +49,9 @@ pub enum Bench {
         /// How long each process lives, in ms.
         #[arg(long, default_value_t = 200)]
         life_ms: u32,
+        /// Run the agent with scheduling telemetry off.
+        #[arg(long)]
+        no_telemetry: bool,
         /// Extra arguments for `corral run`, e.g. `--nice 0`.
         #[arg(last = true)]
         agent_args: Vec<String>,
@@ -59,7 +62,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Reload { processes } => reload(processes),
         Bench::Overhead { rounds, groups, loops, idle_secs } => overhead(rounds, groups, loops, idle_secs),
-        Bench::Exec { rate, count, life_ms, agent_args } => exec(rate, count, life_ms, &agent_args),
+        Bench::Exec { rate, count, life_ms, no_telemetry, agent_args } => exec(rate, count, life_ms, !no_telemetry, &agent_args),
     }
 }
 
@@ -179,11 +182,13 @@ fn start_agent(dir: &Path, policy_text: &str, agent_args: &[String]) -> anyhow::
     Ok(agent)
 }
 
-fn exec(rate: u32, count: u32, life_ms: u32, agent_args: &[String]) -> anyhow::Result<()> {
+fn exec(rate: u32, count: u32, life_ms: u32, telemetry: bool, agent_args: &[String]) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("corral-bench-{}", std::process::id()));
     let agent = start_agent(
         &dir,
-        "[classes.game]\ncpus = \"0\"\ncpu_weight = 1000\n\n[[rules]]\nname = \"bench-game\"\nclass = \"game\"\nexe = [\"*/corral-bench-game\"]\n",
+        &format!(
+            "[classes.game]\ncpus = \"0\"\ncpu_weight = 1000\n\n[telemetry]\nenabled = {telemetry}\nmetrics_addr = \"\"\n\n[[rules]]\nname = \"bench-game\"\nclass = \"game\"\nexe = [\"*/corral-bench-game\"]\n"
+        ),
         agent_args,
     )?;
     let agent_pid = agent.child.id();
@@ -246,7 +251,7 @@ fn exec(rate: u32, count: u32, life_ms: u32, agent_args: &[String]) -> anyhow::R
     let working = sorted(|m| m.2);
     let missed = spawned.len() - latencies.len();
     let us = |ns: u64| ns as f64 / 1000.0;
-    println!("bench exec: rate {rate}/s, count {count}, life {life_ms} ms, agent args {agent_args:?}");
+    println!("bench exec: rate {rate}/s, count {count}, life {life_ms} ms, telemetry {telemetry}, agent args {agent_args:?}");
     println!(
         "  spawned {} in {spawn_secs:.2} s ({:.0}/s achieved), spawn failures {spawn_failures}",
         spawned.len(),

@@ -3,6 +3,7 @@
 //! is missing (nightly rust-src, bpf-linker, the VM tools) first.
 
 mod bench;
+mod package;
 mod setup;
 mod vm;
 
@@ -38,6 +39,9 @@ enum Task {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// Build the man page and the Debian package, verify the systemd unit,
+    /// parse the Nix files.
+    Package,
     /// Run a command inside the cgroup-v2-only VM (see shared/VM.md).
     Vm {
         #[arg(last = true, required = true)]
@@ -75,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&["clippy", "--workspace", "--exclude", "corral-ebpf", "--all-targets", "--", "-D", "warnings"])?;
             // One at a time: the agent tests share the machine's process tree.
             cargo(&["test", "--workspace", "--", "--test-threads=1"])?;
+            package::package()?;
             if no_vm {
                 println!("VM tier skipped (--no-vm)");
                 return Ok(());
@@ -88,6 +93,10 @@ fn main() -> anyhow::Result<()> {
             bench::run(bench)
         }
         Task::Vm { command } => vm::run(&command.join(" ")),
+        Task::Package => {
+            setup::ebpf_toolchain()?;
+            package::package()
+        }
     }
 }
 
