@@ -283,3 +283,39 @@ pub fn request(socket: &PathBuf, request: &Request) -> anyhow::Result<Response> 
     std::io::BufReader::new(stream).read_line(&mut line)?;
     serde_json::from_str(&line).with_context(|| format!("unreadable answer from the agent: {line:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever arrives on the socket, parsing returns instead of
+        /// panicking.
+        #[test]
+        fn parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse_request(&bytes);
+        }
+
+        /// JSON-shaped noise around the real commands.
+        #[test]
+        fn json_like_requests_never_panic(cmd in "[a-z_]{0,12}", pid in any::<i64>(), class in "\\PC{0,20}") {
+            let text = format!("{{\"cmd\": \"{cmd}\", \"pid\": {pid}, \"class\": {class:?}}}\n");
+            let _ = parse_request(text.as_bytes());
+        }
+
+        #[test]
+        fn valid_requests_round_trip(pid in any::<u32>()) {
+            let text = serde_json::to_string(&Request::Explain { pid }).unwrap();
+            let parsed = matches!(parse_request(text.as_bytes()), Ok(Request::Explain { pid: p }) if p == pid);
+            prop_assert!(parsed, "{} did not round-trip", text);
+        }
+    }
+
+    #[test]
+    fn oversized_requests_are_refused() {
+        let huge = vec![b'{'; MAX_REQUEST + 1];
+        assert!(parse_request(&huge).unwrap_err().contains("too large"));
+    }
+}
