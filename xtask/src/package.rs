@@ -25,8 +25,8 @@ const DEB_CONTENTS: &[&str] = &[
     "./usr/bin/corral",
     "./usr/share/corral/default.toml",
     "./etc/corral/README",
-    "./usr/share/man/man1/corral.1",
-    "./lib/systemd/system/corral.service",
+    "./usr/share/man/man1/corral.1.gz",
+    "./usr/lib/systemd/system/corral.service",
 ];
 
 pub fn package() -> anyhow::Result<()> {
@@ -39,18 +39,20 @@ pub fn package() -> anyhow::Result<()> {
     if !man.contains(".TH corral") {
         bail!("`corral man` did not print a man page");
     }
-    std::fs::create_dir_all(root.join("target/man"))?;
-    std::fs::write(root.join("target/man/corral.1"), &man)?;
-    println!("man page: target/man/corral.1 ({} lines)", man.lines().count());
+    std::fs::create_dir_all(root.join("target/man/man1"))?;
+    std::fs::write(root.join("target/man/man1/corral.1"), &man)?;
+    println!("man page: target/man/man1/corral.1 ({} lines)", man.lines().count());
 
     // systemd unit, with the paths pointed at this build.
-    apt(&["systemd"])?;
+    apt(&["systemd", "man-db"])?;
     let unit = std::fs::read_to_string(root.join("packaging/corral.service"))?
         .replace("/usr/bin/corral", &corral.display().to_string());
     let dir = root.join("target/unit-check");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("corral.service"), unit)?;
     let verify = Command::new("systemd-analyze")
+        // Documentation=man:corral(1) is checked with `man`.
+        .env("MANPATH", root.join("target/man"))
         .arg("verify")
         .arg(dir.join("corral.service"))
         .output()?;
