@@ -81,7 +81,7 @@ pub fn run(command: &str) -> anyhow::Result<()> {
 }
 
 /// Integration test files run again in the VM.
-const VM_TESTS: &[&str] = &["agent", "reload"];
+const VM_TESTS: &[&str] = &["agent", "reload", "service"];
 
 /// Builds the integration tests here and runs them in the VM, where the
 /// cpuset controller exists; CORRAL_REQUIRE_CPUSET=1 makes its absence a
