@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
@@ -90,62 +90,83 @@ pub enum ReadError {
 
 /// Reads a process's facts from /proc, keeping the environment variables in
 /// `env_keys`. Returns the info, the parent pid and the start time.
+///
+/// This is on the exec path, so it reads the files directly (one read or
+/// readlink each) instead of through a general /proc library.
 pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<(ProcInfo, u32, u64), ReadError> {
-    let wrap = |source: procfs::ProcError| match source {
-        procfs::ProcError::NotFound(_) => ReadError::Gone(pid),
-        source => ReadError::Other { pid, source },
+    let dir = format!("/proc/{pid}");
+    let gone = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => ReadError::Gone(pid),
+        _ if e.raw_os_error() == Some(libc::ESRCH) => ReadError::Gone(pid),
+        _ => ReadError::Other { pid, source: procfs::ProcError::Io(e, Some(PathBuf::from(&dir))) },
     };
-    let process = procfs::process::Process::new(pid as i32).map_err(wrap)?;
-    let stat = process.stat().map_err(wrap)?;
+    let stat = std::fs::read(format!("{dir}/stat")).map_err(gone)?;
+    let (comm, ppid, start_ticks) = parse_stat(&stat).ok_or_else(|| ReadError::Other {
+        pid,
+        source: procfs::ProcError::Incomplete(Some(PathBuf::from(format!("{dir}/stat")))),
+    })?;
     // Kernel threads have no exe and no argv; an unreadable exe of a user
     // process (permissions, a zombie) leaves it empty.
-    let exe = process
-        .exe()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let argv = process.cmdline().unwrap_or_default();
-    let cwd = process
-        .cwd()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let cgroup = process
-        .cgroups()
-        .ok()
-        .and_then(|groups| {
-            groups
-                .0
-                .into_iter()
-                .find(|g| g.hierarchy == 0)
-                .map(|g| g.pathname)
+    let link = |name: &str| {
+        std::fs::read_link(format!("{dir}/{name}"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let exe = link("exe");
+    let cwd = link("cwd");
+    let argv: Vec<String> = std::fs::read(format!("{dir}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
         })
         .unwrap_or_default();
-    let env = process
-        .environ()
-        .map(|vars| {
-            vars.into_iter()
-                .filter_map(|(k, v)| {
-                    let k = k.to_string_lossy().into_owned();
-                    (env_keys.contains(&k) || ENV_ALWAYS.contains(&k.as_str()))
-                        .then(|| (k, v.to_string_lossy().into_owned()))
+    let cgroup = std::fs::read_to_string(format!("{dir}/cgroup"))
+        .ok()
+        .and_then(|text| text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned))
+        .unwrap_or_default();
+    let env = std::fs::read(format!("{dir}/environ"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter_map(|var| {
+                    let eq = var.iter().position(|b| *b == b'=')?;
+                    let key = std::str::from_utf8(&var[..eq]).ok()?;
+                    (env_keys.contains(key) || ENV_ALWAYS.contains(&key))
+                        .then(|| (key.to_owned(), String::from_utf8_lossy(&var[eq + 1..]).into_owned()))
                 })
                 .collect()
         })
         .unwrap_or_default();
+    // A process that exited while we read has left most fields empty:
+    // report it gone rather than classify a husk.
+    if exe.is_empty() && argv.is_empty() && !Path::new(&dir).exists() {
+        return Err(ReadError::Gone(pid));
+    }
     let info = ProcInfo {
         pid,
         exe,
-        comm: stat.comm.clone(),
+        comm,
         argv,
         cwd,
         cgroup,
         env,
     };
-    // A process that is gone by now has left most fields empty: report it
-    // gone rather than classify a husk.
-    if !Path::new(&format!("/proc/{pid}")).exists() {
-        return Err(ReadError::Gone(pid));
-    }
-    Ok((info, stat.ppid as u32, stat.starttime))
+    Ok((info, ppid, start_ticks))
+}
+
+/// comm, ppid and start time (clock ticks) from /proc/PID/stat. The comm
+/// sits in parentheses and may itself contain ") ".
+fn parse_stat(stat: &[u8]) -> Option<(String, u32, u64)> {
+    let open = stat.iter().position(|b| *b == b'(')?;
+    let close = stat.iter().rposition(|b| *b == b')')?;
+    let comm = String::from_utf8_lossy(stat.get(open + 1..close)?).into_owned();
+    let rest = std::str::from_utf8(stat.get(close + 2..)?).ok()?;
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // rest[0] is field 3 (state): ppid is field 4, starttime field 22.
+    let ppid = fields.get(1)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((comm, ppid, start))
 }
 
 /// The real uid of a process, from /proc/PID/status.
@@ -240,5 +261,28 @@ impl Table {
         }
         chain.reverse();
         chain
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_parentheses_in_comm() {
+        let stat = b"4242 (we) ird) S 17 4242 4242 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 987654 0 0";
+        assert_eq!(parse_stat(stat), Some(("we) ird".to_owned(), 17, 987654)));
+        assert_eq!(parse_stat(b"garbage"), None);
+    }
+
+    #[test]
+    fn reads_this_process_and_reports_a_missing_one_gone() {
+        let keys = BTreeSet::from(["PATH".to_owned()]);
+        let (info, ppid, start) = read_proc(std::process::id(), &keys).unwrap();
+        assert_eq!(info.exe, std::env::current_exe().unwrap().to_string_lossy());
+        assert_eq!(info.argv.first().map(String::as_str), std::env::args().next().as_deref());
+        assert!(info.env.contains_key("PATH"));
+        assert!(ppid > 0 && start > 0);
+        assert!(matches!(read_proc(u32::MAX - 7, &keys), Err(ReadError::Gone(_))));
     }
 }
