@@ -2,7 +2,6 @@
 //! in OUT_DIR for `include_bytes_aligned!`.
 use anyhow::{Context as _, anyhow};
 
-
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()

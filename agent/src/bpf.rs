@@ -9,7 +9,9 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, trace_point::TracePointLinkId},
 };
-use corral_common::{CLASS_SLOTS, ClassStats, ProcEvent, RUNQ_BUCKETS, SchedLayout, TracepointLayout, counter};
+use corral_common::{
+    CLASS_SLOTS, ClassStats, ProcEvent, RUNQ_BUCKETS, SchedLayout, TracepointLayout, counter,
+};
 
 /// The object built from `ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/corral"));
@@ -104,10 +106,12 @@ impl Tracer {
                 .ok_or_else(|| anyhow!("COUNTERS map missing"))?,
         )?;
         let class_of = BpfHashMap::try_from(
-            ebpf.take_map("CLASS_OF").ok_or_else(|| anyhow!("CLASS_OF map missing"))?,
+            ebpf.take_map("CLASS_OF")
+                .ok_or_else(|| anyhow!("CLASS_OF map missing"))?,
         )?;
         let class_stats = PerCpuArray::try_from(
-            ebpf.take_map("CLASS_STATS").ok_or_else(|| anyhow!("CLASS_STATS map missing"))?,
+            ebpf.take_map("CLASS_STATS")
+                .ok_or_else(|| anyhow!("CLASS_STATS map missing"))?,
         )?;
         for (_, name) in TELEMETRY {
             let program: &mut TracePoint = ebpf
@@ -253,7 +257,9 @@ pub fn sched_layout_from_tracefs(tracefs: &Path) -> anyhow::Result<SchedLayout> 
     let wakeup = offset("sched_wakeup", "pid")?;
     let wakeup_new = offset("sched_wakeup_new", "pid")?;
     if wakeup != wakeup_new {
-        return Err(anyhow!("sched_wakeup and sched_wakeup_new place `pid` differently ({wakeup} vs {wakeup_new})"));
+        return Err(anyhow!(
+            "sched_wakeup and sched_wakeup_new place `pid` differently ({wakeup} vs {wakeup_new})"
+        ));
     }
     Ok(SchedLayout {
         switch_prev_pid: offset("sched_switch", "prev_pid")?,
@@ -297,11 +303,14 @@ fn ensure_tracefs() -> anyhow::Result<()> {
 /// files under `tracefs`.
 pub fn layout_from_tracefs(tracefs: &Path) -> anyhow::Result<TracepointLayout> {
     let offset = |category: &str, event: &str, field: &str| -> anyhow::Result<u32> {
-        let path = tracefs.join("events").join(category).join(event).join("format");
+        let path = tracefs
+            .join("events")
+            .join(category)
+            .join(event)
+            .join("format");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        field_offset(&text, field)
-            .ok_or_else(|| anyhow!("{}: no field `{field}`", path.display()))
+        field_offset(&text, field).ok_or_else(|| anyhow!("{}: no field `{field}`", path.display()))
     };
     Ok(TracepointLayout {
         exec_filename: offset("sched", "sched_process_exec", "filename")?,

@@ -79,12 +79,16 @@ pub fn classify_one(
     ancestors: &[&ProcInfo],
     parent_decision: Option<&Decision>,
 ) -> Decision {
-    if let Some(rule) = policy.rules.iter().find(|r| rule_matches(r, process, ancestors)) {
+    if let Some(rule) = policy
+        .rules
+        .iter()
+        .find(|r| rule_matches(r, process, ancestors))
+    {
         return Decision::from_rule(rule);
     }
-    if let Some(found) = ananicy.and_then(|a| {
-        a.lookup_process(&process.comm, process.argv.first().map(String::as_str))
-    }) {
+    if let Some(found) = ananicy
+        .and_then(|a| a.lookup_process(&process.comm, process.argv.first().map(String::as_str)))
+    {
         // ananicy-cpp rules name one program each: nothing passes down.
         return Decision {
             class: found.class.to_owned(),
@@ -103,11 +107,21 @@ pub fn classify_one(
 }
 
 /// Classifies the last process of `chain` (outermost ancestor first).
-pub fn classify_chain(policy: &Policy, ananicy: Option<&AnanicyRules>, chain: &[ProcInfo]) -> Decision {
+pub fn classify_chain(
+    policy: &Policy,
+    ananicy: Option<&AnanicyRules>,
+    chain: &[ProcInfo],
+) -> Decision {
     let refs: Vec<&ProcInfo> = chain.iter().collect();
     let mut decision: Option<Decision> = None;
     for (i, process) in chain.iter().enumerate() {
-        decision = Some(classify_one(policy, ananicy, process, &refs[..i], decision.as_ref()));
+        decision = Some(classify_one(
+            policy,
+            ananicy,
+            process,
+            &refs[..i],
+            decision.as_ref(),
+        ));
     }
     decision.unwrap_or_else(Decision::default_system)
 }

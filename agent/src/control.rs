@@ -31,14 +31,18 @@ pub enum Request {
     Status,
     /// Re-read the policy files now.
     Reload,
-    Explain { pid: u32 },
+    Explain {
+        pid: u32,
+    },
     /// Every placement of a process that the kernel saw exec, with its
     /// latency (for the exec benchmark).
     Placements,
     /// Put the asking process into `class`'s group for good (it keeps the
     /// class across exec): `corral run --class`. Answers the class's
     /// environment.
-    Enter { class: String },
+    Enter {
+        class: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,10 +50,17 @@ pub enum Request {
 pub enum Response {
     Status(Box<Status>),
     Explain(Box<Explanation>),
-    Placements { placements: Vec<Placement> },
+    Placements {
+        placements: Vec<Placement>,
+    },
     Reloaded(ReloadStatus),
-    Entered { group: String, env: std::collections::BTreeMap<String, String> },
-    Error { message: String },
+    Entered {
+        group: String,
+        env: std::collections::BTreeMap<String, String>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,7 +216,10 @@ pub struct Peer {
 }
 
 /// Binds the socket (replacing a stale one) and forwards requests to `tx`.
-pub fn serve(path: &Path, tx: mpsc::Sender<Incoming>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub fn serve(
+    path: &Path,
+    tx: mpsc::Sender<Incoming>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -247,7 +261,9 @@ async fn answer(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> anyhow::Resul
     let response = match parse_request(&line) {
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
-            tx.send((request, peer, reply_tx)).await.map_err(|_| anyhow!("agent is stopping"))?;
+            tx.send((request, peer, reply_tx))
+                .await
+                .map_err(|_| anyhow!("agent is stopping"))?;
             reply_rx.await?
         }
         Err(message) => Response::Error { message },
@@ -281,7 +297,8 @@ pub fn request(socket: &PathBuf, request: &Request) -> anyhow::Result<Response> 
     stream.write_all(text.as_bytes())?;
     let mut line = String::new();
     std::io::BufReader::new(stream).read_line(&mut line)?;
-    serde_json::from_str(&line).with_context(|| format!("unreadable answer from the agent: {line:?}"))
+    serde_json::from_str(&line)
+        .with_context(|| format!("unreadable answer from the agent: {line:?}"))
 }
 
 #[cfg(test)]

@@ -12,9 +12,9 @@ impl CpuList {
         for part in text.trim().split(',').filter(|p| !p.trim().is_empty()) {
             let part = part.trim();
             let number = |s: &str| {
-                s.trim()
-                    .parse::<u32>()
-                    .map_err(|_| format!("`{text}`: `{s}` is not a CPU number (expected e.g. \"0-7,12\")"))
+                s.trim().parse::<u32>().map_err(|_| {
+                    format!("`{text}`: `{s}` is not a CPU number (expected e.g. \"0-7,12\")")
+                })
             };
             match part.split_once('-') {
                 Some((lo, hi)) => {

@@ -17,14 +17,14 @@ use crate::{
     actions,
     ananicy::AnanicyRules,
     arbiter::{Action, ActionKind, Arbiter, Observation, ThermalAction, ThermalGuard},
-    gpu::{GpuEvent, GpuSnapshot},
     bpf::{self, KernelCounters, SchedStats, Tracer},
     classify,
     control::{
-        self, AncestorLine, ClassStatus, EventCounts, Explanation, GpuActionRecord, GpuStatus, Peer,
-        Placement, ReloadStatus, Request, Response, Status,
+        self, AncestorLine, ClassStatus, EventCounts, Explanation, GpuActionRecord, GpuStatus,
+        Peer, Placement, ReloadStatus, Request, Response, Status,
     },
     cpus::CpuList,
+    gpu::{GpuEvent, GpuSnapshot},
     metrics::{self, ClassMetrics, GpuMetrics, Histogram, Metrics, ReloadCounts},
     modes::{self, Mode, ModeSwitch},
     place::{Groups, MoveError},
@@ -71,7 +71,8 @@ impl GpuState {
     fn new(policy: &Policy) -> Self {
         GpuState {
             on: false,
-            off_reason: (!policy.gpu.enabled).then(|| "off in the policy ([gpu] enabled = false)".to_owned()),
+            off_reason: (!policy.gpu.enabled)
+                .then(|| "off in the policy ([gpu] enabled = false)".to_owned()),
             last: None,
             arbiter: Arbiter::new(policy.gpu.arbiter.clone()),
             thermal: ThermalGuard::new(policy.gpu.thermal.clone()),
@@ -140,7 +141,10 @@ pub struct Agent {
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -215,13 +219,24 @@ impl Agent {
         }
     }
 
-    /// Everything the agent exports, as of now.
-    pub fn metrics(&self) -> Metrics {
-        let vram = self.gpu.last.as_ref().map(|s| self.vram_by_class(s)).unwrap_or_default();
+    /// Tracked processes per class.
+    fn processes_by_class(&self) -> BTreeMap<&str, u64> {
         let mut processes: BTreeMap<&str, u64> = BTreeMap::new();
         for (_, p) in self.table.iter() {
             *processes.entry(p.decision.class.as_str()).or_default() += 1;
         }
+        processes
+    }
+
+    /// Everything the agent exports, as of now.
+    pub fn metrics(&self) -> Metrics {
+        let vram = self
+            .gpu
+            .last
+            .as_ref()
+            .map(|s| self.vram_by_class(s))
+            .unwrap_or_default();
+        let processes = self.processes_by_class();
         let classes = self
             .policy
             .classes
@@ -232,14 +247,21 @@ impl Agent {
                 let mut m = ClassMetrics {
                     processes: processes.get(class.name.as_str()).copied().unwrap_or(0),
                     cpu_seconds: sched.as_ref().map_or(0.0, |s| s.oncpu_ns as f64 / 1e9),
-                    runqueue_latency: sched
-                        .as_ref()
-                        .map_or_else(|| Histogram::from_log2_us(&[]), |s| Histogram::from_log2_us(&s.runq_hist)),
-                    placements: self.placements_by_class.get(&class.name).copied().unwrap_or(0),
+                    runqueue_latency: sched.as_ref().map_or_else(
+                        || Histogram::from_log2_us(&[]),
+                        |s| Histogram::from_log2_us(&s.runq_hist),
+                    ),
+                    placements: self
+                        .placements_by_class
+                        .get(&class.name)
+                        .copied()
+                        .unwrap_or(0),
                     cpus: group.map_or(0, |g| g.cpus.len() as u64),
                     ..Default::default()
                 };
-                if let Some(pressure) = group.and_then(|g| std::fs::read_to_string(g.path.join("cpu.pressure")).ok()) {
+                if let Some(pressure) =
+                    group.and_then(|g| std::fs::read_to_string(g.path.join("cpu.pressure")).ok())
+                {
                     m.set_cpu_pressure(&pressure);
                 }
                 if let Some(snapshot) = &self.gpu.last {
@@ -306,7 +328,9 @@ impl Agent {
             .zip(1..)
             .map(|(g, slot)| (g.class.clone(), slot))
             .collect();
-        let Some(tracer) = self.tracer.as_mut() else { return };
+        let Some(tracer) = self.tracer.as_mut() else {
+            return;
+        };
         let ids: Vec<(u64, u32)> = self
             .groups
             .iter()
@@ -358,13 +382,22 @@ impl Agent {
             self.place(pid, None);
         }
         self.update_mode();
-        info!(processes = self.table.len(), "process table seeded from /proc");
+        info!(
+            processes = self.table.len(),
+            "process table seeded from /proc"
+        );
     }
 
     fn adopt_if_placed(&mut self, pid: u32) {
         let Some(p) = self.table.get(pid) else { return };
-        let Some(group) = self.groups.group(&p.decision.class) else { return };
-        if self.groups.relative(&group.path).is_some_and(|rel| rel == p.info.cgroup) {
+        let Some(group) = self.groups.group(&p.decision.class) else {
+            return;
+        };
+        if self
+            .groups
+            .relative(&group.path)
+            .is_some_and(|rel| rel == p.info.cgroup)
+        {
             let class = p.decision.class.clone();
             if let Some(p) = self.table.get_mut(pid) {
                 p.placed_class = Some(class);
@@ -475,7 +508,10 @@ impl Agent {
             self.games.insert(child);
         }
         if let Some(class) = parent.placed_class {
-            let in_group = self.groups.group(&class).is_some_and(|g| g.id == e.cgroup_id);
+            let in_group = self
+                .groups
+                .group(&class)
+                .is_some_and(|g| g.id == e.cgroup_id);
             if in_group {
                 if let Some(p) = self.table.get_mut(child) {
                     p.placed_class = Some(class);
@@ -506,12 +542,17 @@ impl Agent {
     /// Returns whether the class changed.
     fn decide(&mut self, pid: u32) -> bool {
         let ancestors = self.table.ancestors(pid);
-        let Some(process) = self.table.get(pid) else { return false };
+        let Some(process) = self.table.get(pid) else {
+            return false;
+        };
         let infos: Vec<&ProcInfo> = ancestors
             .iter()
             .filter_map(|a| self.table.get(*a).map(|p| &p.info))
             .collect();
-        let parent_decision = ancestors.last().and_then(|a| self.table.get(*a)).map(|p| &p.decision);
+        let parent_decision = ancestors
+            .last()
+            .and_then(|a| self.table.get(*a))
+            .map(|p| &p.decision);
         let decision = classify::classify_one(
             &self.policy,
             self.ananicy.as_ref(),
@@ -524,7 +565,9 @@ impl Agent {
         } else {
             self.games.remove(&pid);
         }
-        let Some(p) = self.table.get_mut(pid) else { return false };
+        let Some(p) = self.table.get_mut(pid) else {
+            return false;
+        };
         let changed = p.decision.class != decision.class;
         p.decision = decision;
         changed
@@ -538,7 +581,9 @@ impl Agent {
         if pid == self.own_pid || pid <= 2 {
             return false;
         }
-        let Some(process) = self.table.get(pid) else { return false };
+        let Some(process) = self.table.get(pid) else {
+            return false;
+        };
         let class = process.decision.class.clone();
         if self.groups.group(&class).is_none() || process.placed_class.as_deref() == Some(&class) {
             return false;
@@ -553,7 +598,8 @@ impl Agent {
                 }
                 *self.placements_by_class.entry(class.clone()).or_default() += 1;
                 if let Some((exec_ns, handled_ns)) = exec {
-                    self.placement_latency.observe(placed_ns.saturating_sub(exec_ns) as f64 / 1e9);
+                    self.placement_latency
+                        .observe(placed_ns.saturating_sub(exec_ns) as f64 / 1e9);
                     if self.placements.len() == PLACEMENT_LOG {
                         self.placements.pop_front();
                     }
@@ -590,7 +636,9 @@ impl Agent {
     /// Moves a process the policy no longer manages back where it came
     /// from. Returns whether it moved.
     fn release(&mut self, pid: u32) -> bool {
-        let Some(p) = self.table.get(pid) else { return false };
+        let Some(p) = self.table.get(pid) else {
+            return false;
+        };
         if p.placed_class.is_none() {
             return false;
         }
@@ -619,7 +667,9 @@ impl Agent {
             .source
             .load()
             .map_err(anyhow::Error::from)
-            .and_then(|policy| resolve(&policy, &self.sysfs_root).map(|(resolved, _)| (policy, resolved)));
+            .and_then(|policy| {
+                resolve(&policy, &self.sysfs_root).map(|(resolved, _)| (policy, resolved))
+            });
         let (policy, resolved) = match loaded {
             Ok(ok) => ok,
             Err(e) => return self.refused(started, format!("{e:#}")),
@@ -648,7 +698,10 @@ impl Agent {
         let mode_config_changed = policy.modes != self.modes.config();
         if policy.gpu.arbiter != self.policy.gpu.arbiter {
             let now = self.epoch.elapsed();
-            let actions = self.gpu.arbiter.reconfigure(policy.gpu.arbiter.clone(), now);
+            let actions = self
+                .gpu
+                .arbiter
+                .reconfigure(policy.gpu.arbiter.clone(), now);
             self.execute(actions);
         }
         if policy.gpu.thermal != self.policy.gpu.thermal {
@@ -673,7 +726,11 @@ impl Agent {
                 self.games.remove(&pid);
                 continue;
             }
-            let class = self.table.get(pid).map(|p| p.decision.class.clone()).unwrap_or_default();
+            let class = self
+                .table
+                .get(pid)
+                .map(|p| p.decision.class.clone())
+                .unwrap_or_default();
             let moved = if self.groups.group(&class).is_some() {
                 self.place(pid, None)
             } else {
@@ -730,11 +787,16 @@ impl Agent {
 
     /// Writes every group's core set for the current mode.
     fn apply_layout(&mut self) {
-        let base: BTreeMap<String, CpuList> =
-            self.groups.iter().map(|g| (g.class.clone(), g.base.clone())).collect();
+        let base: BTreeMap<String, CpuList> = self
+            .groups
+            .iter()
+            .map(|g| (g.class.clone(), g.base.clone()))
+            .collect();
         for (class, (cpus, note)) in modes::layout(self.modes.mode(), &base, GAME) {
             let (cpus, note) = match &self.gpu.cooling {
-                Some(why) if COOLED_CLASSES.contains(&class.as_str()) => (halve(&cpus), Some(format!("thermal guard: {why}"))),
+                Some(why) if COOLED_CLASSES.contains(&class.as_str()) => {
+                    (halve(&cpus), Some(format!("thermal guard: {why}")))
+                }
                 _ => (cpus, note),
             };
             if let Err(e) = self.groups.set_cpus(&class, cpus, note) {
@@ -756,10 +818,14 @@ impl Agent {
             Request::Status | Request::Placements => None,
             Request::Explain { pid } => match procs::owner(*pid) {
                 Some(owner) if owner == uid => None,
-                Some(_) => Some(format!("process {pid} belongs to another user; only root can explain it")),
+                Some(_) => Some(format!(
+                    "process {pid} belongs to another user; only root can explain it"
+                )),
                 None => None,
             },
-            Request::Reload => Some("only root can reload the policy (try `sudo corral reload`)".into()),
+            Request::Reload => {
+                Some("only root can reload the policy (try `sudo corral reload`)".into())
+            }
             Request::Enter { class } => match self.policy.class(class) {
                 Some(c) if c.user_run => None,
                 Some(_) => Some(format!(
@@ -785,18 +851,27 @@ impl Agent {
     /// pins the class across that exec.
     fn enter(&mut self, class: &str, peer: Peer) -> Response {
         let Some(pid) = peer.pid else {
-            return Response::Error { message: "cannot tell which process is asking (no SO_PEERCRED)".into() };
+            return Response::Error {
+                message: "cannot tell which process is asking (no SO_PEERCRED)".into(),
+            };
         };
         let Some(group) = self.groups.group(class) else {
             let managed: Vec<String> = self.groups.iter().map(|g| g.class.clone()).collect();
             return Response::Error {
-                message: format!("class `{class}` has no group; `corral run --class` takes one of: {}", managed.join(", ")),
+                message: format!(
+                    "class `{class}` has no group; `corral run --class` takes one of: {}",
+                    managed.join(", ")
+                ),
             };
         };
         let group_path = group.path.display().to_string();
         let info = match procs::read_proc(pid, &self.env_keys) {
             Ok((info, ppid, start)) => Proc::new(info, ppid, start),
-            Err(e) => return Response::Error { message: e.to_string() },
+            Err(e) => {
+                return Response::Error {
+                    message: e.to_string(),
+                };
+            }
         };
         self.table.insert(pid, info);
         if let Some(p) = self.table.get_mut(pid) {
@@ -812,12 +887,23 @@ impl Agent {
         if class == GAME {
             self.games.insert(pid);
         }
-        if !self.place(pid, None) && self.table.get(pid).and_then(|p| p.placed_class.as_deref()) != Some(class) {
-            return Response::Error { message: format!("could not move process {pid} into {group_path}") };
+        if !self.place(pid, None)
+            && self.table.get(pid).and_then(|p| p.placed_class.as_deref()) != Some(class)
+        {
+            return Response::Error {
+                message: format!("could not move process {pid} into {group_path}"),
+            };
         }
         info!(pid, class, uid = ?peer.uid, "corral run --class");
-        let env = self.policy.class(class).map(|c| c.env.clone()).unwrap_or_default();
-        Response::Entered { group: group_path, env }
+        let env = self
+            .policy
+            .class(class)
+            .map(|c| c.env.clone())
+            .unwrap_or_default();
+        Response::Entered {
+            group: group_path,
+            env,
+        }
     }
 
     fn on_gpu(&mut self, event: GpuEvent) {
@@ -851,7 +937,10 @@ impl Agent {
         if let Some(device) = snapshot.devices.first() {
             for p in &device.processes {
                 let Some(bytes) = p.used_bytes else { continue };
-                let class = self.table.get(p.pid).map_or(crate::policy::SYSTEM, |t| t.decision.class.as_str());
+                let class = self
+                    .table
+                    .get(p.pid)
+                    .map_or(crate::policy::SYSTEM, |t| t.decision.class.as_str());
                 *used.entry(class.to_owned()).or_insert(0) += bytes;
             }
         }
@@ -859,7 +948,9 @@ impl Agent {
     }
 
     fn arbitrate(&mut self, snapshot: &GpuSnapshot) {
-        let Some(device) = snapshot.devices.first() else { return };
+        let Some(device) = snapshot.devices.first() else {
+            return;
+        };
         let observation = Observation {
             now: self.epoch.elapsed(),
             total_bytes: device.total_bytes,
@@ -872,7 +963,12 @@ impl Agent {
     }
 
     fn thermal(&mut self, snapshot: &GpuSnapshot) {
-        let gpu_c = snapshot.devices.iter().filter_map(|d| d.temperature_c).max().map(f64::from);
+        let gpu_c = snapshot
+            .devices
+            .iter()
+            .filter_map(|d| d.temperature_c)
+            .max()
+            .map(f64::from);
         let cpu_c = crate::arbiter::cpu_temperature(&self.sysfs_root);
         match self.gpu.thermal.observe(self.epoch.elapsed(), gpu_c, cpu_c) {
             Some(ThermalAction::Cool { reason }) => {
@@ -920,7 +1016,11 @@ impl Agent {
             };
             warn!(class = %action.class, kind = ?action.kind, "{} -> {outcome}", action.reason);
             let kind = format!("{:?}", action.kind).to_lowercase();
-            *self.gpu.action_counts.entry(format!("{}:{kind}", action.class)).or_default() += 1;
+            *self
+                .gpu
+                .action_counts
+                .entry(format!("{}:{kind}", action.class))
+                .or_default() += 1;
             if self.gpu.actions.len() == GPU_ACTION_LOG {
                 self.gpu.actions.pop_front();
             }
@@ -940,7 +1040,12 @@ impl Agent {
         let mut asked = Vec::new();
         for (_, p) in self.table.iter().filter(|(_, p)| p.decision.class == class) {
             let comfy = p.info.argv.iter().any(|a| a.ends_with("main.py"))
-                && (p.info.argv.iter().any(|a| a.to_lowercase().contains("comfy")) || p.info.cwd.to_lowercase().contains("comfy"));
+                && (p
+                    .info
+                    .argv
+                    .iter()
+                    .any(|a| a.to_lowercase().contains("comfy"))
+                    || p.info.cwd.to_lowercase().contains("comfy"));
             if comfy {
                 let addr = actions::comfyui_addr(&p.info.argv);
                 if !asked.contains(&addr) {
@@ -958,7 +1063,9 @@ impl Agent {
                     asked.push(addr);
                     tokio::spawn(async move {
                         match actions::ask_ollama(addr).await {
-                            Ok(models) => info!(%addr, ?models, "ollama asked to unload its models"),
+                            Ok(models) => {
+                                info!(%addr, ?models, "ollama asked to unload its models")
+                            }
                             Err(e) => warn!("{e}"),
                         }
                     });
@@ -968,7 +1075,14 @@ impl Agent {
         if asked.is_empty() {
             "nothing in the class knows how to give VRAM back (ComfyUI, ollama)".to_owned()
         } else {
-            format!("asked {}", asked.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "))
+            format!(
+                "asked {}",
+                asked
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
     }
 
@@ -978,7 +1092,12 @@ impl Agent {
             on: self.gpu.on,
             off_reason: self.gpu.off_reason.clone(),
             snapshot: self.gpu.last.clone(),
-            vram_by_class: self.gpu.last.as_ref().map(|s| self.vram_by_class(s)).unwrap_or_default(),
+            vram_by_class: self
+                .gpu
+                .last
+                .as_ref()
+                .map(|s| self.vram_by_class(s))
+                .unwrap_or_default(),
             arbiter: Some(self.gpu.arbiter.state()),
             cooling: self.gpu.cooling.clone(),
             actions: self.gpu.actions.iter().cloned().collect(),
@@ -1006,9 +1125,16 @@ impl Agent {
         }
         let mut stale = Vec::new();
         if full {
-            let known: Vec<u32> = self.table.iter().map(|(pid, _)| *pid).filter(|pid| live.contains(pid)).collect();
+            let known: Vec<u32> = self
+                .table
+                .iter()
+                .map(|(pid, _)| *pid)
+                .filter(|pid| live.contains(pid))
+                .collect();
             for pid in known {
-                let Ok((info, _, start)) = procs::read_proc(pid, &self.env_keys) else { continue };
+                let Ok((info, _, start)) = procs::read_proc(pid, &self.env_keys) else {
+                    continue;
+                };
                 if let Some(p) = self.table.get_mut(pid)
                     && !p.pinned
                     && (p.info != info || p.start_ticks != start)
@@ -1019,7 +1145,12 @@ impl Agent {
                 }
             }
         }
-        let gone: Vec<u32> = self.table.iter().map(|(pid, _)| *pid).filter(|pid| !live.contains(pid)).collect();
+        let gone: Vec<u32> = self
+            .table
+            .iter()
+            .map(|(pid, _)| *pid)
+            .filter(|pid| !live.contains(pid))
+            .collect();
         for pid in gone {
             self.table.remove(pid);
             self.games.remove(&pid);
@@ -1035,7 +1166,12 @@ impl Agent {
         }
         let mut placed = 0;
         fresh.extend(stale);
-        let order: Vec<u32> = self.table.parents_first().into_iter().filter(|p| fresh.contains(p)).collect();
+        let order: Vec<u32> = self
+            .table
+            .parents_first()
+            .into_iter()
+            .filter(|p| fresh.contains(p))
+            .collect();
         for pid in order {
             self.decide(pid);
             self.adopt_if_placed(pid);
@@ -1051,7 +1187,12 @@ impl Agent {
     /// Whether `pid` is still the process the table knows (not a reused
     /// pid): its start time matches. Unknown start times pass.
     fn same_process(&self, pid: u32) -> bool {
-        let Some(known) = self.table.get(pid).map(|p| p.start_ticks).filter(|t| *t != 0) else {
+        let Some(known) = self
+            .table
+            .get(pid)
+            .map(|p| p.start_ticks)
+            .filter(|t| *t != 0)
+        else {
             return true;
         };
         procfs::process::Process::new(pid as i32)
@@ -1093,11 +1234,8 @@ impl Agent {
     }
 
     fn status(&self) -> Status {
-        let (rss, cpu) = own_usage();
-        let mut processes: BTreeMap<&str, usize> = BTreeMap::new();
-        for (_, p) in self.table.iter() {
-            *processes.entry(p.decision.class.as_str()).or_default() += 1;
-        }
+        let (rss, cpu) = metrics::read_self();
+        let processes = self.processes_by_class();
         let classes = self
             .policy
             .classes
@@ -1106,13 +1244,17 @@ impl Agent {
                 let group = self.groups.group(&class.name);
                 ClassStatus {
                     class: class.name.clone(),
-                    processes: processes.get(class.name.as_str()).copied().unwrap_or(0),
+                    processes: processes.get(class.name.as_str()).copied().unwrap_or(0) as usize,
                     cgroup: group.map(|g| g.path.display().to_string()),
                     cpus: group.map(|g| g.cpus.to_string()),
                     base_cpus: group.map(|g| g.base.to_string()),
                     why: group.map(|g| g.why.clone()),
                     cpu_weight: group.map(|g| g.cpu_weight),
-                    placements: self.placements_by_class.get(&class.name).copied().unwrap_or(0),
+                    placements: self
+                        .placements_by_class
+                        .get(&class.name)
+                        .copied()
+                        .unwrap_or(0),
                     note: group.and_then(|g| g.note.clone()),
                     sched: self.sched_stats(&class.name),
                 }
@@ -1135,7 +1277,11 @@ impl Agent {
             classes,
             events: self.counts.clone(),
             kernel: self.kernel,
-            bpf_programs: self.tracer.as_ref().map(Tracer::program_stats).unwrap_or_default(),
+            bpf_programs: self
+                .tracer
+                .as_ref()
+                .map(Tracer::program_stats)
+                .unwrap_or_default(),
             metrics_addr: self.metrics_bound.map(|a| a.to_string()),
             gpu: self.gpu_status(),
             agent_rss_bytes: rss,
@@ -1173,7 +1319,12 @@ impl Agent {
             cpus_allowed: cpus_allowed(pid).unwrap_or_default(),
             ancestry,
             vram_bytes: self.gpu.last.as_ref().and_then(|s| {
-                s.devices.iter().flat_map(|d| &d.processes).filter(|p| p.pid == pid).filter_map(|p| p.used_bytes).reduce(|a, b| a + b)
+                s.devices
+                    .iter()
+                    .flat_map(|d| &d.processes)
+                    .filter(|p| p.pid == pid)
+                    .filter_map(|p| p.used_bytes)
+                    .reduce(|a, b| a + b)
             }),
             gpu_actions: self
                 .gpu
@@ -1198,7 +1349,11 @@ fn halve(cpus: &CpuList) -> CpuList {
         .map(|l| expand(&l))
         .unwrap_or_default();
     let keep = all.len().div_ceil(2).max(1).min(all.len());
-    let list = all[..keep].iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let list = all[..keep]
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     CpuList::parse(&list).unwrap_or_else(|_| cpus.clone())
 }
 
@@ -1220,25 +1375,6 @@ fn expand(list: &CpuList) -> Vec<u32> {
 
 fn place_mount(groups: &Groups) -> PathBuf {
     crate::place::cgroup2_mount_of(&groups.root)
-}
-
-/// The agent's resident memory (bytes) and CPU time (seconds).
-pub fn own_usage() -> (u64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let ticks: u64 = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse::<u64>().ok()).sum())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (rss_kib * 1024, ticks as f64 / hz)
 }
 
 /// `Cpus_allowed_list` of a process.
@@ -1265,11 +1401,21 @@ fn watch_policy(files: Vec<PathBuf>, tx: mpsc::Sender<()>) -> anyhow::Result<()>
             info!(file = %file.display(), "its directory does not exist yet: create it, then `corral reload`");
         }
     }
-    let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_FROM;
+    let mask = WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MOVED_FROM;
     for dir in &dirs {
-        inotify.watches().add(dir, mask).with_context(|| format!("watching {}", dir.display()))?;
+        inotify
+            .watches()
+            .add(dir, mask)
+            .with_context(|| format!("watching {}", dir.display()))?;
     }
-    let names: BTreeSet<std::ffi::OsString> = files.iter().filter_map(|f| f.file_name().map(Into::into)).collect();
+    let names: BTreeSet<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(Into::into))
+        .collect();
     let mut stream = inotify.into_event_stream(vec![0u8; 4096])?;
     tokio::spawn(async move {
         while let Some(name) = next_event(&mut stream).await {
@@ -1306,20 +1452,32 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         warn!("{w}");
     }
     let (resolved, online) = resolve(&policy, &options.sysfs_root)?;
-    let groups = Groups::setup(&options.cgroup_root, &policy, &resolved, online, options.dry_run)?;
+    let groups = Groups::setup(
+        &options.cgroup_root,
+        &policy,
+        &resolved,
+        online,
+        options.dry_run,
+    )?;
     // Attach before seeding, so nothing started in between is missed.
     let (tracer, events) = Tracer::load(options.ring_bytes)?;
     let watched = options.source.watched_files();
     let gpu_config = policy.gpu.clone();
-    let mut agent = Agent::new(options.source, options.sysfs_root, policy, groups, Some(tracer));
+    let mut agent = Agent::new(
+        options.source,
+        options.sysfs_root,
+        policy,
+        groups,
+        Some(tracer),
+    );
     // A crashed agent may have left a group frozen: never keep it so.
     agent.thaw_everything();
     agent.seed();
     agent.sync_telemetry();
     let (gpu_tx, mut gpu_rx) = mpsc::channel(8);
-    let _poller = gpu_config
-        .enabled
-        .then(|| crate::gpu::spawn_poller(gpu_config.library.clone(), gpu_config.poll_interval, gpu_tx));
+    let _poller = gpu_config.enabled.then(|| {
+        crate::gpu::spawn_poller(gpu_config.library.clone(), gpu_config.poll_interval, gpu_tx)
+    });
 
     let (control_tx, mut control_rx) = mpsc::channel(64);
     let server = control::serve(&options.socket, control_tx)?;
@@ -1337,7 +1495,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let metrics_server = match agent.policy.telemetry.metrics_addr {
         Some(addr) => {
             let shared = rendered.clone();
-            match metrics::serve(addr, move || shared.lock().map(|t| t.clone()).unwrap_or_default()).await {
+            match metrics::serve(addr, move || {
+                shared.lock().map(|t| t.clone()).unwrap_or_default()
+            })
+            .await
+            {
                 Ok((bound, handle)) => {
                     info!(%bound, "metrics at http://{bound}/metrics");
                     agent.metrics_bound = Some(bound);

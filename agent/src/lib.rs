@@ -5,20 +5,20 @@
 //! `place` moves processes between cgroups, `control` is the socket the CLI
 //! talks to, and `daemon` is the one loop that owns the state.
 
+pub mod actions;
+pub mod ananicy;
+pub mod arbiter;
+pub mod bpf;
 pub mod classify;
+pub mod control;
 pub mod cpus;
+pub mod daemon;
+pub mod gpu;
+pub mod metrics;
+pub mod modes;
+pub mod notify;
+pub mod place;
 pub mod policy;
 pub mod procs;
-pub mod bpf;
-pub mod control;
-pub mod daemon;
-pub mod place;
-pub mod ananicy;
-pub mod modes;
-pub mod topology;
-pub mod metrics;
 pub mod top;
-pub mod gpu;
-pub mod arbiter;
-pub mod actions;
-pub mod notify;
+pub mod topology;

@@ -26,7 +26,11 @@ const INSTALLED_DEFAULT: &str = "/usr/share/corral/default.toml";
 const USER_OVERRIDE: &str = "/etc/corral/policy.toml";
 
 #[derive(Parser)]
-#[command(name = "corral", version, about = "Keeps games, renders, AI and dev work out of each other's way")]
+#[command(
+    name = "corral",
+    version,
+    about = "Keeps games, renders, AI and dev work out of each other's way"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -156,7 +160,9 @@ impl PolicyArgs {
     fn source(&self) -> PolicySource {
         let default = match &self.policy {
             Some(path) => DefaultPolicy::File(path.clone()),
-            None if Path::new(INSTALLED_DEFAULT).exists() => DefaultPolicy::File(INSTALLED_DEFAULT.into()),
+            None if Path::new(INSTALLED_DEFAULT).exists() => {
+                DefaultPolicy::File(INSTALLED_DEFAULT.into())
+            }
             None => DefaultPolicy::BuiltIn(BUILT_IN_NAME, BUILT_IN_POLICY),
         };
         PolicySource {
@@ -203,9 +209,17 @@ enum PolicyCommand {
 
 /// The policy a `policy check/test FILE` is about.
 fn candidate(file: &Path, standalone: bool) -> PolicySource {
-    let base = PolicyArgs { policy: None, r#override: file.to_owned(), no_override: false }.source();
+    let base = PolicyArgs {
+        policy: None,
+        r#override: file.to_owned(),
+        no_override: false,
+    }
+    .source();
     if standalone {
-        PolicySource { default: DefaultPolicy::File(file.to_owned()), override_path: None }
+        PolicySource {
+            default: DefaultPolicy::File(file.to_owned()),
+            override_path: None,
+        }
     } else {
         base
     }
@@ -220,24 +234,50 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { class: Some(class), program, socket, .. } => run_in_class(&class, &program, &socket),
-        Command::Recover { cgroup_root } => recover(&cgroup_root.unwrap_or_else(corral::place::default_root)),
+        Command::Run {
+            class: Some(class),
+            program,
+            socket,
+            ..
+        } => run_in_class(&class, &program, &socket),
+        Command::Recover { cgroup_root } => {
+            recover(&cgroup_root.unwrap_or_else(corral::place::default_root))
+        }
         Command::Man => {
             use clap::CommandFactory as _;
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
-        Command::Run { class: None, policy, sysfs_root, cgroup_root, socket, dry_run, ring_buffer_kib, nice, sweep_interval_ms, realtime, .. } => {
+        Command::Run {
+            class: None,
+            policy,
+            sysfs_root,
+            cgroup_root,
+            socket,
+            dry_run,
+            ring_buffer_kib,
+            nice,
+            sweep_interval_ms,
+            realtime,
+            ..
+        } => {
             if realtime {
                 let param = libc::sched_param { sched_priority: 1 };
                 // SAFETY: sched_setscheduler on our own thread with a valid param.
                 if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
-                    tracing::warn!("could not switch to SCHED_FIFO: {}", std::io::Error::last_os_error());
+                    tracing::warn!(
+                        "could not switch to SCHED_FIFO: {}",
+                        std::io::Error::last_os_error()
+                    );
                 }
             }
             // SAFETY: setpriority on our own process.
             if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
-                tracing::warn!(nice, "could not set the agent's nice value: {}", std::io::Error::last_os_error());
+                tracing::warn!(
+                    nice,
+                    "could not set the agent's nice value: {}",
+                    std::io::Error::last_os_error()
+                );
             }
             let ring_bytes = ring_buffer_kib
                 .checked_mul(1024)
@@ -260,19 +300,29 @@ fn main() -> anyhow::Result<()> {
         Command::Classify { procs, policy } => classify_offline(&procs, &policy.source().load()?),
         Command::Reload { socket } => match control::request(&socket, &Request::Reload)? {
             Response::Reloaded(r) if r.ok => {
-                println!("reloaded: {} processes re-classified, {} moved, in {} us", r.reclassified, r.moves, r.duration_us);
+                println!(
+                    "reloaded: {} processes re-classified, {} moved, in {} us",
+                    r.reclassified, r.moves, r.duration_us
+                );
                 if !r.message.is_empty() {
                     println!("{}", r.message);
                 }
                 Ok(())
             }
-            Response::Reloaded(r) => bail!("reload refused, the agent keeps its last good policy:\n{}", r.message),
+            Response::Reloaded(r) => bail!(
+                "reload refused, the agent keeps its last good policy:\n{}",
+                r.message
+            ),
             other => reply_error(other),
         },
         Command::Policy { command } => policy_command(command),
-        Command::Top { socket, interval_ms } => {
-            corral::top::run(&socket, std::time::Duration::from_millis(interval_ms.max(100)))
-        }
+        Command::Top {
+            socket,
+            interval_ms,
+        } => corral::top::run(
+            &socket,
+            std::time::Duration::from_millis(interval_ms.max(100)),
+        ),
         Command::Explain { pid, socket, json } => {
             match control::request(&socket, &Request::Explain { pid })? {
                 Response::Explain(e) if json => print_json(&e),
@@ -329,7 +379,11 @@ fn classify_offline(procs: &Path, policy: &Policy) -> anyhow::Result<()> {
         let input: ChainInput = serde_json::from_str(&line)
             .with_context(|| format!("{}:{}: not a chain object", procs.display(), number + 1))?;
         if input.chain.is_empty() {
-            bail!("{}:{}: `chain` is empty; list ancestors first and the process last", procs.display(), number + 1);
+            bail!(
+                "{}:{}: `chain` is empty; list ancestors first and the process last",
+                procs.display(),
+                number + 1
+            );
         }
         let decision = classify::classify_chain(policy, ananicy.as_ref(), &input.chain);
         let output = ChainOutput {
@@ -364,7 +418,10 @@ fn print_explanation(e: &control::Explanation) -> anyhow::Result<()> {
     match (&d.source, &d.inherited_from) {
         (Some(source), None) => println!("  rule      {} ({source})", d.rule),
         (Some(source), Some(a)) => {
-            println!("  rule      {} ({source}), inherited from pid {} ({})", d.rule, a.pid, a.comm)
+            println!(
+                "  rule      {} ({source}), inherited from pid {} ({})",
+                d.rule, a.pid, a.comm
+            )
         }
         (None, _) => println!("  rule      {} (no rule matched; left alone)", d.rule),
     }
@@ -390,10 +447,18 @@ fn print_status(s: &control::Status) -> anyhow::Result<()> {
         out,
         "cgroups {}  (core sets {}){}",
         s.cgroup_root,
-        if s.cpuset_enforced { "enforced" } else { "NOT enforced: no cpuset controller" },
+        if s.cpuset_enforced {
+            "enforced"
+        } else {
+            "NOT enforced: no cpuset controller"
+        },
         if s.dry_run { "  DRY RUN" } else { "" }
     )?;
-    writeln!(out, "{:<8} {:>6} {:>10} {:>8} {:>7}  cgroup", "class", "procs", "cpus", "weight", "placed")?;
+    writeln!(
+        out,
+        "{:<8} {:>6} {:>10} {:>8} {:>7}  cgroup",
+        "class", "procs", "cpus", "weight", "placed"
+    )?;
     for c in &s.classes {
         writeln!(
             out,
@@ -401,7 +466,9 @@ fn print_status(s: &control::Status) -> anyhow::Result<()> {
             c.class,
             c.processes,
             c.cpus.as_deref().unwrap_or("dynamic"),
-            c.cpu_weight.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
+            c.cpu_weight
+                .map(|w| w.to_string())
+                .unwrap_or_else(|| "-".into()),
             c.placements,
             c.cgroup.as_deref().unwrap_or("(left alone)")
         )?;
@@ -420,12 +487,19 @@ fn print_status(s: &control::Status) -> anyhow::Result<()> {
 
 fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
-        PolicyCommand::Check { file, standalone, sysfs_root } => {
+        PolicyCommand::Check {
+            file,
+            standalone,
+            sysfs_root,
+        } => {
             let source = candidate(&file, standalone);
-            let checked = source.load().map_err(anyhow::Error::from).and_then(|policy| {
-                let resolved = daemon::resolve(&policy, &sysfs_root)?.0;
-                Ok((policy, resolved))
-            });
+            let checked = source
+                .load()
+                .map_err(anyhow::Error::from)
+                .and_then(|policy| {
+                    let resolved = daemon::resolve(&policy, &sysfs_root)?.0;
+                    Ok((policy, resolved))
+                });
             match checked {
                 Ok((policy, resolved)) => {
                     for w in &policy.warnings {
@@ -446,11 +520,24 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Show { policy, sysfs_root } => {
             let policy = policy.source().load()?;
             let (resolved, online) = daemon::resolve(&policy, &sysfs_root)?;
-            println!("policy {}  (this machine: {} CPUs online: {online})", policy.describe_files(), online.len());
+            println!(
+                "policy {}  (this machine: {} CPUs online: {online})",
+                policy.describe_files(),
+                online.len()
+            );
             for class in policy.classes.values() {
                 match resolved.iter().find(|r| r.class == class.name) {
-                    Some(r) => println!("  {:<8} cpus {:<12} weight {:<5} {}", r.class, r.cpus.to_string(), class.cpu_weight, r.why),
-                    None => println!("  {:<8} cpus {:<12} left alone: the kernel schedules it", class.name, "dynamic"),
+                    Some(r) => println!(
+                        "  {:<8} cpus {:<12} weight {:<5} {}",
+                        r.class,
+                        r.cpus.to_string(),
+                        class.cpu_weight,
+                        r.why
+                    ),
+                    None => println!(
+                        "  {:<8} cpus {:<12} left alone: the kernel schedules it",
+                        class.name, "dynamic"
+                    ),
                 }
             }
             println!(
@@ -460,11 +547,22 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        PolicyCommand::Test { file, standalone, procs, cgroup_root, sysfs_root } => {
+        PolicyCommand::Test {
+            file,
+            standalone,
+            procs,
+            cgroup_root,
+            sysfs_root,
+        } => {
             let policy = candidate(&file, standalone).load()?;
             let (resolved, _) = daemon::resolve(&policy, &sysfs_root)?;
             let ananicy = daemon::load_ananicy(&policy);
-            let cpus_of = |class: &str| resolved.iter().find(|r| r.class == class).map(|r| r.cpus.to_string());
+            let cpus_of = |class: &str| {
+                resolved
+                    .iter()
+                    .find(|r| r.class == class)
+                    .map(|r| r.cpus.to_string())
+            };
             if let Some(procs) = procs {
                 return policy_test_chains(&procs, &policy, ananicy.as_ref(), &cpus_of);
             }
@@ -472,14 +570,26 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             let mount = corral::place::cgroup2_mount_of(&root);
             let rel_root = format!("/{}", root.strip_prefix(&mount).unwrap_or(&root).display());
             let table = Table::snapshot(&policy.env_keys());
-            let mut decisions: std::collections::HashMap<u32, classify::Decision> = Default::default();
+            let mut decisions: std::collections::HashMap<u32, classify::Decision> =
+                Default::default();
             let mut moves = 0;
             for pid in table.parents_first() {
-                let Some(process) = table.get(pid) else { continue };
+                let Some(process) = table.get(pid) else {
+                    continue;
+                };
                 let ancestors = table.ancestors(pid);
-                let infos: Vec<&ProcInfo> = ancestors.iter().filter_map(|a| table.get(*a).map(|p| &p.info)).collect();
+                let infos: Vec<&ProcInfo> = ancestors
+                    .iter()
+                    .filter_map(|a| table.get(*a).map(|p| &p.info))
+                    .collect();
                 let parent = ancestors.last().and_then(|a| decisions.get(a));
-                let d = classify::classify_one(&policy, ananicy.as_ref(), &process.info, &infos, parent);
+                let d = classify::classify_one(
+                    &policy,
+                    ananicy.as_ref(),
+                    &process.info,
+                    &infos,
+                    parent,
+                );
                 let target = cpus_of(&d.class).map(|_| format!("{rel_root}/{}", d.class));
                 let now = &process.info.cgroup;
                 if let Some(target) = &target
@@ -507,12 +617,20 @@ fn policy_test_chains(
     ananicy: Option<&corral::ananicy::AnanicyRules>,
     cpus_of: &dyn Fn(&str) -> Option<String>,
 ) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(procs).with_context(|| format!("reading {}", procs.display()))?;
-    for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    let text =
+        std::fs::read_to_string(procs).with_context(|| format!("reading {}", procs.display()))?;
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let input: ChainInput = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: not a chain object", procs.display(), number + 1))?;
         let d = classify::classify_chain(policy, ananicy, &input.chain);
-        let id = input.id.as_str().map_or_else(|| input.id.to_string(), str::to_owned);
+        let id = input
+            .id
+            .as_str()
+            .map_or_else(|| input.id.to_string(), str::to_owned);
         match cpus_of(&d.class) {
             Some(cpus) => println!("{id}: {} (cpus {cpus}) by {}", d.class, d.rule),
             None => println!("{id}: {} (left alone) by {}", d.class, d.rule),
@@ -528,7 +646,12 @@ fn run_in_class(class: &str, program: &[String], socket: &PathBuf) -> anyhow::Re
     let Some((cmd, args)) = program.split_first() else {
         bail!("nothing to run: `corral run --class {class} -- PROGRAM [ARGS...]`");
     };
-    match control::request(socket, &Request::Enter { class: class.to_owned() })? {
+    match control::request(
+        socket,
+        &Request::Enter {
+            class: class.to_owned(),
+        },
+    )? {
         Response::Entered { env, .. } => {
             let err = std::process::Command::new(cmd).args(args).envs(&env).exec();
             bail!("could not run {cmd}: {err}")
@@ -547,7 +670,10 @@ fn recover(root: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("thawing the groups under {}", root.display()))?;
     let online = corral::cpus::CpuList::online(Path::new("/sys"))?;
     let mut widened = 0;
-    for entry in std::fs::read_dir(root)?.flatten().filter(|e| e.path().is_dir()) {
+    for entry in std::fs::read_dir(root)?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+    {
         let cpus = entry.path().join("cpuset.cpus");
         if cpus.exists() {
             std::fs::write(&cpus, online.to_string())
@@ -555,6 +681,9 @@ fn recover(root: &Path) -> anyhow::Result<()> {
             widened += 1;
         }
     }
-    println!("{}: thawed {thawed} groups, gave {widened} groups all CPUs ({online})", root.display());
+    println!(
+        "{}: thawed {thawed} groups, gave {widened} groups all CPUs ({online})",
+        root.display()
+    );
     Ok(())
 }

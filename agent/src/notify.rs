@@ -77,7 +77,9 @@ impl Notifier {
 
     /// Says WATCHDOG=1 if half the watchdog period has passed.
     pub fn watchdog(&mut self) {
-        let Some(every) = self.watchdog_every else { return };
+        let Some(every) = self.watchdog_every else {
+            return;
+        };
         if self.last_watchdog.is_none_or(|at| at.elapsed() >= every) {
             self.send("WATCHDOG=1");
             self.last_watchdog = Some(Instant::now());
@@ -86,7 +88,10 @@ impl Notifier {
 
     /// Before a reload (Type=notify-reload wants the monotonic time).
     pub fn reloading(&self) {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid pointer to a timespec.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;

@@ -132,7 +132,9 @@ impl Groups {
     /// groups of classes that are gone once they are empty.
     pub fn reconfigure(&mut self, policy: &Policy, resolved: &[Resolved]) -> anyhow::Result<()> {
         for r in resolved {
-            let Some(class) = policy.class(&r.class) else { continue };
+            let Some(class) = policy.class(&r.class) else {
+                continue;
+            };
             let previous = self.groups.get(&r.class).cloned();
             let mut group = Group {
                 class: r.class.clone(),
@@ -176,9 +178,16 @@ impl Groups {
 
     /// Sets a group's current CPUs (the dynamic mode's layout). Writes only
     /// when they change.
-    pub fn set_cpus(&mut self, class: &str, cpus: CpuList, note: Option<String>) -> anyhow::Result<bool> {
+    pub fn set_cpus(
+        &mut self,
+        class: &str,
+        cpus: CpuList,
+        note: Option<String>,
+    ) -> anyhow::Result<bool> {
         let cpuset = self.cpuset && !self.dry_run;
-        let Some(group) = self.groups.get_mut(class) else { return Ok(false) };
+        let Some(group) = self.groups.get_mut(class) else {
+            return Ok(false);
+        };
         group.note = note;
         if group.cpus == cpus {
             return Ok(false);
@@ -201,7 +210,10 @@ impl Groups {
             write_file(&group.path.join("cpuset.cpus"), &group.cpus.to_string())?;
         }
         if self.cpu {
-            write_file(&group.path.join("cpu.weight"), &group.cpu_weight.to_string())?;
+            write_file(
+                &group.path.join("cpu.weight"),
+                &group.cpu_weight.to_string(),
+            )?;
         }
         Ok(())
     }
@@ -209,7 +221,9 @@ impl Groups {
     /// `path` as /proc/PID/cgroup writes it: relative to the cgroup2 mount.
     pub fn relative(&self, path: &Path) -> Option<String> {
         let mount = cgroup2_mount_of(&self.root);
-        path.strip_prefix(&mount).ok().map(|rel| format!("/{}", rel.display()))
+        path.strip_prefix(&mount)
+            .ok()
+            .map(|rel| format!("/{}", rel.display()))
     }
 
     pub fn group(&self, class: &str) -> Option<&Group> {
@@ -304,11 +318,15 @@ fn enable_controller(root: &Path, controller: &str) -> bool {
         if !offered.split_whitespace().any(|c| c == controller) {
             return false;
         }
-        let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+        let enabled =
+            std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
         if enabled.split_whitespace().any(|c| c == controller) {
             continue;
         }
-        if let Err(e) = write_file(&dir.join("cgroup.subtree_control"), &format!("+{controller}")) {
+        if let Err(e) = write_file(
+            &dir.join("cgroup.subtree_control"),
+            &format!("+{controller}"),
+        ) {
             warn!("cannot enable the {controller} controller: {e:#}");
             return false;
         }

@@ -165,12 +165,31 @@ struct AnanicySpec {
 /// Keys each table may hold; anything else is warned about (a typo would
 /// otherwise silently do nothing).
 const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy", "telemetry", "gpu"];
-const GPU_KEYS: &[&str] = &["enabled", "library", "poll_interval_ms", "grace_ms", "margin", "classes", "thermal"];
+const GPU_KEYS: &[&str] = &[
+    "enabled",
+    "library",
+    "poll_interval_ms",
+    "grace_ms",
+    "margin",
+    "classes",
+    "thermal",
+];
 const TELEMETRY_KEYS: &[&str] = &["enabled", "metrics_addr"];
 const CLASS_KEYS: &[&str] = &["cpus", "cpu_weight", "env", "user_run", "description"];
 const RULE_KEYS: &[&str] = &[
-    "name", "class", "disabled", "inherit", "ignore_case", "exe", "comm", "argv", "cwd", "cgroup",
-    "env", "ancestor", "unless",
+    "name",
+    "class",
+    "disabled",
+    "inherit",
+    "ignore_case",
+    "exe",
+    "comm",
+    "argv",
+    "cwd",
+    "cgroup",
+    "env",
+    "ancestor",
+    "unless",
 ];
 const MATCHER_KEYS: &[&str] = &["exe", "comm", "argv", "cwd", "cgroup", "env"];
 const MODES_KEYS: &[&str] = &["hold_down_ms", "min_dwell_ms"];
@@ -397,7 +416,10 @@ impl Policy {
                 Err(e) => return Err(e),
             }
         }
-        let borrowed: Vec<(&Path, &str)> = texts.iter().map(|(p, t)| (p.as_path(), t.as_str())).collect();
+        let borrowed: Vec<(&Path, &str)> = texts
+            .iter()
+            .map(|(p, t)| (p.as_path(), t.as_str()))
+            .collect();
         Self::parse_layers(&borrowed)
     }
 
@@ -420,7 +442,9 @@ impl Policy {
             for (name, spanned) in &layer.file.classes {
                 let source = layer.source(spanned.span().start);
                 let spec = spanned.get_ref().clone();
-                let entry = class_specs.entry(name.clone()).or_insert_with(|| (ClassSpec::default(), source.clone()));
+                let entry = class_specs
+                    .entry(name.clone())
+                    .or_insert_with(|| (ClassSpec::default(), source.clone()));
                 if spec.cpus.is_some() {
                     entry.0.cpus = spec.cpus;
                 }
@@ -454,12 +478,17 @@ impl Policy {
             },
         });
         for class in classes.values() {
-            if let Some(CoreSpec::Intent(Intent { with: Some(other), .. })) = &class.cpus
+            if let Some(CoreSpec::Intent(Intent {
+                with: Some(other), ..
+            })) = &class.cpus
                 && !classes.get(other).is_some_and(Class::is_managed)
             {
                 return Err(invalid_source(
                     &class.source,
-                    format!("class `{}`: `with = \"{other}\"` names no class with cpus", class.name),
+                    format!(
+                        "class `{}`: `with = \"{other}\"` names no class with cpus",
+                        class.name
+                    ),
                 ));
             }
         }
@@ -615,7 +644,9 @@ impl Policy {
                         &path,
                         text,
                         offset,
-                        format!("[ananicy] types: `{kind}` maps to unknown class `{class}`; map it to a class defined under [classes]"),
+                        format!(
+                            "[ananicy] types: `{kind}` maps to unknown class `{class}`; map it to a class defined under [classes]"
+                        ),
                     ));
                 }
             }
@@ -627,15 +658,27 @@ impl Policy {
                 .find(|l| l.file.gpu.is_some())
                 .or(layers.last());
             let fail = |message: String| match last {
-                Some(l) => invalid_at(&l.path, &l.text, find_key(&l.text, "gpu").or_else(|| l.text.find("[gpu")).unwrap_or(0), message),
+                Some(l) => invalid_at(
+                    &l.path,
+                    &l.text,
+                    find_key(&l.text, "gpu")
+                        .or_else(|| l.text.find("[gpu"))
+                        .unwrap_or(0),
+                    message,
+                ),
                 None => invalid_at(Path::new(""), "", 0, message),
             };
             for budget in &gpu.arbiter.classes {
                 if !classes.contains_key(&budget.class) {
-                    return Err(fail(format!("[gpu.classes.{}]: no such class; define it under [classes]", budget.class)));
+                    return Err(fail(format!(
+                        "[gpu.classes.{}]: no such class; define it under [classes]",
+                        budget.class
+                    )));
                 }
             }
-            gpu.arbiter.validate().map_err(|e| fail(format!("[gpu]: {e}")))?;
+            gpu.arbiter
+                .validate()
+                .map_err(|e| fail(format!("[gpu]: {e}")))?;
         }
 
         Ok(Policy {
@@ -700,9 +743,13 @@ impl Policy {
     pub fn env_keys(&self) -> BTreeSet<String> {
         let mut keys = BTreeSet::new();
         for rule in &self.rules {
-            for m in [Some(&rule.matcher), rule.ancestor.as_ref(), rule.unless.as_ref()]
-                .into_iter()
-                .flatten()
+            for m in [
+                Some(&rule.matcher),
+                rule.ancestor.as_ref(),
+                rule.unless.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 keys.extend(m.env.iter().map(|(k, _)| k.clone()));
             }
@@ -737,11 +784,15 @@ impl PolicySource {
         if let Some(path) = &self.override_path {
             match read_policy_file(path) {
                 Ok(text) => texts.push((path.clone(), text)),
-                Err(PolicyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(PolicyError::Read { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
-        let borrowed: Vec<(&Path, &str)> = texts.iter().map(|(p, t)| (p.as_path(), t.as_str())).collect();
+        let borrowed: Vec<(&Path, &str)> = texts
+            .iter()
+            .map(|(p, t)| (p.as_path(), t.as_str()))
+            .collect();
         Policy::parse_layers(&borrowed)
     }
 
@@ -786,7 +837,9 @@ fn build_class(name: &str, spec: ClassSpec, source: Source) -> Result<Class, Pol
             if let Some(share) = intent.share
                 && !(share > 0.0 && share <= 1.0)
             {
-                return Err(fail(format!("share {share} must be more than 0 and at most 1")));
+                return Err(fail(format!(
+                    "share {share} must be more than 0 and at most 1"
+                )));
             }
             Some(CoreSpec::Intent(intent))
         }
@@ -794,10 +847,14 @@ fn build_class(name: &str, spec: ClassSpec, source: Source) -> Result<Class, Pol
     };
     let cpu_weight = spec.cpu_weight.unwrap_or(100);
     if !(1..=10000).contains(&cpu_weight) {
-        return Err(fail(format!("cpu_weight {cpu_weight} is outside 1..=10000")));
+        return Err(fail(format!(
+            "cpu_weight {cpu_weight} is outside 1..=10000"
+        )));
     }
     if name == SYSTEM && cpus.is_some() {
-        return Err(fail("`system` is left alone by design; remove its `cpus`".into()));
+        return Err(fail(
+            "`system` is left alone by design; remove its `cpus`".into(),
+        ));
     }
     Ok(Class {
         name: name.to_owned(),
@@ -809,9 +866,17 @@ fn build_class(name: &str, spec: ClassSpec, source: Source) -> Result<Class, Pol
     })
 }
 
-fn build_rule(spec: RuleSpec, source: Source, classes: &IndexMap<String, Class>) -> Result<Rule, PolicyError> {
-    let fail = |message: String| invalid_source(&source, format!("rule `{}`: {message}", spec.name));
-    let class = spec.class.clone().ok_or_else(|| fail("has no `class`".into()))?;
+fn build_rule(
+    spec: RuleSpec,
+    source: Source,
+    classes: &IndexMap<String, Class>,
+) -> Result<Rule, PolicyError> {
+    let fail =
+        |message: String| invalid_source(&source, format!("rule `{}`: {message}", spec.name));
+    let class = spec
+        .class
+        .clone()
+        .ok_or_else(|| fail("has no `class`".into()))?;
     if !classes.contains_key(&class) {
         let known: Vec<_> = classes.keys().cloned().collect();
         return Err(fail(format!(
@@ -832,7 +897,9 @@ fn build_rule(spec: RuleSpec, source: Source, classes: &IndexMap<String, Class>)
     let ancestor = spec.ancestor.as_ref().map(compile).transpose()?;
     let unless = spec.unless.as_ref().map(compile).transpose()?;
     if matcher.is_empty() && ancestor.as_ref().is_none_or(Matcher::is_empty) {
-        return Err(fail("matches every process; give it at least one matcher".into()));
+        return Err(fail(
+            "matches every process; give it at least one matcher".into(),
+        ));
     }
     Ok(Rule {
         name: spec.name,
@@ -896,7 +963,10 @@ fn unknown_keys(path: &Path, text: &str, table: &toml::Table, warnings: &mut Vec
             known.join(", ")
         ));
     };
-    let check = |t: &toml::Table, place: &str, known: &[&str], warn: &mut dyn FnMut(&str, &str, &[&str])| {
+    let check = |t: &toml::Table,
+                 place: &str,
+                 known: &[&str],
+                 warn: &mut dyn FnMut(&str, &str, &[&str])| {
         for key in t.keys() {
             if !known.contains(&key.as_str()) {
                 warn(key, place, known);
@@ -917,7 +987,12 @@ fn unknown_keys(path: &Path, text: &str, table: &toml::Table, warnings: &mut Vec
             check(rule, &format!("rule `{name}`"), RULE_KEYS, &mut warn);
             for nested in ["ancestor", "unless"] {
                 if let Some(m) = rule.get(nested).and_then(|v| v.as_table()) {
-                    check(m, &format!("rule `{name}` {nested}"), MATCHER_KEYS, &mut warn);
+                    check(
+                        m,
+                        &format!("rule `{name}` {nested}"),
+                        MATCHER_KEYS,
+                        &mut warn,
+                    );
                 }
             }
         }
@@ -957,7 +1032,10 @@ fn find_key(text: &str, key: &str) -> Option<usize> {
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, column)
 }
 

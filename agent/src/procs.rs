@@ -98,7 +98,10 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<(ProcInfo, u32
     let gone = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => ReadError::Gone(pid),
         _ if e.raw_os_error() == Some(libc::ESRCH) => ReadError::Gone(pid),
-        _ => ReadError::Other { pid, source: procfs::ProcError::Io(e, Some(PathBuf::from(&dir))) },
+        _ => ReadError::Other {
+            pid,
+            source: procfs::ProcError::Io(e, Some(PathBuf::from(&dir))),
+        },
     };
     let stat = std::fs::read(format!("{dir}/stat")).map_err(gone)?;
     let (comm, ppid, start_ticks) = parse_stat(&stat).ok_or_else(|| ReadError::Other {
@@ -124,7 +127,11 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<(ProcInfo, u32
         .unwrap_or_default();
     let cgroup = std::fs::read_to_string(format!("{dir}/cgroup"))
         .ok()
-        .and_then(|text| text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned))
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(str::to_owned)
+        })
         .unwrap_or_default();
     let env = std::fs::read(format!("{dir}/environ"))
         .map(|raw| {
@@ -132,8 +139,12 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<(ProcInfo, u32
                 .filter_map(|var| {
                     let eq = var.iter().position(|b| *b == b'=')?;
                     let key = std::str::from_utf8(&var[..eq]).ok()?;
-                    (env_keys.contains(key) || ENV_ALWAYS.contains(&key))
-                        .then(|| (key.to_owned(), String::from_utf8_lossy(&var[eq + 1..]).into_owned()))
+                    (env_keys.contains(key) || ENV_ALWAYS.contains(&key)).then(|| {
+                        (
+                            key.to_owned(),
+                            String::from_utf8_lossy(&var[eq + 1..]).into_owned(),
+                        )
+                    })
                 })
                 .collect()
         })
@@ -270,7 +281,8 @@ mod tests {
 
     #[test]
     fn stat_with_parentheses_in_comm() {
-        let stat = b"4242 (we) ird) S 17 4242 4242 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 987654 0 0";
+        let stat =
+            b"4242 (we) ird) S 17 4242 4242 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 987654 0 0";
         assert_eq!(parse_stat(stat), Some(("we) ird".to_owned(), 17, 987654)));
         assert_eq!(parse_stat(b"garbage"), None);
     }
@@ -280,9 +292,15 @@ mod tests {
         let keys = BTreeSet::from(["PATH".to_owned()]);
         let (info, ppid, start) = read_proc(std::process::id(), &keys).unwrap();
         assert_eq!(info.exe, std::env::current_exe().unwrap().to_string_lossy());
-        assert_eq!(info.argv.first().map(String::as_str), std::env::args().next().as_deref());
+        assert_eq!(
+            info.argv.first().map(String::as_str),
+            std::env::args().next().as_deref()
+        );
         assert!(info.env.contains_key("PATH"));
         assert!(ppid > 0 && start > 0);
-        assert!(matches!(read_proc(u32::MAX - 7, &keys), Err(ReadError::Gone(_))));
+        assert!(matches!(
+            read_proc(u32::MAX - 7, &keys),
+            Err(ReadError::Gone(_))
+        ));
     }
 }

@@ -71,7 +71,9 @@ fn status(socket: &Path) -> anyhow::Result<Status> {
 }
 
 fn delta(now: &SchedStats, before: Option<&SchedStats>) -> SchedStats {
-    let Some(before) = before else { return now.clone() };
+    let Some(before) = before else {
+        return now.clone();
+    };
     SchedStats {
         oncpu_ns: now.oncpu_ns.saturating_sub(before.oncpu_ns),
         runq_count: now.runq_count.saturating_sub(before.runq_count),
@@ -115,7 +117,11 @@ pub fn render(now: &Status, before: Option<&Status>, elapsed: Duration) -> Strin
         "policy {}  cgroups {}{}\n",
         now.policy,
         now.cgroup_root,
-        if now.cpuset_enforced { "" } else { "  (core sets not enforced: no cpuset controller)" }
+        if now.cpuset_enforced {
+            ""
+        } else {
+            "  (core sets not enforced: no cpuset controller)"
+        }
     ));
     out.push_str(&format!(
         "events exec {} fork {} exit {}  dropped {}  tracked {}  agent {:.1} MiB\n\n",
@@ -158,7 +164,10 @@ pub fn render(now: &Status, before: Option<&Status>, elapsed: Duration) -> Strin
     if let Some(reload) = &now.last_reload
         && !reload.ok
     {
-        out.push_str(&format!("\nlast policy reload REFUSED: {}\n", reload.message));
+        out.push_str(&format!(
+            "\nlast policy reload REFUSED: {}\n",
+            reload.message
+        ));
     }
     out.push_str("\nq quits\n");
     out

@@ -128,7 +128,10 @@ fn default_policy_classifies_recorded_chains() {
 
 /// What the shipped default resolves to on a checked-in sysfs fixture.
 fn resolved_on(fixture: &str) -> BTreeMap<String, String> {
-    let root = format!("{}/tests/fixtures/sysfs/{fixture}", env!("CARGO_MANIFEST_DIR"));
+    let root = format!(
+        "{}/tests/fixtures/sysfs/{fixture}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let topology = corral::topology::Topology::read(std::path::Path::new(&root)).unwrap();
     policy()
         .resolve_cpus(&topology)
@@ -143,12 +146,20 @@ fn default_policy_class_cpus_match_the_reference_machine() {
     let policy = policy();
     let on_reference = resolved_on("hybrid-20");
     let expected = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-        pairs.iter().map(|(c, l)| (c.to_string(), l.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(c, l)| (c.to_string(), l.to_string()))
+            .collect()
     };
     // The seed's plan: 0-7 game, 8-15 dev, 16-19 render (ai shares render's).
     assert_eq!(
         on_reference,
-        expected(&[("game", "0-7"), ("dev", "8-15"), ("render", "16-19"), ("ai", "16-19")])
+        expected(&[
+            ("game", "0-7"),
+            ("dev", "8-15"),
+            ("render", "16-19"),
+            ("ai", "16-19")
+        ])
     );
     // Other machines: never an empty set, SMT siblings together.
     assert_eq!(
@@ -157,7 +168,12 @@ fn default_policy_class_cpus_match_the_reference_machine() {
     );
     assert_eq!(
         resolved_on("laptop-4"),
-        expected(&[("game", "0,2"), ("dev", "0-3"), ("render", "1,3"), ("ai", "1,3")])
+        expected(&[
+            ("game", "0,2"),
+            ("dev", "0-3"),
+            ("render", "1,3"),
+            ("ai", "1,3")
+        ])
     );
     let x3d = resolved_on("x3d-7950");
     assert!(x3d.values().all(|cpus| !cpus.is_empty()), "{x3d:?}");
@@ -217,7 +233,10 @@ fn default_policy_vram_matrix_matches_the_reference_card() {
             (priority, Some(min), Some(max)),
             "{class}"
         );
-        assert!(!b.ladder.contains(&corral::arbiter::Step::Kill), "{class} must not be killed by default");
+        assert!(
+            !b.ladder.contains(&corral::arbiter::Step::Kill),
+            "{class} must not be killed by default"
+        );
     }
     // Scales with the card: twice the card, twice the budgets.
     assert_eq!(rounded(budget("ai").max, 24 * gib), Some(6));

@@ -124,7 +124,8 @@ mod pod {
     unsafe impl aya::Pod for super::TracepointLayout {}
     unsafe impl aya::Pod for super::ClassStats {}
     unsafe impl aya::Pod for super::SchedLayout {}
-    const _: () = assert!(core::mem::size_of::<super::ClassStats>() == 8 * (3 + super::RUNQ_BUCKETS));
+    const _: () =
+        assert!(core::mem::size_of::<super::ClassStats>() == 8 * (3 + super::RUNQ_BUCKETS));
     const _: () = assert!(core::mem::size_of::<super::SchedLayout>() == 16);
     const _: () = assert!(core::mem::size_of::<super::ProcEvent>() == 8 + 8 + 16 + 16 + 256);
     const _: () = assert!(core::mem::size_of::<super::TracepointLayout>() == 16);

@@ -7,6 +7,7 @@
 mod sched;
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
@@ -14,9 +15,8 @@ use aya_ebpf::{
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
-    EbpfContext as _,
 };
-use corral_common::{counter, EventKind, ProcEvent, TracepointLayout, CLONE_THREAD};
+use corral_common::{CLONE_THREAD, EventKind, ProcEvent, TracepointLayout, counter};
 
 /// Process records, read by the agent. Its size is set by the agent at load.
 #[map]

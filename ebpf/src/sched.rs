@@ -61,7 +61,11 @@ fn bucket(delta_ns: u64) -> usize {
         }
         shift /= 2;
     }
-    if log >= RUNQ_BUCKETS { RUNQ_BUCKETS - 1 } else { log }
+    if log >= RUNQ_BUCKETS {
+        RUNQ_BUCKETS - 1
+    } else {
+        log
+    }
 }
 
 fn stats(slot: u32) -> Option<*mut ClassStats> {

@@ -13,7 +13,10 @@ use anyhow::{Context as _, anyhow, bail};
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test>-<hash>
-    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_owned()
 }
 
 pub fn corral_bin() -> PathBuf {
@@ -21,7 +24,10 @@ pub fn corral_bin() -> PathBuf {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_owned()
 }
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -48,7 +54,8 @@ pub fn cgroup2_mount() -> PathBuf {
 /// Whether this machine's cgroup2 hierarchy offers the cpuset controller.
 /// Tests that need it assert it when CORRAL_REQUIRE_CPUSET=1 (the VM tier).
 pub fn cpuset_available() -> bool {
-    let offered = std::fs::read_to_string(cgroup2_mount().join("cgroup.controllers")).unwrap_or_default();
+    let offered =
+        std::fs::read_to_string(cgroup2_mount().join("cgroup.controllers")).unwrap_or_default();
     let has = offered.split_whitespace().any(|c| c == "cpuset");
     if !has && std::env::var("CORRAL_REQUIRE_CPUSET").as_deref() == Ok("1") {
         panic!("CORRAL_REQUIRE_CPUSET=1 but the cgroup2 hierarchy has no cpuset controller");
@@ -103,7 +110,9 @@ impl Agent {
             .position(|a| *a == "--cgroup-root")
             .and_then(|i| extra.get(i + 1))
             .map(PathBuf::from)
-            .unwrap_or_else(|| cgroup2_mount().join(format!("corral-test-{name}-{}", std::process::id())));
+            .unwrap_or_else(|| {
+                cgroup2_mount().join(format!("corral-test-{name}-{}", std::process::id()))
+            });
         let own_root = !extra.contains(&"--cgroup-root");
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let child = Command::new(corral_bin())
@@ -123,7 +132,14 @@ impl Agent {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", corral_bin().display()))?;
-        let mut agent = Agent { child, dir, socket, cgroup_root, policy, override_file };
+        let mut agent = Agent {
+            child,
+            dir,
+            socket,
+            cgroup_root,
+            policy,
+            override_file,
+        };
         let deadline = Instant::now() + Duration::from_secs(30) * timeout_scale();
         loop {
             let last_error = match agent.corral(&["status", "--json"]) {
@@ -131,7 +147,10 @@ impl Agent {
                 Err(e) => e,
             };
             if let Some(status) = agent.child.try_wait()? {
-                bail!("agent exited with {status} during start-up:\n{}", agent.log());
+                bail!(
+                    "agent exited with {status} during start-up:\n{}",
+                    agent.log()
+                );
             }
             if Instant::now() > deadline {
                 bail!(
@@ -156,7 +175,10 @@ impl Agent {
             .arg(&self.socket)
             .output()?;
         if !output.status.success() {
-            bail!("corral {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "corral {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         Ok(String::from_utf8(output.stdout)?)
     }
@@ -184,7 +206,12 @@ impl Agent {
     /// /proc/PID/cgroup shows it.
     pub fn group_of(&self, class: &str) -> String {
         let path = self.cgroup_root.join(class);
-        format!("/{}", path.strip_prefix(cgroup2_mount()).expect("under mount").display())
+        format!(
+            "/{}",
+            path.strip_prefix(cgroup2_mount())
+                .expect("under mount")
+                .display()
+        )
     }
 
     /// Stops the agent with SIGTERM and waits for it.
@@ -215,7 +242,9 @@ impl Drop for Agent {
 
 /// Kills whatever is left in a test cgroup tree and removes it.
 pub fn remove_cgroup_tree(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
     for entry in entries.flatten() {
         if entry.path().is_dir() {
             remove_cgroup_tree(&entry.path());
@@ -253,7 +282,11 @@ pub fn cpus_allowed(pid: u32) -> String {
 /// How much longer waits may take here: CORRAL_TIMEOUT_SCALE, set by the
 /// VM tier, whose emulated CPUs are many times slower.
 pub fn timeout_scale() -> u32 {
-    std::env::var("CORRAL_TIMEOUT_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
+    std::env::var("CORRAL_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// Waits until `check` holds, or `timeout` (times the scale) passes. True
@@ -294,7 +327,11 @@ pub fn named_copy(dir: &Path, program: &str, name: &str) -> anyhow::Result<PathB
 pub fn children_of(pid: u32) -> Vec<u32> {
     let mut kids = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
@@ -308,4 +345,41 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         }
     }
     kids
+}
+
+/// Child processes killed and reaped when the test ends, pass or fail.
+pub struct KillOnDrop(pub Vec<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Two shell busy loops pinned to CPU 0, run as `shell` (a named copy of
+/// dash or sh), so they wait for each other: run-queue latency on demand.
+pub fn busy_loops_on_cpu0(shell: &Path, count: usize) -> KillOnDrop {
+    KillOnDrop(
+        (0..count)
+            .map(|_| {
+                Command::new("taskset")
+                    .args(["-c", "0"])
+                    .arg(shell)
+                    .args(["-c", "while :; do :; done"])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("taskset (util-linux)")
+            })
+            .collect(),
+    )
+}
+
+/// A named copy of dash (or sh), for a policy to match.
+pub fn named_shell(dir: &Path, name: &str) -> PathBuf {
+    named_copy(dir, "dash", name)
+        .or_else(|_| named_copy(dir, "sh", name))
+        .expect("no dash or sh")
 }

@@ -73,7 +73,8 @@ fn exec_lands_in_class_group_with_its_cpus_and_explain_names_the_rule() {
     let game_group = agent.group_of("game");
     let dev_group = agent.group_of("dev");
     assert!(
-        wait_for(Duration::from_secs(5), || cgroup_of(game.id()) == game_group),
+        wait_for(Duration::from_secs(5), || cgroup_of(game.id())
+            == game_group),
         "game process in {:?}, expected {game_group}\n{}",
         cgroup_of(game.id()),
         agent.log()
@@ -138,17 +139,29 @@ fn fork_storm_of_a_placed_parent_leaves_no_child_behind() {
         .spawn()
         .unwrap();
     let group = agent.group_of("game");
-    let all_forked = wait_for(Duration::from_secs(20), || children_of(parent.id()).len() >= 150);
-    assert!(all_forked, "only {} children forked", children_of(parent.id()).len());
+    let all_forked = wait_for(Duration::from_secs(20), || {
+        children_of(parent.id()).len() >= 150
+    });
+    assert!(
+        all_forked,
+        "only {} children forked",
+        children_of(parent.id()).len()
+    );
     let placed = wait_for(Duration::from_secs(5), || {
-        children_of(parent.id()).iter().all(|c| cgroup_of(*c) == group)
+        children_of(parent.id())
+            .iter()
+            .all(|c| cgroup_of(*c) == group)
     });
     let stragglers: Vec<_> = children_of(parent.id())
         .into_iter()
         .filter(|c| cgroup_of(*c) != group)
         .map(|c| (c, cgroup_of(c)))
         .collect();
-    assert!(placed, "children outside {group}: {stragglers:?}\n{}", agent.log());
+    assert!(
+        placed,
+        "children outside {group}: {stragglers:?}\n{}",
+        agent.log()
+    );
     assert_eq!(cgroup_of(parent.id()), group);
 
     let status = agent.status().unwrap();
@@ -165,12 +178,17 @@ fn dry_run_moves_nothing() {
     let before = cgroup_of(game.id());
     // The agent sees the exec and logs what it would do, but moves nothing.
     assert!(
-        wait_for(Duration::from_secs(5), || agent.log().contains("dry run: would move")),
+        wait_for(Duration::from_secs(5), || agent
+            .log()
+            .contains("dry run: would move")),
         "{}",
         agent.log()
     );
     assert_eq!(cgroup_of(game.id()), before);
-    assert!(!agent.cgroup_root.exists(), "a dry run must not create cgroups");
+    assert!(
+        !agent.cgroup_root.exists(),
+        "a dry run must not create cgroups"
+    );
     let _ = game.kill();
     let _ = game.wait();
 }
@@ -186,7 +204,10 @@ fn stop_widens_core_sets_and_leaves_processes_running() {
     let status = agent.stop().unwrap();
     assert!(status.success(), "agent exit status {status}");
     // Still alive, and (where cpusets exist) free to run on every CPU.
-    assert!(game.try_wait().unwrap().is_none(), "stopping the agent must not kill what it placed");
+    assert!(
+        game.try_wait().unwrap().is_none(),
+        "stopping the agent must not kill what it placed"
+    );
     if cpuset_available() {
         let all = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
         assert_eq!(cpus_allowed(game.id()), all.trim());

@@ -17,7 +17,11 @@ fn offline_classifier_prints_one_json_line_per_chain() {
         .arg("--no-override")
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let expected: Vec<serde_json::Value> = std::fs::read_to_string(&fixture)
         .unwrap()
         .lines()
@@ -32,7 +36,11 @@ fn offline_classifier_prints_one_json_line_per_chain() {
     assert_eq!(got.len(), expected.len());
     for (want, have) in expected.iter().zip(&got) {
         assert_eq!(want["id"], have["id"]);
-        assert_eq!(want["expect"], have["class"], "chain {}: {have}", want["id"]);
+        assert_eq!(
+            want["expect"], have["class"],
+            "chain {}: {have}",
+            want["id"]
+        );
         assert!(have["rule"].as_str().is_some_and(|r| !r.is_empty()));
     }
 }
@@ -42,8 +50,16 @@ fn offline_classifier_rejects_bad_input_with_the_line_number() {
     let dir = std::env::temp_dir().join(format!("corral-classify-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let input = dir.join("bad.jsonl");
-    std::fs::write(&input, "{\"id\": \"ok\", \"chain\": [{\"exe\": \"/bin/sh\", \"comm\": \"sh\"}]}\n{not json}\n").unwrap();
-    let output = Command::new(corral_bin()).args(["classify", "--procs"]).arg(&input).output().unwrap();
+    std::fs::write(
+        &input,
+        "{\"id\": \"ok\", \"chain\": [{\"exe\": \"/bin/sh\", \"comm\": \"sh\"}]}\n{not json}\n",
+    )
+    .unwrap();
+    let output = Command::new(corral_bin())
+        .args(["classify", "--procs"])
+        .arg(&input)
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("bad.jsonl:2"), "{stderr}");

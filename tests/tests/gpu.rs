@@ -9,24 +9,13 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use corral_tests::{Agent, cgroup_of, named_copy, wait_for};
+use corral_tests::{Agent, KillOnDrop, cgroup_of, named_copy, wait_for};
 use fake_nvml::{FakeDevice, FakeProcess, FakeState};
-
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// A stand-in for ComfyUI's HTTP server: records each request line and
 /// body, and runs `on_free` when `/free` is posted.
@@ -55,14 +44,19 @@ fn comfyui_stub(on_free: OnFree) -> (u16, Arc<Mutex<Vec<String>>>) {
             }
             let mut body = vec![0; length];
             let _ = reader.read_exact(&mut body);
-            record.lock().unwrap().push(format!("{} {}", request.trim(), String::from_utf8_lossy(&body)));
+            record.lock().unwrap().push(format!(
+                "{} {}",
+                request.trim(),
+                String::from_utf8_lossy(&body)
+            ));
             if request.starts_with("POST /free")
                 && let Some(f) = on_free.lock().unwrap().as_ref()
             {
                 f();
             }
             let mut stream = stream;
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         }
     });
     (port, seen)
@@ -81,14 +75,20 @@ fn state(path: &Path, ai_pid: u32, ai_mib: u64) {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn frozen(group: &Path) -> bool {
-    std::fs::read_to_string(group.join("cgroup.events")).unwrap_or_default().lines().any(|l| l == "frozen 1")
+    std::fs::read_to_string(group.join("cgroup.events"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == "frozen 1")
 }
 
 #[test]
@@ -138,12 +138,13 @@ exe = ["*/cgp-game"]
 "#,
         library = library.display()
     );
-    let mut agent = Agent::start_env("gpu", &policy, &[], &[("FAKE_NVML_STATE", &state_file)]).unwrap();
+    let mut agent =
+        Agent::start_env("gpu", &policy, &[], &[("FAKE_NVML_STATE", &state_file)]).unwrap();
     let comfy_bin = named_copy(&agent.dir, "dash", "cgp-comfy")
         .or_else(|_| named_copy(&agent.dir, "sh", "cgp-comfy"))
         .unwrap();
     let game_bin = named_copy(&agent.dir, "sleep", "cgp-game").unwrap();
-    let mut children = Killed(Vec::new());
+    let mut children = KillOnDrop(Vec::new());
     // Looks like `python main.py --port N` in a ComfyUI checkout.
     children.0.push(
         Command::new(&comfy_bin)
@@ -153,10 +154,18 @@ exe = ["*/cgp-game"]
     );
     let ai_pid = children.0[0].id();
     let ai_group: PathBuf = agent.cgroup_root.join("ai");
-    assert!(wait_for(Duration::from_secs(5), || cgroup_of(ai_pid) == agent.group_of("ai")), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(5), || cgroup_of(ai_pid)
+            == agent.group_of("ai")),
+        "{}",
+        agent.log()
+    );
     state(&state_file, ai_pid, 9 * 1024);
     assert!(
-        wait_for(Duration::from_secs(5), || agent.status().unwrap()["gpu"]["vram_by_class"]["ai"] == 9u64 * 1024 * 1024 * 1024),
+        wait_for(
+            Duration::from_secs(5),
+            || agent.status().unwrap()["gpu"]["vram_by_class"]["ai"] == 9u64 * 1024 * 1024 * 1024
+        ),
         "{}",
         agent.status().unwrap()["gpu"]
     );
@@ -168,20 +177,41 @@ exe = ["*/cgp-game"]
     // Round 1: the game starts, ComfyUI ignores the request, so ai freezes.
     let started = Instant::now();
     let started_ns = monotonic_ns();
-    children.0.push(Command::new(&game_bin).arg("120").spawn().unwrap());
-    assert!(wait_for(Duration::from_secs(10), || frozen(&ai_group)), "ai never froze: {}", agent.status().unwrap()["gpu"]);
+    children
+        .0
+        .push(Command::new(&game_bin).arg("120").spawn().unwrap());
+    assert!(
+        wait_for(Duration::from_secs(10), || frozen(&ai_group)),
+        "ai never froze: {}",
+        agent.status().unwrap()["gpu"]
+    );
     let to_freeze = started.elapsed();
     let seen = requests.lock().unwrap().clone();
     assert!(
-        seen.iter().any(|r| r.starts_with("POST /free HTTP/1.1") && r.contains("\"unload_models\": true") && r.contains("\"free_memory\": true")),
+        seen.iter().any(|r| r.starts_with("POST /free HTTP/1.1")
+            && r.contains("\"unload_models\": true")
+            && r.contains("\"free_memory\": true")),
         "{seen:?}"
     );
     let status = agent.status().unwrap();
-    let kinds: Vec<&str> = status["gpu"]["actions"].as_array().unwrap().iter().map(|a| a["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = status["gpu"]["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(&kinds[..3], ["notify", "ask", "freeze"], "{status}");
-    assert!(status["gpu"]["actions"].as_array().unwrap().iter().all(|a| a["class"] == "ai"));
+    assert!(
+        status["gpu"]["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["class"] == "ai")
+    );
     let first_action_ns = status["gpu"]["actions"][0]["at_ns"].as_u64().unwrap();
-    let explain = agent.corral(&["explain", &ai_pid.to_string(), "--json"]).unwrap();
+    let explain = agent
+        .corral(&["explain", &ai_pid.to_string(), "--json"])
+        .unwrap();
     assert!(explain.contains("\"kind\": \"freeze\""), "{explain}");
 
     // The game ends: ai thaws at once.
@@ -189,20 +219,28 @@ exe = ["*/cgp-game"]
         let _ = g.kill();
         let _ = g.wait();
     }
-    assert!(wait_for(Duration::from_secs(5), || !frozen(&ai_group)), "ai stayed frozen after the game");
+    assert!(
+        wait_for(Duration::from_secs(5), || !frozen(&ai_group)),
+        "ai stayed frozen after the game"
+    );
 
     // Round 2: ComfyUI frees its memory when asked; no freeze is needed.
     let state_copy = state_file.clone();
     *on_free.lock().unwrap() = Some(Box::new(move || state(&state_copy, ai_pid, 1024)));
     std::thread::sleep(Duration::from_millis(1000));
     let started2 = Instant::now();
-    children.0.push(Command::new(&game_bin).arg("120").spawn().unwrap());
+    children
+        .0
+        .push(Command::new(&game_bin).arg("120").spawn().unwrap());
     assert!(wait_for(Duration::from_secs(10), || {
         agent.status().unwrap()["gpu"]["vram_by_class"]["ai"] == 1024u64 * 1024 * 1024
     }));
     let under_budget = started2.elapsed();
     std::thread::sleep(Duration::from_millis(1200));
-    assert!(!frozen(&ai_group), "ai froze although ComfyUI gave its memory back");
+    assert!(
+        !frozen(&ai_group),
+        "ai froze although ComfyUI gave its memory back"
+    );
     assert_eq!(agent.status().unwrap()["gpu"]["arbiter"]["pressure"], false);
 
     // Round 3: frozen again (ComfyUI ignores us), then the agent stops: the
@@ -214,7 +252,9 @@ exe = ["*/cgp-game"]
     }
     state(&state_file, ai_pid, 9 * 1024);
     std::thread::sleep(Duration::from_millis(1000));
-    children.0.push(Command::new(&game_bin).arg("120").spawn().unwrap());
+    children
+        .0
+        .push(Command::new(&game_bin).arg("120").spawn().unwrap());
     assert!(wait_for(Duration::from_secs(10), || frozen(&ai_group)));
     let stopped = agent.stop().unwrap();
     assert!(stopped.success());
@@ -243,12 +283,18 @@ env = { CORRAL_TEST_MARK = "from-policy" }
         .args(["run", "--class", "ai", "--socket"])
         .arg(&agent.socket)
         .args(["--", "sh", "-c"])
-        .arg(format!("cat /proc/self/cgroup > {0}; echo \"$CORRAL_TEST_MARK\" >> {0}", out.display()))
+        .arg(format!(
+            "cat /proc/self/cgroup > {0}; echo \"$CORRAL_TEST_MARK\" >> {0}",
+            out.display()
+        ))
         .status()
         .unwrap();
     assert!(status.success());
     let text = std::fs::read_to_string(&out).unwrap();
-    assert!(text.contains(&format!("0::{}", agent.group_of("ai"))), "{text}");
+    assert!(
+        text.contains(&format!("0::{}", agent.group_of("ai"))),
+        "{text}"
+    );
     assert!(text.contains("from-policy"), "{text}");
     // An unmanaged class is refused with the classes that exist.
     let refused = Command::new(corral_tests::corral_bin())

@@ -6,11 +6,10 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use corral_tests::{Agent, named_copy, repo_root, wait_for};
+use corral_tests::{Agent, busy_loops_on_cpu0, named_shell, repo_root, wait_for};
 
 const POLICY: &str = r#"
 [classes.game]
@@ -31,7 +30,11 @@ exe = ["*/cme-busy"]
 
 fn scrape(addr: &str) -> prometheus_parse::Scrape {
     let mut stream = TcpStream::connect(addr).unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
@@ -44,7 +47,11 @@ fn scrape(addr: &str) -> prometheus_parse::Scrape {
 fn monotonic_series(scrape: &prometheus_parse::Scrape) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for sample in &scrape.samples {
-        let mut labels: Vec<String> = sample.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut labels: Vec<String> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         labels.sort();
         let key = format!("{}{{{}}}", sample.metric, labels.join(","));
         match &sample.value {
@@ -54,55 +61,42 @@ fn monotonic_series(scrape: &prometheus_parse::Scrape) -> Vec<(String, f64)> {
                     out.push((format!("{key}le={}", b.less_than), b.count));
                 }
             }
-            prometheus_parse::Value::Untyped(v) if sample.metric.ends_with("_count") => out.push((key, *v)),
+            prometheus_parse::Value::Untyped(v) if sample.metric.ends_with("_count") => {
+                out.push((key, *v))
+            }
             _ => {}
         }
     }
     out
 }
 
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[test]
 fn live_scrape_parses_counters_only_grow_and_dashboard_metrics_exist() {
     let agent = Agent::start("metrics", POLICY).unwrap();
-    let addr = agent.status().unwrap()["metrics_addr"].as_str().expect("metrics endpoint").to_owned();
-    let busy = named_copy(&agent.dir, "dash", "cme-busy")
-        .or_else(|_| named_copy(&agent.dir, "sh", "cme-busy"))
-        .unwrap();
-    let mut children = Killed(Vec::new());
-    for _ in 0..2 {
-        children.0.push(
-            Command::new("taskset")
-                .args(["-c", "0"])
-                .arg(&busy)
-                .args(["-c", "while :; do :; done"])
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let addr = agent.status().unwrap()["metrics_addr"]
+        .as_str()
+        .expect("metrics endpoint")
+        .to_owned();
+    let busy = named_shell(&agent.dir, "cme-busy");
+    let _children = busy_loops_on_cpu0(&busy, 2);
     // The endpoint refreshes every second.
     let runq_count = |s: &prometheus_parse::Scrape| {
         s.samples
             .iter()
-            .find(|x| x.metric == "corral_class_runqueue_latency_seconds" && x.labels.get("class") == Some("game"))
+            .find(|x| {
+                x.metric == "corral_class_runqueue_latency_seconds"
+                    && x.labels.get("class") == Some("game")
+            })
             .and_then(|x| match &x.value {
                 prometheus_parse::Value::Histogram(b) => b.last().map(|b| b.count),
                 _ => None,
             })
             .unwrap_or(0.0)
     };
-    assert!(wait_for(Duration::from_secs(10), || runq_count(&scrape(&addr)) > 0.0), "no run-queue samples for game");
+    assert!(
+        wait_for(Duration::from_secs(10), || runq_count(&scrape(&addr)) > 0.0),
+        "no run-queue samples for game"
+    );
     let first = scrape(&addr);
     std::thread::sleep(Duration::from_millis(2200));
     let second = scrape(&addr);
@@ -111,19 +105,28 @@ fn live_scrape_parses_counters_only_grow_and_dashboard_metrics_exist() {
     assert!(before.len() > 20, "too few counter series: {before:?}");
     let mut grew = 0;
     for (key, value) in &before {
-        let now = after.get(key).unwrap_or_else(|| panic!("{key} vanished between scrapes"));
+        let now = after
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} vanished between scrapes"));
         assert!(now >= value, "{key} went down: {value} -> {now}");
         grew += usize::from(now > value);
     }
     assert!(grew > 0, "nothing grew in 2 s of two busy loops");
-    let families: std::collections::BTreeSet<&str> = second.samples.iter().map(|s| s.metric.as_str()).collect();
-    for name in ["corral_class_cpu_seconds_total", "corral_events_total", "corral_agent_resident_memory_bytes", "corral_mode"] {
+    let families: std::collections::BTreeSet<&str> =
+        second.samples.iter().map(|s| s.metric.as_str()).collect();
+    for name in [
+        "corral_class_cpu_seconds_total",
+        "corral_events_total",
+        "corral_agent_resident_memory_bytes",
+        "corral_mode",
+    ] {
         assert!(families.contains(name), "{name} missing from {families:?}");
     }
 
     // The shipped dashboard queries only metrics the agent exports, and
     // every one that needs no GPU is in this live scrape.
-    let dashboard = std::fs::read_to_string(repo_root().join("contrib/grafana/corral.json")).unwrap();
+    let dashboard =
+        std::fs::read_to_string(repo_root().join("contrib/grafana/corral.json")).unwrap();
     let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
     let mut queried = std::collections::BTreeSet::new();
     for panel in dashboard["panels"].as_array().unwrap() {
@@ -140,11 +143,19 @@ fn live_scrape_parses_counters_only_grow_and_dashboard_metrics_exist() {
         .chain(second.docs.keys().cloned())
         .collect();
     for name in &queried {
-        assert!(corral::metrics::Metrics::exports(name), "dashboard queries {name}, which the agent never exports");
-        let family = ["_bucket", "_sum", "_count"].iter().fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+        assert!(
+            corral::metrics::Metrics::exports(name),
+            "dashboard queries {name}, which the agent never exports"
+        );
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
         let needs_gpu = family.starts_with("corral_gpu_") || family.contains("_vram_");
         if !needs_gpu {
-            assert!(live.contains(family), "dashboard queries {name}, missing from the live scrape");
+            assert!(
+                live.contains(family),
+                "dashboard queries {name}, missing from the live scrape"
+            );
         }
     }
 }
@@ -155,7 +166,9 @@ fn metric_names(expr: &str) -> Vec<String> {
     let mut rest = expr;
     while let Some(at) = rest.find("corral_") {
         let tail = &rest[at..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
         names.push(tail[..end].to_owned());
         rest = &tail[end..];
     }

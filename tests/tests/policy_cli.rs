@@ -13,31 +13,51 @@ fn scratch(name: &str) -> std::path::PathBuf {
 }
 
 fn corral(args: &[&str], extra: &[&Path]) -> std::process::Output {
-    Command::new(corral_bin()).args(args).args(extra).output().unwrap()
+    Command::new(corral_bin())
+        .args(args)
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn policy_check_accepts_the_shipped_default_and_refuses_a_bad_override() {
     let default = repo_root().join("policies/default.toml");
     let ok = corral(&["policy", "check", "--standalone"], &[&default]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(stdout.contains(": ok ("), "{stdout}");
 
     let dir = scratch("check");
     let bad = dir.join("policy.toml");
-    write_file(&bad, "[classes.game]\ncpus = \"0\"\n\n[[rules]]\nname = \"x\"\nclass = \"gaem\"\ncomm = [\"x\"]\n");
+    write_file(
+        &bad,
+        "[classes.game]\ncpus = \"0\"\n\n[[rules]]\nname = \"x\"\nclass = \"gaem\"\ncomm = [\"x\"]\n",
+    );
     let refused = corral(&["policy", "check"], &[&bad]);
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains(&format!("{}:4:1: rule `x`: unknown class `gaem`", bad.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:4:1: rule `x`: unknown class `gaem`",
+            bad.display()
+        )),
+        "{stderr}"
+    );
 
     // A core list this machine does not have is refused, naming what exists.
     write_file(&bad, "[classes.game]\ncpus = \"0-4095\"\n");
     let refused = corral(&["policy", "check", "--standalone"], &[&bad]);
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("names CPUs this machine does not have"), "{stderr}");
+    assert!(
+        stderr.contains("names CPUs this machine does not have"),
+        "{stderr}"
+    );
 
     // Unknown keys warn but pass.
     write_file(&bad, "[classes.game]\ncpus = \"0\"\ncpu_wieght = 5\n");
@@ -50,12 +70,30 @@ fn policy_check_accepts_the_shipped_default_and_refuses_a_bad_override() {
 fn policy_show_resolves_the_default_on_the_reference_fixture() {
     let fixture = repo_root().join("agent/tests/fixtures/sysfs/hybrid-20");
     let default = repo_root().join("policies/default.toml");
-    let out = corral(&["policy", "show", "--no-override", "--policy"], &[&default, Path::new("--sysfs-root"), &fixture]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = corral(
+        &["policy", "show", "--no-override", "--policy"],
+        &[&default, Path::new("--sysfs-root"), &fixture],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    for (class, cpus) in [("game", "0-7"), ("dev", "8-15"), ("render", "16-19"), ("ai", "16-19")] {
-        let line = text.lines().find(|l| l.trim_start().starts_with(class)).unwrap_or_default();
-        assert!(line.contains(&format!("cpus {cpus} ")), "{class}: {line}\n{text}");
+    for (class, cpus) in [
+        ("game", "0-7"),
+        ("dev", "8-15"),
+        ("render", "16-19"),
+        ("ai", "16-19"),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(class))
+            .unwrap_or_default();
+        assert!(
+            line.contains(&format!("cpus {cpus} ")),
+            "{class}: {line}\n{text}"
+        );
     }
 }
 
@@ -72,12 +110,22 @@ fn policy_test_on_recorded_chains_says_what_would_move_where() {
     )
     .unwrap();
     let over = dir.join("policy.toml");
-    write_file(&over, "[[rules]]\nname = \"shell-is-dev\"\nclass = \"dev\"\ncomm = [\"bash\"]\n");
+    write_file(
+        &over,
+        "[[rules]]\nname = \"shell-is-dev\"\nclass = \"dev\"\ncomm = [\"bash\"]\n",
+    );
     let out = corral(&["policy", "test"], &[&over, Path::new("--procs"), &chains]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("editor: dev (cpus "), "{text}");
-    assert!(text.contains("shell: dev (cpus ") && text.contains("by shell-is-dev"), "{text}");
+    assert!(
+        text.contains("shell: dev (cpus ") && text.contains("by shell-is-dev"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -101,14 +149,32 @@ fn ananicy_rules_classify_what_the_policy_does_not_know() {
         ),
     )
     .unwrap();
-    let out = corral(&["classify", "--no-override", "--procs"], &[&chains, Path::new("--policy"), &policy]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = corral(
+        &["classify", "--no-override", "--procs"],
+        &[&chains, Path::new("--policy"), &policy],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines[0]["class"], "game", "{}", lines[0]);
-    assert!(lines[0]["rule"].as_str().unwrap().starts_with("ananicy:DungeonDefenders-x86"), "{}", lines[0]);
-    assert!(lines[0]["source"].as_str().unwrap().contains(".rules:"), "{}", lines[0]);
+    assert!(
+        lines[0]["rule"]
+            .as_str()
+            .unwrap()
+            .starts_with("ananicy:DungeonDefenders-x86"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0]["source"].as_str().unwrap().contains(".rules:"),
+        "{}",
+        lines[0]
+    );
     assert_eq!(lines[1]["class"], "system");
 }

@@ -6,7 +6,8 @@
 use std::{process::Command, time::Duration};
 
 use corral_tests::{
-    Agent, cgroup_of, cpus_allowed, cpuset_available, named_copy, timeout_scale, wait_for, write_file,
+    Agent, cgroup_of, cpus_allowed, cpuset_available, named_copy, timeout_scale, wait_for,
+    write_file,
 };
 
 fn policy(prefix: &str, extra_rules: &str, modes: &str) -> String {
@@ -37,7 +38,11 @@ fn editing_the_policy_moves_processes_and_a_bad_edit_keeps_everything() {
     let tool = named_copy(&agent.dir, "sleep", "crl-tool").unwrap();
     let mut proc = Command::new(&tool).arg("60").spawn().unwrap();
     let (dev, game) = (agent.group_of("dev"), agent.group_of("game"));
-    assert!(wait_for(Duration::from_secs(5), || cgroup_of(proc.id()) == dev), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(5), || cgroup_of(proc.id()) == dev),
+        "{}",
+        agent.log()
+    );
 
     // The user's override claims the tool for `game`: it moves, live.
     write_file(
@@ -69,7 +74,11 @@ fn editing_the_policy_moves_processes_and_a_bad_edit_keeps_everything() {
     assert!(message.contains("override.toml:1:1"), "{message}");
     assert!(message.contains("unknown class `devv`"), "{message}");
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(cgroup_of(proc.id()), game, "a refused reload must not move anything");
+    assert_eq!(
+        cgroup_of(proc.id()),
+        game,
+        "a refused reload must not move anything"
+    );
     // The process is still explained by the last good policy.
     let explain = agent.corral(&["explain", &proc.id().to_string()]).unwrap();
     assert!(explain.contains("tool-is-game"), "{explain}");
@@ -95,7 +104,10 @@ fn a_running_game_takes_its_cpus_from_the_other_classes_until_hold_down_passes()
     let rules = "\n[[rules]]\nname = \"game\"\nclass = \"game\"\nexe = [\"*/crm-game\"]\n";
     // Slower machines (the VM tier) get proportionally longer times.
     let scale = timeout_scale();
-    let modes = format!("[modes]\nhold_down_ms = {}\nmin_dwell_ms = 100\n", 1500 * scale);
+    let modes = format!(
+        "[modes]\nhold_down_ms = {}\nmin_dwell_ms = 100\n",
+        1500 * scale
+    );
     let modes = modes.as_str();
     let agent = Agent::start("modes", &policy("crm", rules, modes)).unwrap();
     // No game yet: dev keeps its own CPUs, game's included.
@@ -103,7 +115,8 @@ fn a_running_game_takes_its_cpus_from_the_other_classes_until_hold_down_passes()
     assert_eq!(agent.class_status("dev")["cpus"], "0-1");
     let tool = named_copy(&agent.dir, "sleep", "crm-tool").unwrap();
     let mut dev = Command::new(&tool).arg("60").spawn().unwrap();
-    assert!(wait_for(Duration::from_secs(5), || cgroup_of(dev.id()) == agent.group_of("dev")));
+    assert!(wait_for(Duration::from_secs(5), || cgroup_of(dev.id())
+        == agent.group_of("dev")));
     let enforced = cpuset_available();
     if enforced {
         assert_eq!(cpus_allowed(dev.id()), "0-1");
@@ -112,11 +125,16 @@ fn a_running_game_takes_its_cpus_from_the_other_classes_until_hold_down_passes()
     let game_bin = named_copy(&agent.dir, "sleep", "crm-game").unwrap();
     let mut game = Command::new(&game_bin).arg("60").spawn().unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || agent.status().unwrap()["mode"] == "protected"),
+        wait_for(Duration::from_secs(5), || agent.status().unwrap()["mode"]
+            == "protected"),
         "{}",
         agent.log()
     );
-    assert_eq!(agent.class_status("dev")["cpus"], "1", "dev must leave the game's CPU 0");
+    assert_eq!(
+        agent.class_status("dev")["cpus"],
+        "1",
+        "dev must leave the game's CPU 0"
+    );
     assert_eq!(agent.class_status("game")["cpus"], "0");
     if enforced {
         assert_eq!(cpus_allowed(dev.id()), "1");
@@ -128,7 +146,9 @@ fn a_running_game_takes_its_cpus_from_the_other_classes_until_hold_down_passes()
     std::thread::sleep(Duration::from_millis(500) * scale);
     assert_eq!(agent.status().unwrap()["mode"], "protected");
     // ...and shared once the hold-down has passed.
-    assert!(wait_for(Duration::from_secs(5), || agent.status().unwrap()["mode"] == "shared"));
+    assert!(wait_for(Duration::from_secs(5), || agent.status().unwrap()
+        ["mode"]
+        == "shared"));
     assert_eq!(agent.class_status("dev")["cpus"], "0-1");
     if enforced {
         assert_eq!(cpus_allowed(dev.id()), "0-1");

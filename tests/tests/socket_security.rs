@@ -50,12 +50,20 @@ fn users_read_but_only_root_changes_things() {
     open_dir_to_everyone(&agent);
 
     let status = as_nobody(&agent, &["status"]);
-    assert!(status.status.success(), "status as nobody: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "status as nobody: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     assert!(String::from_utf8_lossy(&status.stdout).contains("game"));
 
     let reload = as_nobody(&agent, &["reload"]);
     assert!(!reload.status.success());
-    assert!(String::from_utf8_lossy(&reload.stderr).contains("only root can reload"), "{}", String::from_utf8_lossy(&reload.stderr));
+    assert!(
+        String::from_utf8_lossy(&reload.stderr).contains("only root can reload"),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
 
     // PID 1 is root's: not explained to nobody.
     let explain = as_nobody(&agent, &["explain", "1"]);
@@ -65,7 +73,11 @@ fn users_read_but_only_root_changes_things() {
     // `corral run --class game` is not open to users; `ai` is.
     let game = as_nobody(&agent, &["run", "--class", "game", "--", "true"]);
     assert!(!game.status.success());
-    assert!(String::from_utf8_lossy(&game.stderr).contains("not open to users"), "{}", String::from_utf8_lossy(&game.stderr));
+    assert!(
+        String::from_utf8_lossy(&game.stderr).contains("not open to users"),
+        "{}",
+        String::from_utf8_lossy(&game.stderr)
+    );
     let ai = Command::new("setpriv")
         .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--"])
         .arg(corral_bin())
@@ -74,7 +86,11 @@ fn users_read_but_only_root_changes_things() {
         .args(["--", "sh", "-c", "cat /proc/self/cgroup"])
         .output()
         .unwrap();
-    assert!(ai.status.success(), "{}", String::from_utf8_lossy(&ai.stderr));
+    assert!(
+        ai.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ai.stderr)
+    );
     assert!(String::from_utf8_lossy(&ai.stdout).contains(&agent.group_of("ai")));
 
     // Root may do all of it.
@@ -103,12 +119,18 @@ fn malformed_and_huge_requests_get_errors_and_the_agent_keeps_going() {
         b"\n",
     ] {
         let answer = raw(&agent, request);
-        assert!(answer.contains("\"reply\":\"error\""), "{request:?} -> {answer:?}");
+        assert!(
+            answer.contains("\"reply\":\"error\""),
+            "{request:?} -> {answer:?}"
+        );
         assert!(answer.contains("bad request"), "{request:?} -> {answer:?}");
     }
     let huge = vec![b'x'; 1 << 20];
     let answer = raw(&agent, &huge);
-    assert!(answer.contains("too large") || answer.contains("bad request"), "{answer:?}");
+    assert!(
+        answer.contains("too large") || answer.contains("bad request"),
+        "{answer:?}"
+    );
     // Still alive and answering.
     assert!(agent.status().is_ok());
 }

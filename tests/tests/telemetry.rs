@@ -2,12 +2,11 @@
 //! a class show run-queue latency and on-CPU time for that class; an idle
 //! class shows none.
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use corral_tests::{Agent, cgroup_of, named_copy, wait_for};
+use corral_tests::{
+    Agent, KillOnDrop, busy_loops_on_cpu0, cgroup_of, named_copy, named_shell, wait_for,
+};
 
 const POLICY: &str = r#"
 [classes.busy]
@@ -31,43 +30,23 @@ fn sched(agent: &Agent, class: &str) -> (u64, u64) {
     let s = agent.class_status(class);
     let sched = &s["sched"];
     assert!(!sched.is_null(), "telemetry missing for {class}: {s}");
-    (sched["runq_count"].as_u64().unwrap(), sched["oncpu_ns"].as_u64().unwrap())
-}
-
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    (
+        sched["runq_count"].as_u64().unwrap(),
+        sched["oncpu_ns"].as_u64().unwrap(),
+    )
 }
 
 #[test]
 fn contended_class_shows_runqueue_latency_and_idle_class_none() {
     let agent = Agent::start("telemetry", POLICY).unwrap();
-    let busy = named_copy(&agent.dir, "dash", "ctl-busy")
-        .or_else(|_| named_copy(&agent.dir, "sh", "ctl-busy"))
-        .unwrap();
+    let busy = named_shell(&agent.dir, "ctl-busy");
     let idle = named_copy(&agent.dir, "sleep", "ctl-idle").unwrap();
-    let mut children = Killed(Vec::new());
-    children.0.push(Command::new(&idle).arg("60").spawn().unwrap());
-    for _ in 0..2 {
-        // Both loops on CPU 0, so each waits while the other runs.
-        children.0.push(
-            Command::new("taskset")
-                .args(["-c", "0"])
-                .arg(&busy)
-                .args(["-c", "while :; do :; done"])
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let _idle = KillOnDrop(vec![Command::new(&idle).arg("60").spawn().unwrap()]);
+    // Both loops on CPU 0, so each waits while the other runs.
+    let children = busy_loops_on_cpu0(&busy, 2);
     let busy_group = agent.group_of("busy");
-    assert!(wait_for(Duration::from_secs(5), || children.0[1..]
+    assert!(wait_for(Duration::from_secs(5), || children
+        .0
         .iter()
         .all(|c| cgroup_of(c.id()) == busy_group)));
     std::thread::sleep(Duration::from_millis(300));
@@ -76,13 +55,30 @@ fn contended_class_shows_runqueue_latency_and_idle_class_none() {
     std::thread::sleep(Duration::from_millis(1500));
     let (busy_after, busy_cpu_after) = sched(&agent, "busy");
     let (idle_after, idle_cpu_after) = sched(&agent, "idle");
-    assert!(busy_after > busy_before, "no run-queue waits recorded for busy: {busy_before} -> {busy_after}");
+    assert!(
+        busy_after > busy_before,
+        "no run-queue waits recorded for busy: {busy_before} -> {busy_after}"
+    );
     // Two loops sharing one CPU for 1.5 s: about 1.5 s of CPU between them.
     let cpu = (busy_cpu_after - busy_cpu_before) as f64 / 1e9;
-    assert!((0.5..=3.1).contains(&cpu), "busy on-CPU {cpu} s over 1.5 s on one CPU");
+    assert!(
+        (0.5..=3.1).contains(&cpu),
+        "busy on-CPU {cpu} s over 1.5 s on one CPU"
+    );
     let busy_status = agent.class_status("busy");
-    let hist: u64 = busy_status["sched"]["runq_hist"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
-    assert_eq!(hist, busy_status["sched"]["runq_count"], "every wait lands in one histogram bucket");
+    let hist: u64 = busy_status["sched"]["runq_hist"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        hist, busy_status["sched"]["runq_count"],
+        "every wait lands in one histogram bucket"
+    );
     assert_eq!(idle_after, idle_before, "the idle class waited for a CPU");
-    assert!(idle_cpu_after < 50_000_000, "idle class used {idle_cpu_after} ns of CPU");
+    assert!(
+        idle_cpu_after < 50_000_000,
+        "idle class used {idle_cpu_after} ns of CPU"
+    );
 }

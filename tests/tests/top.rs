@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use corral_tests::{Agent, corral_bin, named_copy, wait_for};
+use corral_tests::{Agent, busy_loops_on_cpu0, corral_bin, named_shell, wait_for};
 
 const POLICY: &str = r#"
 [classes.game]
@@ -23,54 +23,64 @@ exe = ["*/cto-busy"]
 "#;
 
 fn tmux(args: &[&str]) -> String {
-    let out = Command::new("tmux").args(args).output().expect("tmux (apt-get install tmux)");
+    let out = Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("tmux (apt-get install tmux)");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
 fn top_shows_classes_with_live_numbers_and_quits_on_q() {
     let agent = Agent::start("top", POLICY).unwrap();
-    let busy = named_copy(&agent.dir, "dash", "cto-busy")
-        .or_else(|_| named_copy(&agent.dir, "sh", "cto-busy"))
-        .unwrap();
-    let mut loops: Vec<_> = (0..2)
-        .map(|_| {
-            Command::new("taskset")
-                .args(["-c", "0"])
-                .arg(&busy)
-                .args(["-c", "while :; do :; done"])
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let busy = named_shell(&agent.dir, "cto-busy");
+    let loops = busy_loops_on_cpu0(&busy, 2);
     let session = format!("corral-top-{}", std::process::id());
     let command = format!(
         "{} top --socket {} --interval-ms 300",
         corral_bin().display(),
         agent.socket.display()
     );
-    tmux(&["new-session", "-d", "-s", &session, "-x", "140", "-y", "30", &command]);
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "140",
+        "-y",
+        "30",
+        &command,
+    ]);
     let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
     let drawn = wait_for(Duration::from_secs(10), || {
         let s = screen();
         // The game row has a CPU% and a run-queue p99 with a unit.
         s.lines().any(|l| {
-            l.starts_with("game ") && (l.contains("us ") || l.contains("ms ") || l.contains("us  ") || l.contains("ms  "))
+            l.starts_with("game ")
+                && (l.contains("us ")
+                    || l.contains("ms ")
+                    || l.contains("us  ")
+                    || l.contains("ms  "))
         })
     });
     let last = screen();
-    for l in &mut loops {
-        let _ = l.kill();
-        let _ = l.wait();
-    }
+    drop(loops);
     assert!(drawn, "no live game row in:\n{last}");
     assert!(last.contains("RUNQ p99"), "{last}");
     assert!(last.lines().any(|l| l.starts_with("dev ")), "{last}");
-    assert!(last.contains("mode shared") || last.contains("mode protected"), "{last}");
+    assert!(
+        last.contains("mode shared") || last.contains("mode protected"),
+        "{last}"
+    );
 
     tmux(&["send-keys", "-t", &session, "q"]);
     let quit = wait_for(Duration::from_secs(5), || {
-        !Command::new("tmux").args(["has-session", "-t", &session]).status().unwrap().success()
+        !Command::new("tmux")
+            .args(["has-session", "-t", &session])
+            .status()
+            .unwrap()
+            .success()
     });
     if !quit {
         tmux(&["kill-session", "-t", &session]);

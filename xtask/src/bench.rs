@@ -61,8 +61,19 @@ pub enum Bench {
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Reload { processes } => reload(processes),
-        Bench::Overhead { rounds, groups, loops, idle_secs } => overhead(rounds, groups, loops, idle_secs),
-        Bench::Exec { rate, count, life_ms, no_telemetry, agent_args } => exec(rate, count, life_ms, !no_telemetry, &agent_args),
+        Bench::Overhead {
+            rounds,
+            groups,
+            loops,
+            idle_secs,
+        } => overhead(rounds, groups, loops, idle_secs),
+        Bench::Exec {
+            rate,
+            count,
+            life_ms,
+            no_telemetry,
+            agent_args,
+        } => exec(rate, count, life_ms, !no_telemetry, &agent_args),
     }
 }
 
@@ -143,7 +154,10 @@ fn corral(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
         .arg(socket)
         .output()?;
     if !output.status.success() {
-        bail!("corral {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "corral {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(String::from_utf8(output.stdout)?)
 }
@@ -171,18 +185,31 @@ fn start_agent(dir: &Path, policy_text: &str, agent_args: &[String]) -> anyhow::
         .env("RUST_LOG", "warn")
         .stderr(log)
         .spawn()?;
-    let agent = AgentRun { child, socket, cgroup_root };
+    let agent = AgentRun {
+        child,
+        socket,
+        cgroup_root,
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while corral(&agent.socket, &["status", "--json"]).is_err() {
         if Instant::now() > deadline {
-            bail!("the agent did not start; see {}", dir.join("agent.log").display());
+            bail!(
+                "the agent did not start; see {}",
+                dir.join("agent.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(agent)
 }
 
-fn exec(rate: u32, count: u32, life_ms: u32, telemetry: bool, agent_args: &[String]) -> anyhow::Result<()> {
+fn exec(
+    rate: u32,
+    count: u32,
+    life_ms: u32,
+    telemetry: bool,
+    agent_args: &[String],
+) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("corral-bench-{}", std::process::id()));
     let agent = start_agent(
         &dir,
@@ -206,7 +233,11 @@ fn exec(rate: u32, count: u32, life_ms: u32, telemetry: bool, agent_args: &[Stri
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        match Command::new(&program).arg(&life).stdin(Stdio::null()).spawn() {
+        match Command::new(&program)
+            .arg(&life)
+            .stdin(Stdio::null())
+            .spawn()
+        {
             Ok(child) => {
                 spawned.push(child.id());
                 running.push(child);
@@ -226,15 +257,26 @@ fn exec(rate: u32, count: u32, life_ms: u32, telemetry: bool, agent_args: &[Stri
 
     let placements: Vec<serde_json::Value> =
         serde_json::from_str(&corral(&agent.socket, &["placements"])?)?;
-    let status: serde_json::Value = serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
+    let status: serde_json::Value =
+        serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
     // pid -> (exec->placed, exec->handled, handled->placed)
     let by_pid: HashMap<u64, (u64, u64, u64)> = placements
         .iter()
         .filter_map(|p| {
             let pid = p["pid"].as_u64()?;
-            let (exec, handled, placed) =
-                (p["exec_ns"].as_u64()?, p["handled_ns"].as_u64()?, p["placed_ns"].as_u64()?);
-            Some((pid, (placed.checked_sub(exec)?, handled.saturating_sub(exec), placed.saturating_sub(handled))))
+            let (exec, handled, placed) = (
+                p["exec_ns"].as_u64()?,
+                p["handled_ns"].as_u64()?,
+                p["placed_ns"].as_u64()?,
+            );
+            Some((
+                pid,
+                (
+                    placed.checked_sub(exec)?,
+                    handled.saturating_sub(exec),
+                    placed.saturating_sub(handled),
+                ),
+            ))
         })
         .collect();
     let matched: Vec<(u64, u64, u64)> = spawned
@@ -251,7 +293,9 @@ fn exec(rate: u32, count: u32, life_ms: u32, telemetry: bool, agent_args: &[Stri
     let working = sorted(|m| m.2);
     let missed = spawned.len() - latencies.len();
     let us = |ns: u64| ns as f64 / 1000.0;
-    println!("bench exec: rate {rate}/s, count {count}, life {life_ms} ms, telemetry {telemetry}, agent args {agent_args:?}");
+    println!(
+        "bench exec: rate {rate}/s, count {count}, life {life_ms} ms, telemetry {telemetry}, agent args {agent_args:?}"
+    );
     println!(
         "  spawned {} in {spawn_secs:.2} s ({:.0}/s achieved), spawn failures {spawn_failures}",
         spawned.len(),
@@ -290,7 +334,15 @@ fn exec(rate: u32, count: u32, life_ms: u32, telemetry: bool, agent_args: &[Stri
 /// One `perf bench sched messaging` run; its "Total time" in seconds.
 fn messaging(groups: u32, loops: u32) -> anyhow::Result<f64> {
     let output = Command::new("perf")
-        .args(["bench", "sched", "messaging", "-g", &groups.to_string(), "-l", &loops.to_string()])
+        .args([
+            "bench",
+            "sched",
+            "messaging",
+            "-g",
+            &groups.to_string(),
+            "-l",
+            &loops.to_string(),
+        ])
         .output()
         .context("running perf bench (apt-get install linux-perf)")?;
     let text = String::from_utf8_lossy(&output.stdout);
@@ -328,7 +380,11 @@ fn overhead(rounds: u32, groups: u32, loops: u32, idle_secs: u64) -> anyhow::Res
             let variant = (step + round as usize) % 3;
             let agent = match variant {
                 0 => None,
-                v => Some(start_agent(&dir.join(format!("{round}-{v}")), &policy(v == 2), &[])?),
+                v => Some(start_agent(
+                    &dir.join(format!("{round}-{v}")),
+                    &policy(v == 2),
+                    &[],
+                )?),
             };
             let before = agent.as_ref().map(program_stats).transpose()?;
             times[variant].push(messaging(groups, loops)?);
@@ -343,20 +399,29 @@ fn overhead(rounds: u32, groups: u32, loops: u32, idle_secs: u64) -> anyhow::Res
         }
     }
     let base = median(&mut times[0].clone());
-    println!("bench overhead: perf bench sched messaging -g {groups} -l {loops}, {rounds} interleaved rounds");
+    println!(
+        "bench overhead: perf bench sched messaging -g {groups} -l {loops}, {rounds} interleaved rounds"
+    );
     for (i, name) in variants.iter().enumerate() {
         let m = median(&mut times[i].clone());
         println!(
             "  {name:<18} median {m:.3} s  slowdown {:+.2}%  (runs: {})",
             100.0 * (m / base - 1.0),
-            times[i].iter().map(|t| format!("{t:.3}")).collect::<Vec<_>>().join(" ")
+            times[i]
+                .iter()
+                .map(|t| format!("{t:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     println!("  BPF run time per event (full telemetry runs, kernel.bpf_stats_enabled):");
     let mut names: Vec<_> = bpf.into_iter().filter(|(_, (c, _))| *c > 0).collect();
     names.sort();
     for (name, (count, ns)) in names {
-        println!("    {name:<20} {count:>10} runs  {:.0} ns/run", ns as f64 / count as f64);
+        println!(
+            "    {name:<20} {count:>10} runs  {:.0} ns/run",
+            ns as f64 / count as f64
+        );
     }
 
     // The idle agent, full telemetry on.
@@ -380,7 +445,8 @@ fn overhead(rounds: u32, groups: u32, loops: u32, idle_secs: u64) -> anyhow::Res
 
 /// name -> (run count, run time ns) of the agent's programs.
 fn program_stats(agent: &AgentRun) -> anyhow::Result<HashMap<String, (u64, u64)>> {
-    let status: serde_json::Value = serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
+    let status: serde_json::Value =
+        serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
     Ok(status["bpf_programs"]
         .as_array()
         .map(|programs| {
@@ -399,7 +465,10 @@ fn program_stats(agent: &AgentRun) -> anyhow::Result<HashMap<String, (u64, u64)>
 
 /// CLOCK_MONOTONIC ns, the clock the agent stamps its reloads with.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -426,7 +495,17 @@ fn reload(processes: u32) -> anyhow::Result<()> {
         .map(|_| Command::new(&program).arg("300").spawn())
         .collect::<Result<_, _>>()?;
     let mount = cgroup2_mount()?;
-    let group = |class: &str| format!("/{}", agent.cgroup_root.join(class).strip_prefix(&mount).unwrap_or(Path::new("")).display());
+    let group = |class: &str| {
+        format!(
+            "/{}",
+            agent
+                .cgroup_root
+                .join(class)
+                .strip_prefix(&mount)
+                .unwrap_or(Path::new(""))
+                .display()
+        )
+    };
     let (dev, game) = (group("dev"), group("game"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !children.iter().all(|c| cgroup_of(c.id()) == dev) {
@@ -442,8 +521,12 @@ fn reload(processes: u32) -> anyhow::Result<()> {
     )?;
     let wrote = monotonic_ns();
     let status = loop {
-        let status: serde_json::Value = serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
-        if status["last_reload"]["finished_ns"].as_u64().is_some_and(|t| t > before) {
+        let status: serde_json::Value =
+            serde_json::from_str(&corral(&agent.socket, &["status", "--json"])?)?;
+        if status["last_reload"]["finished_ns"]
+            .as_u64()
+            .is_some_and(|t| t > before)
+        {
             break status;
         }
         if monotonic_ns() - wrote > 10_000_000_000 {
@@ -453,7 +536,10 @@ fn reload(processes: u32) -> anyhow::Result<()> {
     };
     let reload = &status["last_reload"];
     let finished = reload["finished_ns"].as_u64().unwrap_or(0);
-    let misplaced = children.iter().filter(|c| cgroup_of(c.id()) != game).count();
+    let misplaced = children
+        .iter()
+        .filter(|c| cgroup_of(c.id()) != game)
+        .count();
     println!("bench reload: {processes} tracked processes re-classified by one policy edit");
     println!(
         "  file write -> all moves done: {:.1} ms (of which the reload itself: {:.1} ms; the agent waits {} ms for the editor to finish writing)",

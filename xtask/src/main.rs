@@ -76,7 +76,16 @@ fn main() -> anyhow::Result<()> {
             setup::apt(&["tmux", "util-linux"])?;
             setup::tracefs()?;
             cargo(&["build", "-p", "corral"])?;
-            cargo(&["clippy", "--workspace", "--exclude", "corral-ebpf", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "corral-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
             // One at a time: the agent tests share the machine's process tree.
             cargo(&["test", "--workspace", "--", "--test-threads=1"])?;
             package::package()?;

@@ -41,7 +41,10 @@ pub fn package() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(root.join("target/man/man1"))?;
     std::fs::write(root.join("target/man/man1/corral.1"), &man)?;
-    println!("man page: target/man/man1/corral.1 ({} lines)", man.lines().count());
+    println!(
+        "man page: target/man/man1/corral.1 ({} lines)",
+        man.lines().count()
+    );
 
     // systemd unit, with the paths pointed at this build.
     apt(&["systemd", "man-db"])?;
@@ -59,19 +62,31 @@ pub fn package() -> anyhow::Result<()> {
     let complaints = String::from_utf8_lossy(&verify.stderr).into_owned();
     // Without systemd as PID 1 it may mention the missing manager; anything
     // about our unit is an error.
-    let ours: Vec<&str> = complaints.lines().filter(|l| l.contains("corral.service")).collect();
+    let ours: Vec<&str> = complaints
+        .lines()
+        .filter(|l| l.contains("corral.service"))
+        .collect();
     if !verify.status.success() && !ours.is_empty() || !ours.is_empty() {
-        bail!("systemd-analyze verify found problems:\n{}", ours.join("\n"));
+        bail!(
+            "systemd-analyze verify found problems:\n{}",
+            ours.join("\n")
+        );
     }
     println!("systemd-analyze verify packaging/corral.service: ok");
 
     // Debian package.
-    if Command::new("cargo").args(["deb", "--version"]).output().is_ok_and(|o| o.status.success()) {
+    if Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
     } else {
         println!("installing cargo-deb (once)");
         crate::cargo(&["install", "cargo-deb", "--locked"])?;
     }
-    let out = run(Command::new("cargo").args(["deb", "-p", "corral", "--no-build", "--no-strip"]).current_dir(&root))?;
+    let out = run(Command::new("cargo")
+        .args(["deb", "-p", "corral", "--no-build", "--no-strip"])
+        .current_dir(&root))?;
     let deb = out
         .lines()
         .rev()
@@ -85,7 +100,10 @@ pub fn package() -> anyhow::Result<()> {
         }
     }
     let info = run(Command::new("dpkg-deb").arg("-I").arg(&deb))?;
-    println!("{deb}: {} files, contains {DEB_CONTENTS:?}", listing.lines().count());
+    println!(
+        "{deb}: {} files, contains {DEB_CONTENTS:?}",
+        listing.lines().count()
+    );
     if !info.contains("postinst") {
         println!("note: no maintainer scripts in the package");
     }
@@ -93,9 +111,13 @@ pub fn package() -> anyhow::Result<()> {
     // Nix: parse (no network here to evaluate nixpkgs).
     apt(&["nix-bin"])?;
     for file in ["flake.nix", "nix/package.nix", "nix/module.nix"] {
-        run(Command::new("nix-instantiate").arg("--parse").arg(root.join(file)))
-            .with_context(|| format!("{file} does not parse"))?;
+        run(Command::new("nix-instantiate")
+            .arg("--parse")
+            .arg(root.join(file)))
+        .with_context(|| format!("{file} does not parse"))?;
     }
-    println!("nix: flake.nix, nix/package.nix, nix/module.nix parse (evaluation needs nixpkgs, not available offline)");
+    println!(
+        "nix: flake.nix, nix/package.nix, nix/module.nix parse (evaluation needs nixpkgs, not available offline)"
+    );
     Ok(())
 }

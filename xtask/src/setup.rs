@@ -10,13 +10,19 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the repo").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the repo")
+        .to_owned()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !output.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -31,7 +37,11 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// clippy for the stable toolchain, which `cargo xtask test` runs.
 pub fn clippy() -> anyhow::Result<()> {
-    if Command::new("cargo").args(["clippy", "--version"]).output().is_ok_and(|o| o.status.success()) {
+    if Command::new("cargo")
+        .args(["clippy", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
     status(Command::new("rustup").args(["component", "add", "clippy"]))
@@ -41,13 +51,35 @@ pub fn clippy() -> anyhow::Result<()> {
 pub fn ebpf_toolchain() -> anyhow::Result<()> {
     let toolchains = run(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let components = run(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    let components = run(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
     println!("installing bpf-linker against nightly rustc's LLVM (about 80 s, once)");
@@ -57,7 +89,12 @@ pub fn ebpf_toolchain() -> anyhow::Result<()> {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
-        .ok_or_else(|| anyhow!("no libLLVM-*.so in {}; reinstall the nightly toolchain", lib.display()))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "no libLLVM-*.so in {}; reinstall the nightly toolchain",
+                lib.display()
+            )
+        })?;
     let llvm_major = llvm
         .trim_start_matches("libLLVM-")
         .split(['-', '.'])
@@ -71,7 +108,13 @@ pub fn ebpf_toolchain() -> anyhow::Result<()> {
     );
     status(
         Command::new("cargo")
-            .args(["+nightly", "install", "bpf-linker", "--no-default-features", "--features"])
+            .args([
+                "+nightly",
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{llvm_major},no-llvm-linking"))
             .env("RUSTFLAGS", rustflags),
     )

@@ -18,10 +18,20 @@ fn venv() -> PathBuf {
 
 /// qemu, a distro kernel with BTF and cpusets, and virtme-ng in a venv.
 fn ensure_tools() -> anyhow::Result<PathBuf> {
-    apt(&["qemu-system-x86", "linux-image-amd64", "python3-venv", "busybox-static", "kmod"])?;
+    apt(&[
+        "qemu-system-x86",
+        "linux-image-amd64",
+        "python3-venv",
+        "busybox-static",
+        "kmod",
+    ])?;
     let venv = venv();
     if !venv.join("bin/vng").exists() {
-        let status = Command::new("python3").arg("-m").arg("venv").arg(&venv).status()?;
+        let status = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()?;
         if !status.success() {
             bail!("python3 -m venv {} failed", venv.display());
         }
@@ -40,17 +50,27 @@ fn kernel() -> anyhow::Result<PathBuf> {
     let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
         .collect();
     kernels.sort();
-    kernels.pop().ok_or_else(|| anyhow!("no /boot/vmlinuz-*; install linux-image-amd64"))
+    kernels
+        .pop()
+        .ok_or_else(|| anyhow!("no /boot/vmlinuz-*; install linux-image-amd64"))
 }
 
 /// Runs `command` (one shell string) in the guest, as root, in the repo.
 pub fn run(command: &str) -> anyhow::Result<()> {
     let venv = ensure_tools()?;
     let root = repo_root();
-    let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut child = Command::new(venv.join("bin/vng"))
         .env("PATH", path)
         .arg("--disable-kvm")
@@ -60,7 +80,11 @@ pub fn run(command: &str) -> anyhow::Result<()> {
         .arg(&root)
         .arg("--cwd")
         .arg(&root)
-        .args(["--append", "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1", "--"])
+        .args([
+            "--append",
+            "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1",
+            "--",
+        ])
         .arg(command)
         // Through pipes: QEMU reopens its stdout by path with O_TRUNC, which
         // would wipe a log file our caller redirected us into.
@@ -91,10 +115,20 @@ const VM_TESTS: &[(&str, &str)] = &[("agent", ""), ("reload", ""), ("service", "
 /// failure.
 pub fn test_tier() -> anyhow::Result<()> {
     let output = Command::new("cargo")
-        .args(["test", "-p", "corral-tests", "--tests", "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "-p",
+            "corral-tests",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
         .output()?;
     if !output.status.success() {
-        bail!("building the integration tests failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "building the integration tests failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     // The tests that place processes: those whose core sets only a cgroup
     // v2 cpuset controller can show.
@@ -103,7 +137,9 @@ pub fn test_tier() -> anyhow::Result<()> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|m| {
             m["reason"] == "compiler-artifact"
-                && VM_TESTS.iter().any(|(name, _)| m["target"]["name"] == *name)
+                && VM_TESTS
+                    .iter()
+                    .any(|(name, _)| m["target"]["name"] == *name)
         })
         .filter_map(|m| {
             let name = m["target"]["name"].as_str()?;
@@ -120,8 +156,11 @@ pub fn test_tier() -> anyhow::Result<()> {
     let snapshot = repo_root().join("target/vm-bin");
     let _ = std::fs::remove_dir_all(&snapshot);
     std::fs::create_dir_all(snapshot.join("deps"))?;
-    std::fs::copy(repo_root().join("target/debug/corral"), snapshot.join("corral"))
-        .context("copying target/debug/corral for the VM (build it first)")?;
+    std::fs::copy(
+        repo_root().join("target/debug/corral"),
+        snapshot.join("corral"),
+    )
+    .context("copying target/debug/corral for the VM (build it first)")?;
     let binaries: Vec<(String, &str)> = binaries
         .iter()
         .map(|(b, filter)| {

@@ -8,7 +8,9 @@ fn parse(text: &str) -> Result<Policy, PolicyError> {
 }
 
 fn error(text: &str) -> String {
-    parse(text).expect_err("policy should be refused").to_string()
+    parse(text)
+        .expect_err("policy should be refused")
+        .to_string()
 }
 
 const BASE: &str = r#"
@@ -36,7 +38,10 @@ fn rule_sources_name_their_line() {
     assert_eq!(policy.rules[0].source.line, 9);
     assert_eq!(policy.rules[1].source.line, 14);
     assert!(policy.class("system").is_some());
-    assert_eq!(policy.classes.keys().collect::<Vec<_>>(), ["game", "dev", "system"]);
+    assert_eq!(
+        policy.classes.keys().collect::<Vec<_>>(),
+        ["game", "dev", "system"]
+    );
 }
 
 #[test]
@@ -107,7 +112,9 @@ fn unknown_keys_warn_with_position_and_still_load() {
     let policy = parse("[classes.game]\ncpus = \"0\"\n\n[[rules]]\nname = \"a\"\nclass = \"game\"\ncom = [\"x\"]\nexe = [\"/x\"]\n").unwrap();
     assert_eq!(
         policy.warnings,
-        ["test.toml:7:1: unknown key `com` in rule `a` is ignored (known keys: name, class, disabled, inherit, ignore_case, exe, comm, argv, cwd, cgroup, env, ancestor, unless)"]
+        [
+            "test.toml:7:1: unknown key `com` in rule `a` is ignored (known keys: name, class, disabled, inherit, ignore_case, exe, comm, argv, cwd, cgroup, env, ancestor, unless)"
+        ]
     );
 }
 
@@ -120,7 +127,10 @@ fn world_writable_file_is_refused() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
     let err = Policy::load(&path).unwrap_err().to_string();
     assert!(err.contains("world-writable"), "{err}");
-    assert!(err.contains(&format!("chmod o-w {}", path.display())), "{err}");
+    assert!(
+        err.contains(&format!("chmod o-w {}", path.display())),
+        "{err}"
+    );
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(Policy::load(&path).is_ok());
     let _ = std::fs::remove_dir_all(&dir);
@@ -149,11 +159,19 @@ disabled = true
 [modes]
 hold_down_ms = 1000
 "#;
-    let policy = Policy::parse_layers(&[(Path::new("default.toml"), BASE), (Path::new("user.toml"), user)]).unwrap();
+    let policy = Policy::parse_layers(&[
+        (Path::new("default.toml"), BASE),
+        (Path::new("user.toml"), user),
+    ])
+    .unwrap();
     let game = policy.class("game").unwrap();
     assert_eq!(game.cpu_weight, 2000);
     assert!(matches!(&game.cpus, Some(CoreSpec::List(l)) if l.to_string() == "0-3"));
-    let names: Vec<_> = policy.rules.iter().map(|r| (r.name.as_str(), r.class.as_str())).collect();
+    let names: Vec<_> = policy
+        .rules
+        .iter()
+        .map(|r| (r.name.as_str(), r.class.as_str()))
+        .collect();
     assert_eq!(names, [("mine", "dev"), ("dev-b", "game")]);
     assert_eq!(policy.rules[1].source.file, Path::new("user.toml"));
     assert_eq!(policy.modes.hold_down, Duration::from_secs(1));
@@ -176,5 +194,8 @@ fn missing_override_is_skipped_but_missing_default_is_an_error() {
 #[test]
 fn ananicy_types_must_map_to_known_classes() {
     let err = error("[ananicy]\nenabled = true\ntypes = { Game = \"gaming\" }\n");
-    assert!(err.contains("`Game` maps to unknown class `gaming`"), "{err}");
+    assert!(
+        err.contains("`Game` maps to unknown class `gaming`"),
+        "{err}"
+    );
 }
