@@ -65,6 +65,8 @@ struct GpuState {
     cooling: Option<String>,
     actions: VecDeque<GpuActionRecord>,
     action_counts: BTreeMap<String, u64>,
+    /// dmem limits written ("class file bytes").
+    dmem_applied: Vec<String>,
 }
 
 impl GpuState {
@@ -79,6 +81,7 @@ impl GpuState {
             cooling: None,
             actions: VecDeque::new(),
             action_counts: BTreeMap::new(),
+            dmem_applied: Vec::new(),
         }
     }
 }
@@ -741,6 +744,7 @@ impl Agent {
         self.apply_layout();
         self.update_mode();
         self.sync_telemetry();
+        self.apply_dmem();
         self.reloads.ok += 1;
         let status = ReloadStatus {
             ok: true,
@@ -1104,7 +1108,9 @@ impl Agent {
             action_counts: self.gpu.action_counts.clone(),
             dmem: match actions::dmem_support(&place_mount(&self.groups)) {
                 actions::DmemSupport::Absent { reason } => format!("absent: {reason}"),
-                actions::DmemSupport::Present { regions } => format!("present: {regions:?}"),
+                actions::DmemSupport::Present { regions } => {
+                    format!("present: {regions:?}; set: {:?}", self.gpu.dmem_applied)
+                }
             },
         }
     }
@@ -1198,6 +1204,44 @@ impl Agent {
         procfs::process::Process::new(pid as i32)
             .and_then(|p| p.stat())
             .is_ok_and(|stat| stat.starttime == known)
+    }
+
+    /// Where the kernel has the dmem cgroup controller and the driver a
+    /// VRAM region: `dmem.low` for the game's reserve and `dmem.max` for the
+    /// other classes' budgets, on the first region. Absent: said in status.
+    pub fn apply_dmem(&mut self) {
+        if !self.policy.gpu.enabled || self.groups.dry_run {
+            return;
+        }
+        let actions::DmemSupport::Present { regions } =
+            actions::dmem_support(&place_mount(&self.groups))
+        else {
+            return;
+        };
+        let Some((region, capacity)) = regions.first().cloned() else {
+            return;
+        };
+        let mut applied = Vec::new();
+        for budget in &self.policy.gpu.arbiter.classes {
+            let Some(group) = self.groups.group(&budget.class) else {
+                continue;
+            };
+            let (file, amount) = if budget.class == self.policy.gpu.arbiter.protected_class {
+                ("dmem.low", budget.reserve)
+            } else {
+                ("dmem.max", budget.max)
+            };
+            let Some(amount) = amount else { continue };
+            let bytes = amount.bytes(capacity);
+            match actions::set_dmem(&group.path, file, &region, bytes) {
+                Ok(()) => applied.push(format!("{} {file} {bytes}", budget.class)),
+                Err(e) => warn!(class = %budget.class, "could not set {file}: {e}"),
+            }
+        }
+        if !applied.is_empty() {
+            info!(region, ?applied, "dmem limits set");
+        }
+        self.gpu.dmem_applied = applied;
     }
 
     /// Thaws every group under corral's root: the fail-safe on stop and
@@ -1474,6 +1518,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     agent.thaw_everything();
     agent.seed();
     agent.sync_telemetry();
+    agent.apply_dmem();
     let (gpu_tx, mut gpu_rx) = mpsc::channel(8);
     let _poller = gpu_config.enabled.then(|| {
         crate::gpu::spawn_poller(gpu_config.library.clone(), gpu_config.poll_interval, gpu_tx)

@@ -239,10 +239,13 @@ fn overflowing_a_tiny_ring_buffer_still_places_every_survivor_after_the_sweep() 
     agent.signal(libc::SIGCONT);
     let group_rel = agent.group_of("game");
     assert!(
-        wait_for(Duration::from_secs(10), || agent.status().unwrap()["kernel"]["dropped"]
-            .as_u64()
-            .unwrap()
-            > 0),
+        wait_for(
+            Duration::from_secs(10),
+            || agent.status().unwrap()["kernel"]["dropped"]
+                .as_u64()
+                .unwrap()
+                > 0
+        ),
         "100 execs while the agent was stopped did not overflow a 4 KiB ring buffer"
     );
     // The periodic sweep is a minute away: the dropped counter triggers one.
