@@ -84,11 +84,9 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Whether the group is frozen, as its `cgroup.events` says.
 fn frozen(group: &Path) -> bool {
-    std::fs::read_to_string(group.join("cgroup.events"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l == "frozen 1")
+    corral::actions::is_frozen(group).unwrap_or(false)
 }
 
 #[test]

@@ -22,11 +22,9 @@ fn policy(prefix: &str) -> String {
     )
 }
 
+/// Whether the group is frozen, as its `cgroup.events` says.
 fn frozen(group: &Path) -> bool {
-    std::fs::read_to_string(group.join("cgroup.events"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l == "frozen 1")
+    corral::actions::is_frozen(group).unwrap_or(false)
 }
 
 #[test]
