@@ -431,6 +431,15 @@ fn print_explanation(e: &control::Explanation) -> anyhow::Result<()> {
     }
     println!("  cgroup    {} (now)", e.cgroup_now);
     println!("  cpus      {} (Cpus_allowed_list now)", e.cpus_allowed);
+    if let Some(bytes) = e.vram_bytes {
+        println!("  vram      {} MiB", bytes >> 20);
+    }
+    for a in &e.gpu_actions {
+        println!(
+            "  gpu       {} on `{}`: {} -> {}",
+            a.kind, a.class, a.reason, a.outcome
+        );
+    }
     if !e.ancestry.is_empty() {
         println!("  ancestry");
         for a in &e.ancestry {
@@ -475,6 +484,42 @@ fn print_status(s: &control::Status) -> anyhow::Result<()> {
         if let Some(note) = &c.note {
             writeln!(out, "{:<8} note: {note}", "")?;
         }
+    }
+    writeln!(out, "mode    {} ({})", s.mode, s.mode_why)?;
+    match (&s.gpu.on, &s.gpu.off_reason) {
+        (true, _) => {
+            let used: Vec<String> = s
+                .gpu
+                .vram_by_class
+                .iter()
+                .map(|(c, b)| format!("{c} {} MiB", b >> 20))
+                .collect();
+            writeln!(
+                out,
+                "gpu     on; VRAM by class: {}",
+                if used.is_empty() {
+                    "-".into()
+                } else {
+                    used.join(", ")
+                }
+            )?;
+            if let Some(a) = s.gpu.actions.last() {
+                writeln!(
+                    out,
+                    "        last action: {} on `{}`: {} -> {}",
+                    a.kind, a.class, a.reason, a.outcome
+                )?;
+            }
+        }
+        (false, Some(reason)) => writeln!(out, "gpu     off: {reason}")?,
+        (false, None) => writeln!(out, "gpu     waiting for the first NVML poll")?,
+    }
+    if let Some(reload) = s.last_reload.as_ref().filter(|r| !r.ok) {
+        writeln!(
+            out,
+            "reload  REFUSED, last good policy kept: {}",
+            reload.message
+        )?;
     }
     let e = &s.events;
     writeln!(

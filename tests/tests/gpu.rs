@@ -207,6 +207,17 @@ exe = ["*/cgp-game"]
             .all(|a| a["class"] == "ai")
     );
     let first_action_ns = status["gpu"]["actions"][0]["at_ns"].as_u64().unwrap();
+    let human = agent.corral(&["status"]).unwrap();
+    assert!(
+        human.contains("gpu     on; VRAM by class:") && human.contains("ai 9216 MiB"),
+        "{human}"
+    );
+    let explain_text = agent.corral(&["explain", &ai_pid.to_string()]).unwrap();
+    assert!(
+        explain_text.contains("vram      9216 MiB")
+            && explain_text.contains("gpu       freeze on `ai`"),
+        "{explain_text}"
+    );
     let explain = agent
         .corral(&["explain", &ai_pid.to_string(), "--json"])
         .unwrap();

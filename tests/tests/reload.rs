@@ -83,6 +83,11 @@ fn editing_the_policy_moves_processes_and_a_bad_edit_keeps_everything() {
     let explain = agent.corral(&["explain", &proc.id().to_string()]).unwrap();
     assert!(explain.contains("tool-is-game"), "{explain}");
 
+    let human = agent.corral(&["status"]).unwrap();
+    assert!(
+        human.contains("reload  REFUSED") && human.contains("unknown class `devv`"),
+        "{human}"
+    );
     // `corral reload` reports the refusal too, and fails.
     let err = agent.corral(&["reload"]).unwrap_err().to_string();
     assert!(err.contains("unknown class `devv`"), "{err}");
