@@ -47,6 +47,11 @@ impl CpuList {
         self.0.len()
     }
 
+    /// The CPU numbers, lowest first.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().copied()
+    }
+
     pub fn intersect(&self, other: &CpuList) -> CpuList {
         CpuList(self.0.intersection(&other.0).copied().collect())
     }
@@ -69,6 +74,12 @@ impl CpuList {
         } else {
             (present, None)
         }
+    }
+}
+
+impl FromIterator<u32> for CpuList {
+    fn from_iter<I: IntoIterator<Item = u32>>(cpus: I) -> Self {
+        CpuList(cpus.into_iter().collect())
     }
 }
 
@@ -106,6 +117,13 @@ mod tests {
         assert_eq!(list.to_string(), "0-3,8,10-11");
         assert!(CpuList::parse("3-1").is_err());
         assert!(CpuList::parse("a").is_err());
+    }
+
+    #[test]
+    fn iterates_and_collects() {
+        let list = CpuList::parse("0-2,8").unwrap();
+        assert_eq!(list.iter().collect::<Vec<_>>(), [0, 1, 2, 8]);
+        assert_eq!([8, 1, 0, 2].into_iter().collect::<CpuList>(), list);
     }
 
     #[test]

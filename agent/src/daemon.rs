@@ -1388,33 +1388,9 @@ impl Agent {
 /// The first half of a CPU list (at least one CPU): what the thermal guard
 /// leaves the background classes.
 fn halve(cpus: &CpuList) -> CpuList {
-    let text = cpus.to_string();
-    let all: Vec<u32> = CpuList::parse(&text)
-        .map(|l| expand(&l))
-        .unwrap_or_default();
+    let all: Vec<u32> = cpus.iter().collect();
     let keep = all.len().div_ceil(2).max(1).min(all.len());
-    let list = all[..keep]
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    CpuList::parse(&list).unwrap_or_else(|_| cpus.clone())
-}
-
-/// The CPU numbers in a list.
-fn expand(list: &CpuList) -> Vec<u32> {
-    let mut out = Vec::new();
-    for part in list.to_string().split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
-                    out.extend(a..=b);
-                }
-            }
-            None => out.extend(part.parse::<u32>().ok()),
-        }
-    }
-    out
+    all[..keep].iter().copied().collect()
 }
 
 fn place_mount(groups: &Groups) -> PathBuf {

@@ -303,24 +303,13 @@ pub fn layout(
         .collect()
 }
 
-/// The CPUs of `list`, read back from its kernel-format text (`CpuList`
-/// keeps its set private).
+/// The CPUs of `list`.
 fn members(list: &CpuList) -> BTreeSet<u32> {
-    let text = list.to_string();
-    let mut cpus = BTreeSet::new();
-    for part in text.split(',').filter(|p| !p.is_empty()) {
-        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
-        if let (Ok(lo), Ok(hi)) = (lo.parse::<u32>(), hi.parse::<u32>()) {
-            cpus.extend(lo..=hi);
-        }
-    }
-    cpus
+    list.iter().collect()
 }
 
 fn from_members<'a>(cpus: impl Iterator<Item = &'a u32>) -> CpuList {
-    let text = cpus.map(u32::to_string).collect::<Vec<_>>().join(",");
-    // A comma-separated list of u32s is always a valid CPU list.
-    CpuList::parse(&text).unwrap_or_default()
+    cpus.copied().collect()
 }
 
 #[cfg(test)]

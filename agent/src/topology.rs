@@ -313,36 +313,13 @@ fn parse_size_kib(text: &str) -> Option<u64> {
     digits.trim().parse::<u64>().ok()?.checked_mul(scale)
 }
 
-// `CpuList` keeps its set private and offers no iterator; these go through
-// its kernel-format text, which `Display` always writes as "a-b,c".
-
 /// The CPU numbers in `list`.
 fn members(list: &CpuList) -> BTreeSet<u32> {
-    let mut cpus = BTreeSet::new();
-    for part in list.to_string().split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((lo, hi)) => {
-                if let (Ok(lo), Ok(hi)) = (lo.parse::<u32>(), hi.parse::<u32>()) {
-                    cpus.extend(lo..=hi);
-                }
-            }
-            None => {
-                if let Ok(cpu) = part.parse() {
-                    cpus.insert(cpu);
-                }
-            }
-        }
-    }
-    cpus
+    list.iter().collect()
 }
 
 fn to_list(cpus: impl IntoIterator<Item = u32>) -> CpuList {
-    let text = cpus
-        .into_iter()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    CpuList::parse(&text).expect("a comma-separated list of u32s always parses")
+    cpus.into_iter().collect()
 }
 
 /// Which CPUs a class would rather have.
