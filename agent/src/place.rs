@@ -19,12 +19,18 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// of the cgroup2 hierarchy, beside systemd's slices. On hybrid systems the
 /// cgroup2 hierarchy is mounted at /sys/fs/cgroup/unified.
 pub fn default_root() -> PathBuf {
-    for mount in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-        if is_cgroup2(Path::new(mount)) {
-            return Path::new(mount).join("corral");
-        }
-    }
-    PathBuf::from("/sys/fs/cgroup/corral")
+    cgroup2_mount()
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+        .join("corral")
+}
+
+/// The cgroup2 mount: /sys/fs/cgroup on unified systems,
+/// /sys/fs/cgroup/unified on hybrid ones; None if neither is cgroup2.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| is_cgroup2(p))
 }
 
 pub fn is_cgroup2(path: &Path) -> bool {

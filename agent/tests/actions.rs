@@ -306,25 +306,6 @@ impl Drop for TempDir {
     }
 }
 
-fn is_cgroup2(path: &Path) -> bool {
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs fills a zeroed struct; the path is a valid C string.
-    unsafe {
-        let mut buf: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == CGROUP2_SUPER_MAGIC
-    }
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| is_cgroup2(p))
-}
-
 /// A test-only group tree `<mount>/corral-actions-test-<pid>-<tag>` and the
 /// processes spawned into it. Drop kills the processes, thaws and removes
 /// the groups deepest first, then the root. Nothing is moved back.
@@ -337,7 +318,7 @@ impl TestCgroup {
     /// `None` (with the reason printed) when this machine has no cgroup2
     /// mount we may write to.
     fn new(tag: &str) -> Option<Self> {
-        let Some(mount) = cgroup2_mount() else {
+        let Some(mount) = corral::place::cgroup2_mount() else {
             eprintln!(
                 "skipping: neither /sys/fs/cgroup nor /sys/fs/cgroup/unified is a cgroup2 mount"
             );
@@ -688,7 +669,7 @@ fn set_dmem_writes_region_and_bytes() {
 
 #[test]
 fn real_mount_dmem_detection_does_not_panic() {
-    if let Some(mount) = cgroup2_mount() {
+    if let Some(mount) = corral::place::cgroup2_mount() {
         let support = actions::dmem_support(&mount);
         eprintln!("{}: {support:?}", mount.display());
     }

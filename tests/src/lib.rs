@@ -30,24 +30,10 @@ pub fn repo_root() -> PathBuf {
         .to_owned()
 }
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
-fn is_cgroup2(path: &Path) -> bool {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-    // SAFETY: statfs into a zeroed struct with a valid C string.
-    unsafe {
-        let mut buf: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == CGROUP2_SUPER_MAGIC
-    }
-}
-
 /// The cgroup2 mount point: /sys/fs/cgroup on unified systems, or
 /// /sys/fs/cgroup/unified on hybrid ones.
 pub fn cgroup2_mount() -> PathBuf {
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| is_cgroup2(p))
+    corral::place::cgroup2_mount()
         .expect("no cgroup2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified")
 }
 
@@ -269,14 +255,9 @@ pub fn cgroup_of(pid: u32) -> String {
         .to_owned()
 }
 
+/// `Cpus_allowed_list` of a process ("" when gone).
 pub fn cpus_allowed(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap_or("")
-        .trim()
-        .to_owned()
+    corral::daemon::cpus_allowed(pid).unwrap_or_default()
 }
 
 /// How much longer waits may take here: CORRAL_TIMEOUT_SCALE, set by the

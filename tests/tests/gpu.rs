@@ -74,16 +74,6 @@ fn state(path: &Path, ai_pid: u32, ai_mib: u64) {
         .unwrap();
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Whether the group is frozen, as its `cgroup.events` says.
 fn frozen(group: &Path) -> bool {
     corral::actions::is_frozen(group).unwrap_or(false)
@@ -174,7 +164,7 @@ exe = ["*/cgp-game"]
 
     // Round 1: the game starts, ComfyUI ignores the request, so ai freezes.
     let started = Instant::now();
-    let started_ns = monotonic_ns();
+    let started_ns = corral::daemon::monotonic_ns();
     children
         .0
         .push(Command::new(&game_bin).arg("120").spawn().unwrap());

@@ -77,6 +77,9 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     }
 }
 
+// xtask cannot depend on the corral crate: building corral needs the eBPF
+// toolchain that xtask installs first. So these few helpers (cgroup2 mount,
+// CLOCK_MONOTONIC, /proc usage) are repeated here.
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 fn cgroup2_mount() -> anyhow::Result<PathBuf> {
