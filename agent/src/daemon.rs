@@ -1161,13 +1161,13 @@ impl Agent {
             self.table.remove(pid);
             self.games.remove(&pid);
         }
-        let mut fresh = Vec::new();
+        let mut fresh = std::collections::HashSet::new();
         for pid in live {
             if self.table.get(pid).is_none()
                 && let Ok((info, ppid, start)) = procs::read_proc(pid, &self.env_keys)
             {
                 self.table.insert(pid, Proc::new(info, ppid, start));
-                fresh.push(pid);
+                fresh.insert(pid);
             }
         }
         let mut placed = 0;
@@ -1604,9 +1604,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 if agent.dropped_since_sweep() {
                     agent.sweep(true);
                 }
-                let text = agent.metrics().render();
-                if let Ok(mut shared) = rendered.lock() {
-                    *shared = text;
+                // Rendering is only worth it when something can scrape it.
+                if metrics_server.is_some() {
+                    let text = agent.metrics().render();
+                    if let Ok(mut shared) = rendered.lock() {
+                        *shared = text;
+                    }
                 }
             }
             _ = sigterm.recv() => break,
