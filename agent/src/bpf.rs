@@ -199,7 +199,18 @@ impl Tracer {
 
     /// Reads the kernel-side counters.
     pub fn counters(&self) -> KernelCounters {
-        Self::sum(&self.counters)
+        let sum = |slot: u32| {
+            self.counters
+                .get(&slot, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        KernelCounters {
+            dropped: sum(counter::RINGBUF_FULL),
+            sent: sum(counter::EVENTS_SENT),
+            read_failed: sum(counter::READ_FAILED),
+            threads_skipped: sum(counter::THREADS_SKIPPED),
+        }
     }
 
     /// Run counts and run time of each program, from the kernel's BPF
@@ -227,22 +238,6 @@ impl Tracer {
                 })
             })
             .collect()
-    }
-
-    /// Reads the kernel-side counters.
-    pub fn sum(counters: &PerCpuArray<MapData, u64>) -> KernelCounters {
-        let sum = |slot: u32| {
-            counters
-                .get(&slot, 0)
-                .map(|values| values.iter().sum())
-                .unwrap_or(0)
-        };
-        KernelCounters {
-            dropped: sum(counter::RINGBUF_FULL),
-            sent: sum(counter::EVENTS_SENT),
-            read_failed: sum(counter::READ_FAILED),
-            threads_skipped: sum(counter::THREADS_SKIPPED),
-        }
     }
 }
 

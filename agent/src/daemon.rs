@@ -192,8 +192,7 @@ impl Agent {
         let env_keys = policy.env_keys();
         let ananicy = load_ananicy(&policy);
         let modes = ModeSwitch::new(policy.modes, Duration::ZERO);
-        let policy_for_gpu = &policy;
-        let gpu = GpuState::new(policy_for_gpu);
+        let gpu = GpuState::new(&policy);
         Agent {
             source,
             sysfs_root,
