@@ -2,8 +2,7 @@
 //! without a library or a driver, polling, the awkward NVML cases, and the
 //! poller thread's On/Off/Snapshot events as the fake GPU comes and goes.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,61 +14,20 @@ use fake_nvml::code::{
     NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_GPU_IS_LOST, NVML_ERROR_NO_PERMISSION,
     NVML_ERROR_NOT_SUPPORTED,
 };
-use fake_nvml::{FakeDevice, FakeProcess, FakeState, STATE_ENV, TRACE_ENV};
+use fake_nvml::{FakeDevice, FakeProcess, FakeState, Fixture};
 use tokio::sync::mpsc::{self, Receiver, error::TryRecvError};
 
 const MIB: u64 = 1024 * 1024;
 
-/// The fake reads process-wide env vars, so these tests run one at a time.
-static ENV_LOCK: Mutex<()> = Mutex::new(());
-
-/// A scratch dir with the fake installed as `libnvidia-ml.so.1` and a state
-/// file named by `FAKE_NVML_STATE` (and a trace by `FAKE_NVML_TRACE`).
-struct Fixture {
-    dir: PathBuf,
-    lib: PathBuf,
-    state: PathBuf,
-    trace: PathBuf,
-    _lock: MutexGuard<'static, ()>,
+/// corral's view of the fixture's fake GPU.
+trait Open {
+    fn open(&self) -> Result<Gpu, GpuError>;
+    fn poller(&self, lib: &Path) -> (Receiver<GpuEvent>, JoinHandle<()>);
 }
 
-impl Fixture {
-    fn new(tag: &str, state: &FakeState) -> Self {
-        let lock = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = std::env::temp_dir().join(format!("corral-gpu-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let lib = fake_nvml::install_as_libnvidia(&dir);
-        let state_path = dir.join("state.json");
-        let trace = dir.join("trace");
-        state.write(&state_path).unwrap();
-        // SAFETY: every test that touches the environment holds ENV_LOCK, and
-        // the poller threads a test starts are joined before it drops the lock.
-        unsafe {
-            std::env::set_var(STATE_ENV, &state_path);
-            std::env::set_var(TRACE_ENV, &trace);
-        }
-        Self {
-            dir,
-            lib,
-            state: state_path,
-            trace,
-            _lock: lock,
-        }
-    }
-
+impl Open for Fixture {
     fn open(&self) -> Result<Gpu, GpuError> {
         Gpu::open(Some(&self.lib))
-    }
-
-    fn set(&self, state: &FakeState) {
-        state.write(&self.state).unwrap();
-    }
-
-    fn calls(&self, name: &str) -> usize {
-        fake_nvml::read_trace(&self.trace)
-            .iter()
-            .filter(|c| *c == name)
-            .count()
     }
 
     fn poller(&self, lib: &Path) -> (Receiver<GpuEvent>, JoinHandle<()>) {
@@ -80,17 +38,6 @@ impl Fixture {
             retry: Duration::from_millis(60),
         };
         (rx, spawn_poller_with(config, tx))
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // SAFETY: ENV_LOCK is still held (fields drop after this body).
-        unsafe {
-            std::env::remove_var(STATE_ENV);
-            std::env::remove_var(TRACE_ENV);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

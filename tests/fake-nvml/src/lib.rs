@@ -117,3 +117,77 @@ pub fn read_trace(path: impl AsRef<Path>) -> Vec<String> {
         Err(_) => Vec::new(),
     }
 }
+
+/// The fake reads process-wide env vars, so fixtures in one test binary are
+/// held one at a time.
+static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A test's fake GPU: a scratch dir with the fake installed as
+/// `libnvidia-ml.so.1`, a state file named by `FAKE_NVML_STATE` and a trace
+/// named by `FAKE_NVML_TRACE` while it lives. Holding one serializes the
+/// tests of a binary that use it; dropping it unsets the variables and
+/// removes the dir.
+pub struct Fixture {
+    pub dir: PathBuf,
+    /// The installed library, for `Nvml::builder().lib_path(..)`.
+    pub lib: PathBuf,
+    pub state: PathBuf,
+    pub trace: PathBuf,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Fixture {
+    /// `tag` names the scratch dir; `state` is the first state.
+    pub fn new(tag: &str, state: &FakeState) -> Self {
+        let lock = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = std::env::temp_dir().join(format!("fake-nvml-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lib = install_as_libnvidia(&dir);
+        let state_path = dir.join("state.json");
+        let trace = dir.join("trace");
+        state
+            .write(&state_path)
+            .expect("writing the fake NVML state");
+        // SAFETY: every fixture holds ENV_LOCK while the variables are set,
+        // and the tests using them read the environment only through it.
+        unsafe {
+            std::env::set_var(STATE_ENV, &state_path);
+            std::env::set_var(TRACE_ENV, &trace);
+        }
+        Self {
+            dir,
+            lib,
+            state: state_path,
+            trace,
+            _lock: lock,
+        }
+    }
+
+    /// Replaces the state; the fake reads it on its next call.
+    pub fn set(&self, state: &FakeState) {
+        state
+            .write(&self.state)
+            .expect("writing the fake NVML state");
+    }
+
+    /// The NVML calls made so far, in order.
+    pub fn trace(&self) -> Vec<String> {
+        read_trace(&self.trace)
+    }
+
+    /// How many times `function` was called.
+    pub fn calls(&self, function: &str) -> usize {
+        self.trace().iter().filter(|c| *c == function).count()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // SAFETY: ENV_LOCK is still held (fields drop after this body).
+        unsafe {
+            std::env::remove_var(STATE_ENV);
+            std::env::remove_var(TRACE_ENV);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -3,12 +3,10 @@
 //! the count and fill calls, state changed mid-run, forced error codes).
 
 use std::ffi::OsStr;
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 
 use fake_nvml::code::*;
-use fake_nvml::{FakeDevice, FakeProcess, FakeState, STATE_ENV, TRACE_ENV};
+use fake_nvml::{FakeDevice, FakeProcess, FakeState, Fixture, STATE_ENV, TRACE_ENV};
 use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::InitFlags;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
@@ -17,65 +15,9 @@ use nvml_wrapper::error::NvmlError;
 
 const MIB: u64 = 1024 * 1024;
 
-/// The fake reads process-wide env vars, so tests that set them run one at a time.
-static ENV_LOCK: Mutex<()> = Mutex::new(());
-
-/// A scratch dir with the fake installed as `libnvidia-ml.so.1`, a state file and a trace
-/// file, named by `FAKE_NVML_STATE` / `FAKE_NVML_TRACE` while it lives.
-struct Fixture {
-    dir: PathBuf,
-    lib: PathBuf,
-    state: PathBuf,
-    trace: PathBuf,
-    _lock: MutexGuard<'static, ()>,
-}
-
-impl Fixture {
-    fn new(tag: &str, state: &FakeState) -> Self {
-        let lock = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = std::env::temp_dir().join(format!("fake-nvml-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let lib = fake_nvml::install_as_libnvidia(&dir);
-        let state_path = dir.join("state.json");
-        let trace = dir.join("trace");
-        state.write(&state_path).unwrap();
-        // SAFETY: every test that touches the environment holds ENV_LOCK, and nothing else
-        // in this test binary reads it concurrently.
-        unsafe {
-            std::env::set_var(STATE_ENV, &state_path);
-            std::env::set_var(TRACE_ENV, &trace);
-        }
-        Self {
-            dir,
-            lib,
-            state: state_path,
-            trace,
-            _lock: lock,
-        }
-    }
-
-    fn init(&self) -> Result<Nvml, NvmlError> {
-        Nvml::builder().lib_path(self.lib.as_os_str()).init()
-    }
-
-    fn set(&self, state: &FakeState) {
-        state.write(&self.state).unwrap();
-    }
-
-    fn trace(&self) -> Vec<String> {
-        fake_nvml::read_trace(&self.trace)
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // SAFETY: ENV_LOCK is still held (fields drop after this body).
-        unsafe {
-            std::env::remove_var(STATE_ENV);
-            std::env::remove_var(TRACE_ENV);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// nvml-wrapper on the fake this fixture installed.
+fn init(fx: &Fixture) -> Result<Nvml, NvmlError> {
+    Nvml::builder().lib_path(fx.lib.as_os_str()).init()
 }
 
 fn rtx4090() -> FakeDevice {
@@ -107,7 +49,7 @@ fn library_path_finds_the_built_cdylib() {
 #[test]
 fn init_system_info_and_devices() {
     let fx = Fixture::new("devices", &two_gpus());
-    let nvml = fx.init().unwrap();
+    let nvml = init(&fx).unwrap();
     assert_eq!(nvml.sys_driver_version().unwrap(), "550.54.15");
     assert_eq!(nvml.sys_nvml_version().unwrap(), "12.550.54.15");
     assert_eq!(nvml.device_count().unwrap(), 2);
@@ -135,7 +77,7 @@ fn init_system_info_and_devices() {
 fn memory_info_total_used_free() {
     let state = FakeState::new().device(rtx4090().reserved_mib(300));
     let fx = Fixture::new("memory", &state);
-    let nvml = fx.init().unwrap();
+    let nvml = init(&fx).unwrap();
     let mem = nvml.device_by_index(0).unwrap().memory_info().unwrap();
     assert_eq!(mem.version, fake_nvml::MEMORY_V2_VERSION);
     assert_eq!(mem.total, 24564 * MIB);
@@ -147,7 +89,7 @@ fn memory_info_total_used_free() {
 #[test]
 fn running_processes_with_and_without_used_memory() {
     let fx = Fixture::new("procs", &two_gpus());
-    let nvml = fx.init().unwrap();
+    let nvml = init(&fx).unwrap();
     let d0 = nvml.device_by_index(0).unwrap();
 
     let compute = d0.running_compute_processes().unwrap();
@@ -176,7 +118,7 @@ fn running_processes_with_and_without_used_memory() {
 #[test]
 fn temperature_power_utilization_clocks() {
     let fx = Fixture::new("sensors", &two_gpus());
-    let nvml = fx.init().unwrap();
+    let nvml = init(&fx).unwrap();
     let d0 = nvml.device_by_index(0).unwrap();
     assert_eq!(d0.temperature(TemperatureSensor::Gpu).unwrap(), 63);
     assert_eq!(d0.power_usage().unwrap(), 215_500);
@@ -190,7 +132,7 @@ fn temperature_power_utilization_clocks() {
 fn driver_not_loaded_init_error() {
     let state = two_gpus().init_error(NVML_ERROR_DRIVER_NOT_LOADED);
     let fx = Fixture::new("no-driver", &state);
-    assert!(matches!(fx.init(), Err(NvmlError::DriverNotLoaded)));
+    assert!(matches!(init(&fx), Err(NvmlError::DriverNotLoaded)));
     assert!(matches!(
         Nvml::builder()
             .lib_path(fx.lib.as_os_str())
@@ -200,14 +142,14 @@ fn driver_not_loaded_init_error() {
     ));
     // The driver "loads" later: the same library now initializes.
     fx.set(&two_gpus());
-    assert_eq!(fx.init().unwrap().device_count().unwrap(), 2);
+    assert_eq!(init(&fx).unwrap().device_count().unwrap(), 2);
 }
 
 #[test]
 fn no_state_file_is_a_machine_without_gpus() {
     let fx = Fixture::new("no-state", &two_gpus());
     std::fs::remove_file(&fx.state).unwrap();
-    let nvml = fx.init().unwrap();
+    let nvml = init(&fx).unwrap();
     assert_eq!(nvml.device_count().unwrap(), 0);
     // SAFETY: ENV_LOCK is held by `fx`.
     unsafe { std::env::remove_var(STATE_ENV) };
@@ -223,7 +165,7 @@ fn processes_vanishing_between_count_and_fill_calls() {
             .process(FakeProcess::compute(102, Some(30))),
     );
     let fx = Fixture::new("vanish", &state.clone().vanish_between_count_calls(2));
-    let nvml = fx.init().unwrap();
+    let nvml = init(&fx).unwrap();
     let d0 = nvml.device_by_index(0).unwrap();
     let procs = d0.running_compute_processes().unwrap();
     let pids: Vec<u32> = procs.iter().map(|p| p.pid).collect();
@@ -255,7 +197,7 @@ fn processes_vanishing_between_count_and_fill_calls() {
 #[test]
 fn state_changes_mid_run_are_seen() {
     let fx = Fixture::new("mid-run", &two_gpus());
-    let nvml = fx.init().unwrap();
+    let nvml = init(&fx).unwrap();
     let d0 = nvml.device_by_index(0).unwrap();
     assert_eq!(d0.memory_info().unwrap().used, 6144 * MIB);
     assert_eq!(d0.running_compute_processes().unwrap().len(), 2);
@@ -291,7 +233,7 @@ fn forced_error_codes_per_function() {
         )
         .error("nvmlDeviceGetPowerUsage", NVML_ERROR_NOT_SUPPORTED);
     let fx = Fixture::new("errors", &state);
-    let nvml = fx.init().unwrap();
+    let nvml = init(&fx).unwrap();
     let d0 = nvml.device_by_index(0).unwrap();
     assert!(matches!(d0.memory_info(), Err(NvmlError::GpuLost)));
     assert!(matches!(
@@ -309,13 +251,13 @@ fn forced_error_codes_per_function() {
 
     // Init itself can be forced to fail.
     fx.set(&two_gpus().error("nvmlInit_v2", NVML_ERROR_NO_PERMISSION));
-    assert!(matches!(fx.init(), Err(NvmlError::NoPermission)));
+    assert!(matches!(init(&fx), Err(NvmlError::NoPermission)));
 }
 
 #[test]
 fn trace_lists_each_call() {
     let fx = Fixture::new("trace", &two_gpus());
-    let nvml = fx.init().unwrap();
+    let nvml = init(&fx).unwrap();
     let d0 = nvml.device_by_index(0).unwrap();
     d0.memory_info().unwrap();
     d0.running_compute_processes().unwrap();
