@@ -6,6 +6,11 @@
 //! talks to, and `daemon` is the one loop that owns the state.
 
 pub mod actions;
+/// Placement backends (until actuate/mod.rs exists): systemd's manager over D-Bus.
+pub mod actuate {
+    pub mod manager_ops;
+    pub mod systemd_bus;
+}
 pub mod ananicy;
 pub mod arbiter;
 pub mod bpf;
