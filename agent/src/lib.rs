@@ -25,5 +25,9 @@ pub mod notify;
 pub mod place;
 pub mod policy;
 pub mod procs;
+/// Long-running parts (until service/mod.rs exists): the per-user agent.
+pub mod service {
+    pub mod user_agent;
+}
 pub mod top;
 pub mod topology;
