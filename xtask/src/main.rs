@@ -1,10 +1,12 @@
 //! Development commands: `cargo xtask run`, `cargo xtask test`,
-//! `cargo xtask bench exec`, `cargo xtask vm -- CMD`. Each installs what it
-//! is missing (nightly rust-src, bpf-linker, the VM tools) first.
+//! `cargo xtask bench exec`, `cargo xtask vm -- CMD`, `cargo xtask systemd-vm`.
+//! Each installs what it is missing (nightly rust-src, bpf-linker, the VM
+//! tools) first.
 
 mod bench;
 mod package;
 mod setup;
+mod systemd_vm;
 mod vm;
 
 use std::process::Command;
@@ -33,6 +35,9 @@ enum Task {
         /// Skip the VM tier.
         #[arg(long)]
         no_vm: bool,
+        /// Skip the systemd VM tier (a Debian guest with systemd as PID 1).
+        #[arg(long)]
+        no_systemd_vm: bool,
     },
     /// Benchmarks; numbers are printed, not asserted.
     Bench {
@@ -46,6 +51,20 @@ enum Task {
     Vm {
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Build the .deb, install and start it with dpkg and systemctl in a
+    /// Debian 12 guest with systemd as PID 1, and run the scenarios of
+    /// tests/systemd-vm/ (see shared/SYSTEMD-VM.md).
+    SystemdVm {
+        /// Keep the run's disk overlay (target/systemd-vm/last-run/run.qcow2).
+        #[arg(long)]
+        keep_image: bool,
+        /// Run only this scenario (or several, comma-separated), e.g. `service`.
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Install this .deb instead of building one.
+        #[arg(long)]
+        deb: Option<std::path::PathBuf>,
     },
 }
 
@@ -68,7 +87,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::Test { no_vm } => {
+        Task::Test {
+            no_vm,
+            no_systemd_vm,
+        } => {
             setup::ebpf_toolchain()?;
             setup::clippy()?;
             // `corral top` is tested in a tmux pseudo-terminal; the overhead
@@ -91,9 +113,14 @@ fn main() -> anyhow::Result<()> {
             package::package()?;
             if no_vm {
                 println!("VM tier skipped (--no-vm)");
+            } else {
+                vm::test_tier()?;
+            }
+            if no_systemd_vm {
+                println!("systemd VM tier skipped (--no-systemd-vm)");
                 return Ok(());
             }
-            vm::test_tier()
+            systemd_vm::test_tier()
         }
         Task::Bench { bench } => {
             setup::ebpf_toolchain()?;
@@ -102,6 +129,15 @@ fn main() -> anyhow::Result<()> {
             bench::run(bench)
         }
         Task::Vm { command } => vm::run(&command.join(" ")),
+        Task::SystemdVm {
+            keep_image,
+            scenario,
+            deb,
+        } => systemd_vm::command(&systemd_vm::Options {
+            keep_image,
+            scenario,
+            deb,
+        }),
         Task::Package => {
             setup::ebpf_toolchain()?;
             package::package()
