@@ -9,11 +9,11 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use corral::{
-    classify,
-    control::{self, Request, Response},
-    daemon,
-    policy::{DefaultPolicy, Policy, PolicySource},
-    procs::{ProcInfo, Table},
+    model::classify,
+    model::policy::{DefaultPolicy, Policy, PolicySource},
+    model::procs::{ProcInfo, Table},
+    service::control::{self, Request, Response},
+    service::daemon,
 };
 use serde::{Deserialize, Serialize};
 
@@ -241,7 +241,7 @@ fn main() -> anyhow::Result<()> {
             ..
         } => run_in_class(&class, &program, &socket),
         Command::Recover { cgroup_root } => {
-            recover(&cgroup_root.unwrap_or_else(corral::place::default_root))
+            recover(&cgroup_root.unwrap_or_else(corral::actuate::cgroup::default_root))
         }
         Command::Man => {
             use clap::CommandFactory as _;
@@ -286,7 +286,7 @@ fn main() -> anyhow::Result<()> {
             let options = daemon::Options {
                 source: policy.source(),
                 sysfs_root,
-                cgroup_root: cgroup_root.unwrap_or_else(corral::place::default_root),
+                cgroup_root: cgroup_root.unwrap_or_else(corral::actuate::cgroup::default_root),
                 socket,
                 dry_run,
                 ring_bytes,
@@ -319,7 +319,7 @@ fn main() -> anyhow::Result<()> {
         Command::Top {
             socket,
             interval_ms,
-        } => corral::top::run(
+        } => corral::observe::top::run(
             &socket,
             std::time::Duration::from_millis(interval_ms.max(100)),
         ),
@@ -611,8 +611,8 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             if let Some(procs) = procs {
                 return policy_test_chains(&procs, &policy, ananicy.as_ref(), &cpus_of);
             }
-            let root = cgroup_root.unwrap_or_else(corral::place::default_root);
-            let mount = corral::place::cgroup2_mount_of(&root);
+            let root = cgroup_root.unwrap_or_else(corral::actuate::cgroup::default_root);
+            let mount = corral::actuate::cgroup::cgroup2_mount_of(&root);
             let rel_root = format!("/{}", root.strip_prefix(&mount).unwrap_or(&root).display());
             let table = Table::snapshot(&policy.env_keys());
             let mut decisions: std::collections::HashMap<u32, classify::Decision> =
@@ -659,7 +659,7 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
 fn policy_test_chains(
     procs: &Path,
     policy: &Policy,
-    ananicy: Option<&corral::ananicy::AnanicyRules>,
+    ananicy: Option<&corral::model::ananicy::AnanicyRules>,
     cpus_of: &dyn Fn(&str) -> Option<String>,
 ) -> anyhow::Result<()> {
     let text =
@@ -711,9 +711,9 @@ fn recover(root: &Path) -> anyhow::Result<()> {
         println!("{}: nothing to recover (no such cgroup)", root.display());
         return Ok(());
     }
-    let thawed = corral::actions::thaw_all_under(root)
+    let thawed = corral::actuate::cgroup::thaw_all_under(root)
         .with_context(|| format!("thawing the groups under {}", root.display()))?;
-    let online = corral::cpus::CpuList::online(Path::new("/sys"))?;
+    let online = corral::model::cpus::CpuList::online(Path::new("/sys"))?;
     let mut widened = 0;
     for entry in std::fs::read_dir(root)?
         .flatten()

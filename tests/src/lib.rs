@@ -33,7 +33,7 @@ pub fn repo_root() -> PathBuf {
 /// The cgroup2 mount point: /sys/fs/cgroup on unified systems, or
 /// /sys/fs/cgroup/unified on hybrid ones.
 pub fn cgroup2_mount() -> PathBuf {
-    corral::place::cgroup2_mount()
+    corral::actuate::cgroup::cgroup2_mount()
         .expect("no cgroup2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified")
 }
 
@@ -257,7 +257,7 @@ pub fn cgroup_of(pid: u32) -> String {
 
 /// `Cpus_allowed_list` of a process ("" when gone).
 pub fn cpus_allowed(pid: u32) -> String {
-    corral::daemon::cpus_allowed(pid).unwrap_or_default()
+    corral::service::daemon::cpus_allowed(pid).unwrap_or_default()
 }
 
 /// How much longer waits may take here: CORRAL_TIMEOUT_SCALE, set by the

@@ -76,7 +76,7 @@ fn state(path: &Path, ai_pid: u32, ai_mib: u64) {
 
 /// Whether the group is frozen, as its `cgroup.events` says.
 fn frozen(group: &Path) -> bool {
-    corral::actions::is_frozen(group).unwrap_or(false)
+    corral::actuate::cgroup::is_frozen(group).unwrap_or(false)
 }
 
 #[test]
@@ -164,7 +164,7 @@ exe = ["*/cgp-game"]
 
     // Round 1: the game starts, ComfyUI ignores the request, so ai freezes.
     let started = Instant::now();
-    let started_ns = corral::daemon::monotonic_ns();
+    let started_ns = corral::service::daemon::monotonic_ns();
     children
         .0
         .push(Command::new(&game_bin).arg("120").spawn().unwrap());

@@ -144,7 +144,7 @@ fn live_scrape_parses_counters_only_grow_and_dashboard_metrics_exist() {
         .collect();
     for name in &queried {
         assert!(
-            corral::metrics::Metrics::exports(name),
+            corral::observe::metrics::Metrics::exports(name),
             "dashboard queries {name}, which the agent never exports"
         );
         let family = ["_bucket", "_sum", "_count"]

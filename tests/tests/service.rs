@@ -24,7 +24,7 @@ fn policy(prefix: &str) -> String {
 
 /// Whether the group is frozen, as its `cgroup.events` says.
 fn frozen(group: &Path) -> bool {
-    corral::actions::is_frozen(group).unwrap_or(false)
+    corral::actuate::cgroup::is_frozen(group).unwrap_or(false)
 }
 
 #[test]
@@ -109,7 +109,7 @@ fn kill_9_with_a_frozen_group_then_corral_recover_thaws_it() {
     ) == agent
         .group_of("game")));
     // Something froze the group (a VRAM ladder), then the agent died hard.
-    corral::actions::set_frozen(&group, true).unwrap();
+    corral::actuate::cgroup::set_frozen(&group, true).unwrap();
     assert!(wait_for(Duration::from_secs(5), || frozen(&group)));
     agent.signal(libc::SIGKILL);
     let _ = agent.stop();
@@ -155,7 +155,7 @@ fn sigterm_with_100_placed_processes_leaves_them_runnable_on_all_cpus_within_1s(
         .iter()
         .all(|k| cgroup_of(k.id()) == group_rel)));
     let group = agent.cgroup_root.join("game");
-    corral::actions::set_frozen(&group, true).unwrap();
+    corral::actuate::cgroup::set_frozen(&group, true).unwrap();
     assert!(wait_for(Duration::from_secs(5), || frozen(&group)));
     let started = Instant::now();
     let status = agent.stop().unwrap();

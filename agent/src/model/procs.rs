@@ -8,7 +8,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::classify::Decision;
+use crate::model::classify::Decision;
 
 /// The facts classification looks at. Also the element of an offline
 /// classifier chain (`corral classify --procs`), hence the serde defaults.

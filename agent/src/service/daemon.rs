@@ -14,23 +14,26 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    actions,
-    ananicy::AnanicyRules,
-    arbiter::{Action, ActionKind, Arbiter, Observation, ThermalAction, ThermalGuard},
-    bpf::{self, KernelCounters, SchedStats, Tracer},
-    classify,
-    control::{
+    actuate::cgroup as cgroupfs,
+    actuate::cgroup::{Groups, MoveError},
+    gpu::arbiter::{Action, ActionKind, Arbiter, Observation},
+    gpu::askers,
+    gpu::nvml::{GpuEvent, GpuSnapshot},
+    gpu::thermal::{self, ThermalAction, ThermalGuard},
+    kernel::bpf::{self, KernelCounters, SchedStats, Tracer},
+    model::ananicy::AnanicyRules,
+    model::classify,
+    model::cpus::CpuList,
+    model::modes::{self, Mode, ModeSwitch},
+    model::policy::{GAME, Policy, PolicySource},
+    model::procs::{self, Proc, ProcInfo, ReadError, Table},
+    model::topology::{Resolved, Topology},
+    observe::metrics::{self, ClassMetrics, GpuMetrics, Histogram, Metrics, ReloadCounts},
+    service::control::{
         self, AncestorLine, ClassStatus, EventCounts, Explanation, GpuActionRecord, GpuStatus,
         Peer, Placement, ReloadStatus, Request, Response, Status,
     },
-    cpus::CpuList,
-    gpu::{GpuEvent, GpuSnapshot},
-    metrics::{self, ClassMetrics, GpuMetrics, Histogram, Metrics, ReloadCounts},
-    modes::{self, Mode, ModeSwitch},
-    place::{Groups, MoveError},
-    policy::{GAME, Policy, PolicySource},
-    procs::{self, Proc, ProcInfo, ReadError, Table},
-    topology::{Resolved, Topology},
+    service::desktop_notify,
 };
 
 /// Everything the loop reacts to.
@@ -137,7 +140,7 @@ pub struct Agent {
     metrics_bound: Option<std::net::SocketAddr>,
     gpu: GpuState,
     /// systemd's notify socket, when started by systemd.
-    notifier: Option<crate::notify::Notifier>,
+    notifier: Option<crate::service::notify::Notifier>,
     /// The dropped-records count the last full sweep covered.
     dropped_swept: u64,
 }
@@ -943,7 +946,7 @@ impl Agent {
                 let class = self
                     .table
                     .get(p.pid)
-                    .map_or(crate::policy::SYSTEM, |t| t.decision.class.as_str());
+                    .map_or(crate::model::policy::SYSTEM, |t| t.decision.class.as_str());
                 *used.entry(class.to_owned()).or_insert(0) += bytes;
             }
         }
@@ -972,7 +975,7 @@ impl Agent {
             .filter_map(|d| d.temperature_c)
             .max()
             .map(f64::from);
-        let cpu_c = crate::arbiter::cpu_temperature(&self.sysfs_root);
+        let cpu_c = thermal::cpu_temperature(&self.sysfs_root);
         match self.gpu.thermal.observe(self.epoch.elapsed(), gpu_c, cpu_c) {
             Some(ThermalAction::Cool { reason }) => {
                 warn!("thermal guard: {reason}; halving the core sets of {COOLED_CLASSES:?}");
@@ -999,19 +1002,19 @@ impl Agent {
             let group = self.groups.group(&action.class).map(|g| g.path.clone());
             let outcome = match (action.kind, &group) {
                 (ActionKind::Notify, _) => {
-                    actions::notify_desktop("corral: VRAM needed by a game", &action.reason);
+                    desktop_notify::notify_desktop("corral: VRAM needed by a game", &action.reason);
                     "notified".to_owned()
                 }
                 (ActionKind::Ask, _) => self.ask(&action.class),
-                (ActionKind::Freeze, Some(g)) => match actions::set_frozen(g, true) {
+                (ActionKind::Freeze, Some(g)) => match cgroupfs::set_frozen(g, true) {
                     Ok(()) => "frozen".to_owned(),
                     Err(e) => format!("freeze failed: {e}"),
                 },
-                (ActionKind::Thaw, Some(g)) => match actions::set_frozen(g, false) {
+                (ActionKind::Thaw, Some(g)) => match cgroupfs::set_frozen(g, false) {
                     Ok(()) => "thawed".to_owned(),
                     Err(e) => format!("thaw failed: {e}"),
                 },
-                (ActionKind::Kill, Some(g)) => match actions::kill_group(g) {
+                (ActionKind::Kill, Some(g)) => match cgroupfs::kill_group(g) {
                     Ok(n) => format!("killed {n} processes"),
                     Err(e) => format!("kill failed: {e}"),
                 },
@@ -1050,22 +1053,22 @@ impl Agent {
                     .any(|a| a.to_lowercase().contains("comfy"))
                     || p.info.cwd.to_lowercase().contains("comfy"));
             if comfy {
-                let addr = actions::comfyui_addr(&p.info.argv);
+                let addr = askers::comfyui_addr(&p.info.argv);
                 if !asked.contains(&addr) {
                     asked.push(addr);
                     tokio::spawn(async move {
-                        match actions::ask_comfyui(addr).await {
+                        match askers::ask_comfyui(addr).await {
                             Ok(()) => info!(%addr, "ComfyUI asked to free its VRAM"),
                             Err(e) => warn!("{e}"),
                         }
                     });
                 }
             } else if p.info.exe.ends_with("/ollama") && p.info.argv.iter().any(|a| a == "serve") {
-                let addr = actions::ollama_addr(&p.info.env);
+                let addr = askers::ollama_addr(&p.info.env);
                 if !asked.contains(&addr) {
                     asked.push(addr);
                     tokio::spawn(async move {
-                        match actions::ask_ollama(addr).await {
+                        match askers::ask_ollama(addr).await {
                             Ok(models) => {
                                 info!(%addr, ?models, "ollama asked to unload its models")
                             }
@@ -1105,9 +1108,9 @@ impl Agent {
             cooling: self.gpu.cooling.clone(),
             actions: self.gpu.actions.iter().cloned().collect(),
             action_counts: self.gpu.action_counts.clone(),
-            dmem: match actions::dmem_support(&place_mount(&self.groups)) {
-                actions::DmemSupport::Absent { reason } => format!("absent: {reason}"),
-                actions::DmemSupport::Present { regions } => {
+            dmem: match cgroupfs::dmem_support(&place_mount(&self.groups)) {
+                cgroupfs::DmemSupport::Absent { reason } => format!("absent: {reason}"),
+                cgroupfs::DmemSupport::Present { regions } => {
                     format!("present: {regions:?}; set: {:?}", self.gpu.dmem_applied)
                 }
             },
@@ -1212,8 +1215,8 @@ impl Agent {
         if !self.policy.gpu.enabled || self.groups.dry_run {
             return;
         }
-        let actions::DmemSupport::Present { regions } =
-            actions::dmem_support(&place_mount(&self.groups))
+        let cgroupfs::DmemSupport::Present { regions } =
+            cgroupfs::dmem_support(&place_mount(&self.groups))
         else {
             return;
         };
@@ -1232,7 +1235,7 @@ impl Agent {
             };
             let Some(amount) = amount else { continue };
             let bytes = amount.bytes(capacity);
-            match actions::set_dmem(&group.path, file, &region, bytes) {
+            match cgroupfs::set_dmem(&group.path, file, &region, bytes) {
                 Ok(()) => applied.push(format!("{} {file} {bytes}", budget.class)),
                 Err(e) => warn!(class = %budget.class, "could not set {file}: {e}"),
             }
@@ -1246,7 +1249,7 @@ impl Agent {
     /// Thaws every group under corral's root: the fail-safe on stop and
     /// after a crash.
     pub fn thaw_everything(&self) {
-        match actions::thaw_all_under(&self.groups.root) {
+        match cgroupfs::thaw_all_under(&self.groups.root) {
             Ok(0) => {}
             Ok(n) => info!(groups = n, "thawed frozen groups"),
             Err(e) => warn!("could not thaw every group: {e}"),
@@ -1393,7 +1396,7 @@ fn halve(cpus: &CpuList) -> CpuList {
 }
 
 fn place_mount(groups: &Groups) -> PathBuf {
-    crate::place::cgroup2_mount_of(&groups.root)
+    crate::actuate::cgroup::cgroup2_mount_of(&groups.root)
 }
 
 /// `Cpus_allowed_list` of a process.
@@ -1496,7 +1499,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     agent.apply_dmem();
     let (gpu_tx, mut gpu_rx) = mpsc::channel(8);
     let _poller = gpu_config.enabled.then(|| {
-        crate::gpu::spawn_poller(gpu_config.library.clone(), gpu_config.poll_interval, gpu_tx)
+        crate::gpu::nvml::spawn_poller(gpu_config.library.clone(), gpu_config.poll_interval, gpu_tx)
     });
 
     let (control_tx, mut control_rx) = mpsc::channel(64);
@@ -1536,7 +1539,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut counters = tokio::time::interval(Duration::from_secs(1));
     let mut sweeps = tokio::time::interval(options.sweep_interval);
     sweeps.tick().await;
-    let mut notifier = crate::notify::Notifier::from_env();
+    let mut notifier = crate::service::notify::Notifier::from_env();
     let watchdog_every = notifier.watchdog_every.unwrap_or(Duration::from_secs(3600));
     let mut watchdog = tokio::time::interval(watchdog_every);
     notifier.ready(&agent.one_line_status());

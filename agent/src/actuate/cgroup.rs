@@ -1,17 +1,20 @@
-//! The cgroup v2 groups corral manages, one per managed class under a
-//! configurable root, and moving processes into them.
+//! Every cgroupfs file operation corral does: the class groups under its own
+//! root (create, core sets, weights, moving processes in and back), freezing,
+//! thawing and killing a group, and dmem (device memory) limits.
 
 use std::{
     collections::BTreeMap,
-    io::{ErrorKind, Write as _},
+    fs,
+    io::{self, ErrorKind, Write as _},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::{cpus::CpuList, policy::Policy, topology::Resolved};
+use crate::{model::cpus::CpuList, model::policy::Policy, model::topology::Resolved};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -338,4 +341,297 @@ fn enable_controller(root: &Path, controller: &str) -> bool {
         }
     }
     true
+}
+
+// ---------------------------------------------------------------------------
+// cgroup v2: freeze, thaw, kill
+// ---------------------------------------------------------------------------
+
+/// Adds the file (and what was being done) to an I/O error, keeping its kind.
+fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+/// Write `contents` to an existing control file (never creates one, so a
+/// missing group or controller shows as NotFound).
+fn write_control(path: &Path, contents: &str) -> io::Result<()> {
+    fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(contents.as_bytes()))
+        .map_err(|e| with_path(e, &format!("writing {contents:?} to"), path))
+}
+
+fn read_control(path: &Path) -> io::Result<String> {
+    fs::read_to_string(path).map_err(|e| with_path(e, "reading", path))
+}
+
+/// Freeze (`true`) or thaw (`false`) every process in `group` by writing its
+/// `cgroup.freeze`. Freezing completes asynchronously; see [`wait_frozen`].
+pub fn set_frozen(group: &Path, frozen: bool) -> io::Result<()> {
+    write_control(&group.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+}
+
+/// Whether `group` is frozen now, from the `frozen` key of its
+/// `cgroup.events` (true also when an ancestor froze it).
+pub fn is_frozen(group: &Path) -> io::Result<bool> {
+    let path = group.join("cgroup.events");
+    let events = read_control(&path)?;
+    events_frozen(&events).ok_or_else(|| {
+        io::Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "{} has no \"frozen\" key; the kernel has no cgroup v2 freezer (Linux 5.2+ needed)",
+                path.display()
+            ),
+        )
+    })
+}
+
+fn events_frozen(events: &str) -> Option<bool> {
+    events.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == "frozen").then(|| value.trim() != "0")
+    })
+}
+
+/// Wait, polling, until [`is_frozen`] says `frozen` or `timeout` passes.
+/// Returns whether the state was reached. Blocks the calling thread; from
+/// async code use `spawn_blocking`.
+pub fn wait_frozen(group: &Path, frozen: bool, timeout: Duration) -> io::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if is_frozen(group)? == frozen {
+            return Ok(true);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+    }
+}
+
+/// SIGKILL every process in `group`: through `cgroup.kill` when the kernel
+/// has it (5.14+), which also catches processes forking meanwhile, else one
+/// `kill(2)` per pid in `cgroup.procs`. Returns how many processes were
+/// listed in `cgroup.procs` before the kill.
+pub fn kill_group(group: &Path) -> io::Result<usize> {
+    let procs_path = group.join("cgroup.procs");
+    let pids = parse_pids(&read_control(&procs_path)?, &procs_path)?;
+    let kill_file = group.join("cgroup.kill");
+    if kill_file.exists() {
+        write_control(&kill_file, "1")?;
+    } else {
+        for &pid in &pids {
+            // SAFETY: kill(2) takes plain integers; a stale pid fails with ESRCH.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("sending SIGKILL to pid {pid} of {}: {e}", group.display()),
+                    ));
+                }
+            }
+        }
+    }
+    debug!(group = %group.display(), count = pids.len(), "killed group");
+    Ok(pids.len())
+}
+
+fn parse_pids(text: &str, path: &Path) -> io::Result<Vec<libc::pid_t>> {
+    text.split_whitespace()
+        .map(|s| {
+            s.parse().map_err(|_| {
+                io::Error::new(
+                    ErrorKind::InvalidData,
+                    format!("{} lists {s:?}, which is not a pid", path.display()),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The fail-safe run at start-up and on stop: thaw every group at or below
+/// `root` that is frozen, parents before children. A group counts as frozen
+/// when its `cgroup.events` says `frozen 1` or its own `cgroup.freeze` is 1
+/// (a freeze still in progress does not show in `cgroup.events` yet).
+/// Returns how many groups were written to. A missing `root` is 0.
+///
+/// Every group is tried; if some could not be thawed, the first such error
+/// is returned after the walk (each one is also logged).
+pub fn thaw_all_under(root: &Path) -> io::Result<usize> {
+    let mut thawed = 0;
+    let mut first_error: Option<io::Error> = None;
+    let mut pending: Vec<PathBuf> = vec![root.to_path_buf()];
+    while let Some(group) = pending.pop() {
+        match thaw_one(&group) {
+            Ok(true) => thawed += 1,
+            Ok(false) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!("could not thaw {}: {e}", group.display());
+                first_error.get_or_insert(e);
+            }
+        }
+        let entries = match fs::read_dir(&group) {
+            Ok(entries) => entries,
+            // The group went away while we walked: nothing to thaw there.
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => {
+                let e = with_path(e, "listing", &group);
+                warn!("{e}");
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(entry.path());
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(thawed),
+    }
+}
+
+/// Thaw one group if it is frozen; `Ok(true)` if it was written to.
+fn thaw_one(group: &Path) -> io::Result<bool> {
+    let freeze = group.join("cgroup.freeze");
+    if !freeze.exists() {
+        // The hierarchy root or a non-cgroup directory: nothing to thaw.
+        return Ok(false);
+    }
+    let own = read_control(&freeze)?.trim() == "1";
+    let events = match read_control(&group.join("cgroup.events")) {
+        Ok(events) => events_frozen(&events).unwrap_or(false),
+        Err(e) if e.kind() == ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    if !(own || events) {
+        return Ok(false);
+    }
+    set_frozen(group, false)?;
+    debug!(group = %group.display(), "thawed");
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------
+// dmem: device memory limits
+// ---------------------------------------------------------------------------
+
+/// Whether this kernel's cgroup v2 can limit device (VRAM) memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DmemSupport {
+    /// No dmem; `reason` says why, for the one warning at start-up.
+    Absent { reason: String },
+    /// The regions the GPU drivers registered, with their capacity in bytes,
+    /// as listed in `dmem.capacity` (e.g. `drm/0000:01:00.0/vram0`).
+    Present { regions: Vec<(String, u64)> },
+}
+
+/// Find out whether the cgroup2 hierarchy mounted at `cgroup_mount` has the
+/// dmem controller and which regions it manages.
+pub fn dmem_support(cgroup_mount: &Path) -> DmemSupport {
+    let absent = |reason: String| DmemSupport::Absent { reason };
+    let controllers_path = cgroup_mount.join("cgroup.controllers");
+    let controllers = match read_control(&controllers_path) {
+        Ok(c) => c,
+        Err(e) => {
+            return absent(format!(
+                "{e}; is {} a cgroup2 mount?",
+                cgroup_mount.display()
+            ));
+        }
+    };
+    if !controllers.split_whitespace().any(|c| c == "dmem") {
+        return absent(format!(
+            "{} does not list dmem; the kernel needs CONFIG_CGROUP_DMEM (Linux 6.14+)",
+            controllers_path.display()
+        ));
+    }
+    let capacity_path = cgroup_mount.join("dmem.capacity");
+    let capacity = match read_control(&capacity_path) {
+        Ok(c) => c,
+        Err(e) => return absent(e.to_string()),
+    };
+    match parse_dmem_capacity(&capacity) {
+        Err(why) => absent(format!("{}: {why}", capacity_path.display())),
+        Ok(regions) if regions.is_empty() => absent(format!(
+            "{} lists no regions; no GPU driver here registers VRAM with dmem \
+             (amdgpu, xe and i915 do; nvidia does not)",
+            capacity_path.display()
+        )),
+        Ok(regions) => DmemSupport::Present { regions },
+    }
+}
+
+/// `REGION BYTES` lines; blank lines are skipped.
+fn parse_dmem_capacity(text: &str) -> Result<Vec<(String, u64)>, String> {
+    let mut regions = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut words = line.split_whitespace();
+        let Some(region) = words.next() else { continue };
+        let bytes = words
+            .next()
+            .and_then(|b| b.parse::<u64>().ok())
+            .filter(|_| words.next().is_none())
+            .ok_or_else(|| format!("line {} {line:?} is not \"REGION BYTES\"", n + 1))?;
+        regions.push((region.to_owned(), bytes));
+    }
+    Ok(regions)
+}
+
+/// Set one dmem limit of `group` for `region`: `file` is `dmem.min`,
+/// `dmem.low` or `dmem.max`. `u64::MAX` writes `max` (no limit).
+pub fn set_dmem(group: &Path, file: &str, region: &str, bytes: u64) -> io::Result<()> {
+    if !matches!(file, "dmem.min" | "dmem.low" | "dmem.max") {
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("{file:?} is not a dmem limit; use dmem.min, dmem.low or dmem.max"),
+        ));
+    }
+    if region.is_empty() || region.contains(char::is_whitespace) {
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("{region:?} is not a dmem region; see dmem.capacity in the cgroup2 root"),
+        ));
+    }
+    let value = if bytes == u64::MAX {
+        "max".to_owned()
+    } else {
+        bytes.to_string()
+    };
+    write_control(&group.join(file), &format!("{region} {value}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_frozen_key() {
+        assert_eq!(events_frozen("populated 1\nfrozen 1\n"), Some(true));
+        assert_eq!(events_frozen("populated 1\nfrozen 0\n"), Some(false));
+        assert_eq!(events_frozen("populated 1\n"), None);
+    }
+
+    #[test]
+    fn dmem_capacity_lines() {
+        let text = "drm/0000:01:00.0/vram0 12884901888\n\ndrm/0000:01:00.0/stolen 0\n";
+        assert_eq!(
+            parse_dmem_capacity(text).unwrap(),
+            [
+                ("drm/0000:01:00.0/vram0".to_owned(), 12_884_901_888),
+                ("drm/0000:01:00.0/stolen".to_owned(), 0)
+            ]
+        );
+        assert!(parse_dmem_capacity("drm/x\n").is_err());
+        assert!(parse_dmem_capacity("drm/x 12 13\n").is_err());
+        assert!(parse_dmem_capacity("drm/x lots\n").is_err());
+    }
 }

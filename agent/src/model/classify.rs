@@ -4,9 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ananicy::AnanicyRules;
-use crate::policy::{Matcher, Policy, Rule, SYSTEM};
-use crate::procs::ProcInfo;
+use crate::model::ananicy::AnanicyRules;
+use crate::model::policy::{Matcher, Policy, Rule, SYSTEM};
+use crate::model::procs::ProcInfo;
 
 /// Why a process is in its class.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

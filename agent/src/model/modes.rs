@@ -26,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-use crate::cpus::CpuList;
+use crate::model::cpus::CpuList;
 
 /// Suggested default for [`ModeConfig::hold_down`] (a policy value).
 pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(30);

@@ -14,10 +14,10 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    arbiter::ArbiterState,
-    bpf::{KernelCounters, ProgramStats, SchedStats},
-    classify::Decision,
-    gpu::GpuSnapshot,
+    gpu::arbiter::ArbiterState,
+    gpu::nvml::GpuSnapshot,
+    kernel::bpf::{KernelCounters, ProgramStats, SchedStats},
+    model::classify::Decision,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/corral/control.sock";

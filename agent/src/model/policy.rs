@@ -16,9 +16,10 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 
 use crate::{
-    arbiter::{Amount, ArbiterConfig, ClassBudget, Step, ThermalConfig},
-    modes::ModeConfig,
-    topology::{self, CoreSpec, Intent, Resolved, Topology},
+    gpu::arbiter::{Amount, ArbiterConfig, ClassBudget, Step},
+    gpu::thermal::ThermalConfig,
+    model::modes::ModeConfig,
+    model::topology::{self, CoreSpec, Intent, Resolved, Topology},
 };
 
 /// The class every process has when no rule claims it. Never moved.

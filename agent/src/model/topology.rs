@@ -69,7 +69,7 @@ use std::{
 
 use serde::{Deserialize, de};
 
-use crate::cpus::CpuList;
+use crate::model::cpus::CpuList;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {

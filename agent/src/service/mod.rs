@@ -1,0 +1,7 @@
+//! Running as a service: the one event loop (`daemon`), the control socket,
+//! sd_notify, desktop notifications. Wires the other folders together.
+
+pub mod control;
+pub mod daemon;
+pub mod desktop_notify;
+pub mod notify;
