@@ -290,6 +290,90 @@ impl Groups {
     }
 }
 
+impl Groups {
+    /// A layout that writes nothing: every group is planned, none created.
+    /// For dry runs of other backends and for the loop's unit tests; group
+    /// ids are given by `id_of`.
+    pub fn planned(
+        root: &Path,
+        policy: &Policy,
+        resolved: &[Resolved],
+        online: CpuList,
+        id_of: impl Fn(&str) -> u64,
+    ) -> Self {
+        let mut groups = Groups {
+            root: root.to_owned(),
+            cpuset: true,
+            cpu: true,
+            online,
+            dry_run: true,
+            groups: BTreeMap::new(),
+        };
+        // A dry run writes nothing, so this cannot fail.
+        let _ = groups.reconfigure(policy, resolved);
+        for group in groups.groups.values_mut() {
+            group.id = id_of(&group.class);
+        }
+        groups
+    }
+}
+
+/// The cgroupfs backend: corral's own subtree (`corral/<class>`) on hosts
+/// where no service manager owns the cgroup tree.
+impl crate::actuate::Placer for Groups {
+    fn backend(&self) -> &'static str {
+        "cgroupfs"
+    }
+
+    fn layout(&self) -> &Groups {
+        self
+    }
+
+    fn reconfigure(&mut self, policy: &Policy, resolved: &[Resolved]) -> anyhow::Result<()> {
+        Groups::reconfigure(self, policy, resolved)
+    }
+
+    fn set_cpus(
+        &mut self,
+        class: &str,
+        cpus: CpuList,
+        note: Option<String>,
+    ) -> anyhow::Result<bool> {
+        Groups::set_cpus(self, class, cpus, note)
+    }
+
+    fn place(&mut self, class: &str, target: crate::actuate::Target<'_>) -> Result<(), MoveError> {
+        self.move_process(class, target.pid)
+    }
+
+    fn unplace(&mut self, origin: &str, pid: u32) -> Result<(), MoveError> {
+        self.return_process(origin, pid)
+    }
+
+    fn set_frozen(&mut self, class: &str, frozen: bool) -> io::Result<()> {
+        let group = self.groups.get(class).ok_or_else(|| {
+            io::Error::new(ErrorKind::NotFound, format!("class `{class}` has no group"))
+        })?;
+        set_frozen(&group.path, frozen)
+    }
+
+    fn kill(&mut self, class: &str) -> io::Result<usize> {
+        let group = self.groups.get(class).ok_or_else(|| {
+            io::Error::new(ErrorKind::NotFound, format!("class `{class}` has no group"))
+        })?;
+        kill_group(&group.path)
+    }
+
+    fn release_all(&mut self) {
+        match thaw_all_under(&self.root) {
+            Ok(0) => {}
+            Ok(n) => info!(groups = n, "thawed frozen groups"),
+            Err(e) => warn!("could not thaw every group: {e}"),
+        }
+        self.widen_all();
+    }
+}
+
 /// The mount point of the cgroup2 hierarchy `dir` lives in.
 pub fn cgroup2_mount_of(dir: &Path) -> PathBuf {
     let mut mount = dir.to_owned();
@@ -607,6 +691,58 @@ pub fn set_dmem(group: &Path, file: &str, region: &str, bytes: u64) -> io::Resul
         bytes.to_string()
     };
     write_control(&group.join(file), &format!("{region} {value}"))
+}
+
+/// What [`release_all`] did.
+#[derive(Debug, Default)]
+pub struct ReleaseReport {
+    /// Groups that were frozen and got thawed.
+    pub thawed: usize,
+    /// Groups whose core set became every online CPU.
+    pub widened: usize,
+    /// What could not be done, each naming its file; the rest was done.
+    pub errors: Vec<io::Error>,
+}
+
+/// The fail-safe for stop and for `corral recover` after a crash: thaws
+/// every frozen group at or below `root`, then gives every group directly
+/// under it (the class groups, the only ones whose core sets corral
+/// writes) all of `online`. Moves nothing and goes on past every failure.
+/// A missing `root` is an empty report. Thawing is one walk
+/// ([`thaw_all_under`]): if it fails, `thawed` is 0 and the first error is
+/// in `errors` (every one is logged).
+pub fn release_all(root: &Path, online: &CpuList) -> ReleaseReport {
+    let mut report = ReleaseReport::default();
+    match thaw_all_under(root) {
+        Ok(n) => report.thawed = n,
+        Err(e) => report.errors.push(e),
+    }
+    let entries = match fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return report,
+        Err(e) => {
+            report.errors.push(with_path(e, "listing", root));
+            return report;
+        }
+    };
+    let cpus = online.to_string();
+    for entry in entries.flatten() {
+        let file = entry.path().join("cpuset.cpus");
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) || !file.exists() {
+            continue;
+        }
+        match write_control(&file, &cpus) {
+            Ok(()) => report.widened += 1,
+            // The group went away meanwhile: nothing left to widen.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                // The error names the file.
+                warn!("could not widen a group: {e}");
+                report.errors.push(e);
+            }
+        }
+    }
+    report
 }
 
 #[cfg(test)]

@@ -15,7 +15,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     actuate::cgroup as cgroupfs,
-    actuate::cgroup::{Groups, MoveError},
+    actuate::{
+        Placer, Target,
+        cgroup::{Groups, MoveError},
+    },
     gpu::arbiter::{Action, ActionKind, Arbiter, Observation},
     gpu::askers,
     gpu::nvml::{GpuEvent, GpuSnapshot},
@@ -25,8 +28,8 @@ use crate::{
     model::classify,
     model::cpus::CpuList,
     model::modes::{self, Mode, ModeSwitch},
-    model::policy::{GAME, Policy, PolicySource},
-    model::procs::{self, Proc, ProcInfo, ReadError, Table},
+    model::policy::{Policy, PolicySource},
+    model::procs::{LiveProcs, Proc, ProcInfo, ProcRead, ProcSource, ReadError, Table},
     model::topology::{Resolved, Topology},
     observe::metrics::{self, ClassMetrics, GpuMetrics, Histogram, Metrics, ReloadCounts},
     service::control::{
@@ -43,14 +46,57 @@ use crate::{
     reason = "kernel events are handled at once, never queued; boxing would allocate on the exec path"
 )]
 pub enum Event {
+    /// Read every process from /proc and place what the policy manages
+    /// (start-up).
+    Seed,
     Kernel(ProcEvent),
+    /// The ring buffer was drained: apply what the batch changed.
+    KernelBatchDone,
     Control(control::Incoming),
-    /// A policy file changed, SIGHUP arrived, or `corral reload` asked.
-    Reload,
+    /// A policy file changed or SIGHUP arrived (`corral reload` comes as a
+    /// control request); all three take the same path.
+    Reload(ReloadCause),
     /// The dynamic mode's deadline passed.
     ModeTimer,
     /// From the NVML poller thread.
     Gpu(GpuEvent),
+    /// The slow /proc sweep timer.
+    SweepTick,
+    /// Once a second: read the kernel counters (a full sweep when records
+    /// were dropped) and refresh the metrics.
+    CountersTick,
+    /// Time to tell systemd's watchdog the loop is alive.
+    WatchdogTick,
+    /// SIGTERM or SIGINT.
+    Stop,
+}
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadCause {
+    FileChanged,
+    Signal,
+    Request,
+}
+
+/// What the runner carries out for the loop, after a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Tell systemd (sd_notify).
+    Notify(Notice),
+    /// Re-render the metrics page.
+    RenderMetrics,
+    /// Leave the loop.
+    Exit,
+}
+
+/// The sd_notify messages the loop sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Ready { status: String },
+    Reloading,
+    Watchdog,
+    Stopping,
 }
 
 /// How many GPU actions are kept for `corral status` and `explain`.
@@ -118,9 +164,10 @@ pub struct Agent {
     ananicy: Option<AnanicyRules>,
     env_keys: BTreeSet<String>,
     table: Table,
-    groups: Groups,
-    /// Processes whose class is `game`: the dynamic mode's input.
-    games: HashSet<u32>,
+    /// Where placement is carried out (cgroupfs, systemd, a recording).
+    placer: Box<dyn Placer>,
+    /// Where processes are read from (/proc, or a script in tests).
+    procs: Box<dyn ProcSource>,
     modes: ModeSwitch,
     epoch: Instant,
     counts: EventCounts,
@@ -139,8 +186,6 @@ pub struct Agent {
     /// The metrics endpoint's address once bound.
     metrics_bound: Option<std::net::SocketAddr>,
     gpu: GpuState,
-    /// systemd's notify socket, when started by systemd.
-    notifier: Option<crate::service::notify::Notifier>,
     /// The dropped-records count the last full sweep covered.
     dropped_swept: u64,
 }
@@ -189,7 +234,8 @@ impl Agent {
         source: PolicySource,
         sysfs_root: PathBuf,
         policy: Policy,
-        groups: Groups,
+        placer: Box<dyn Placer>,
+        procs: Box<dyn ProcSource>,
         tracer: Option<Tracer>,
     ) -> Self {
         let env_keys = policy.env_keys();
@@ -203,8 +249,8 @@ impl Agent {
             ananicy,
             env_keys,
             table: Table::default(),
-            groups,
-            games: HashSet::new(),
+            placer,
+            procs,
             modes,
             epoch: Instant::now(),
             counts: EventCounts::default(),
@@ -219,18 +265,27 @@ impl Agent {
             reloads: ReloadCounts::default(),
             metrics_bound: None,
             gpu,
-            notifier: None,
             dropped_swept: 0,
         }
     }
 
     /// Tracked processes per class.
     fn processes_by_class(&self) -> BTreeMap<&str, u64> {
-        let mut processes: BTreeMap<&str, u64> = BTreeMap::new();
-        for (_, p) in self.table.iter() {
-            *processes.entry(p.decision.class.as_str()).or_default() += 1;
-        }
-        processes
+        self.table
+            .counts()
+            .iter()
+            .map(|(class, n)| (class.as_str(), *n as u64))
+            .collect()
+    }
+
+    /// The class the dynamic mode and the GPU arbiter protect.
+    fn protected(&self) -> &str {
+        &self.policy.gpu.arbiter.protected_class
+    }
+
+    /// How many processes of the protected class run.
+    fn protected_running(&self) -> usize {
+        self.table.count(self.protected())
     }
 
     /// Everything the agent exports, as of now.
@@ -247,7 +302,7 @@ impl Agent {
             .classes
             .values()
             .map(|class| {
-                let group = self.groups.group(&class.name);
+                let group = self.placer.layout().group(&class.name);
                 let sched = self.sched_stats(&class.name);
                 let mut m = ClassMetrics {
                     processes: processes.get(class.name.as_str()).copied().unwrap_or(0),
@@ -328,7 +383,8 @@ impl Agent {
     /// tells the kernel which cgroups are which class.
     pub fn sync_telemetry(&mut self) {
         self.slots = self
-            .groups
+            .placer
+            .layout()
             .iter()
             .zip(1..)
             .map(|(g, slot)| (g.class.clone(), slot))
@@ -337,7 +393,8 @@ impl Agent {
             return;
         };
         let ids: Vec<(u64, u32)> = self
-            .groups
+            .placer
+            .layout()
             .iter()
             .filter_map(|g| self.slots.get(&g.class).map(|slot| (g.id, *slot)))
             .collect();
@@ -379,8 +436,8 @@ impl Agent {
     /// Reads every process from /proc, classifies parents before children
     /// and places what the policy manages. A process already in its class's
     /// group (an agent restart) is adopted, not moved.
-    pub fn seed(&mut self) {
-        self.table = Table::snapshot(&self.env_keys);
+    fn seed(&mut self) {
+        self.table = Table::read_all(self.procs.as_ref(), &self.env_keys);
         for pid in self.table.parents_first() {
             self.decide(pid);
             self.adopt_if_placed(pid);
@@ -395,14 +452,7 @@ impl Agent {
 
     fn adopt_if_placed(&mut self, pid: u32) {
         let Some(p) = self.table.get(pid) else { return };
-        let Some(group) = self.groups.group(&p.decision.class) else {
-            return;
-        };
-        if self
-            .groups
-            .relative(&group.path)
-            .is_some_and(|rel| rel == p.info.cgroup)
-        {
+        if self.placer.holds_cgroup(&p.decision.class, &p.info.cgroup) {
             let class = p.decision.class.clone();
             if let Some(p) = self.table.get_mut(pid) {
                 p.placed_class = Some(class);
@@ -410,15 +460,38 @@ impl Agent {
         }
     }
 
-    pub fn handle(&mut self, event: Event) {
+    /// Decides what one event changes. Placement is carried out through the
+    /// placer at once (the exec path cannot wait); everything else the
+    /// runner must do comes back as effects.
+    pub fn handle(&mut self, event: Event) -> Vec<Effect> {
         match event {
-            Event::Kernel(e) => match EventKind::from_u32(e.kind) {
-                Some(EventKind::Exec) => self.on_exec(&e),
-                Some(EventKind::Fork) => self.on_fork(&e),
-                Some(EventKind::Exit) => self.on_exit(&e),
-                None => warn!(kind = e.kind, "unknown event kind from the kernel"),
-            },
+            Event::Seed => {
+                self.seed();
+                self.sync_telemetry();
+                self.apply_dmem();
+                vec![
+                    Effect::Notify(Notice::Ready {
+                        status: self.one_line_status(),
+                    }),
+                    Effect::Notify(Notice::Watchdog),
+                    Effect::RenderMetrics,
+                ]
+            }
+            Event::Kernel(e) => {
+                match EventKind::from_u32(e.kind) {
+                    Some(EventKind::Exec) => self.on_exec(&e),
+                    Some(EventKind::Fork) => self.on_fork(&e),
+                    Some(EventKind::Exit) => self.on_exit(&e),
+                    None => warn!(kind = e.kind, "unknown event kind from the kernel"),
+                }
+                Vec::new()
+            }
+            Event::KernelBatchDone | Event::ModeTimer => {
+                self.update_mode();
+                Vec::new()
+            }
             Event::Control((request, peer, reply)) => {
+                let mut effects = Vec::new();
                 let response = match self.refusal(&request, peer) {
                     Some(message) => {
                         warn!(?request, uid = ?peer.uid, "refused: {message}");
@@ -426,34 +499,70 @@ impl Agent {
                     }
                     None => match request {
                         Request::Reload => {
-                            if let Some(n) = &self.notifier {
-                                n.reloading();
-                            }
-                            let status = self.reload();
-                            if let Some(n) = &self.notifier {
-                                n.ready(&self.one_line_status());
-                            }
+                            let (status, notices) = self.reload_notified();
+                            effects = notices;
                             Response::Reloaded(status)
                         }
                         Request::Enter { class } => self.enter(&class, peer),
-                        other => self.answer(other),
+                        other => {
+                            self.read_kernel_counters();
+                            self.answer(other)
+                        }
                     },
                 };
                 let _ = reply.send(response);
+                effects
             }
-            Event::Gpu(event) => self.on_gpu(event),
-            Event::Reload => {
-                self.reload();
+            Event::Reload(cause) => {
+                debug!(?cause, "reload");
+                self.reload_notified().1
             }
-            Event::ModeTimer => self.update_mode(),
+            Event::Gpu(event) => {
+                self.on_gpu(event);
+                Vec::new()
+            }
+            Event::SweepTick => {
+                self.sweep(false);
+                Vec::new()
+            }
+            Event::CountersTick => {
+                self.read_kernel_counters();
+                if self.dropped_since_sweep() {
+                    self.sweep(true);
+                }
+                vec![Effect::RenderMetrics]
+            }
+            Event::WatchdogTick => vec![Effect::Notify(Notice::Watchdog)],
+            Event::Stop => {
+                info!("stopping: thawing and widening every managed group to all CPUs");
+                self.placer.release_all();
+                vec![Effect::Notify(Notice::Stopping), Effect::Exit]
+            }
         }
+    }
+
+    /// One reload, whatever asked for it, between RELOADING=1 and READY=1.
+    fn reload_notified(&mut self) -> (ReloadStatus, Vec<Effect>) {
+        let status = self.reload();
+        let effects = vec![
+            Effect::Notify(Notice::Reloading),
+            Effect::Notify(Notice::Ready {
+                status: self.one_line_status(),
+            }),
+            Effect::RenderMetrics,
+        ];
+        (status, effects)
     }
 
     fn on_exec(&mut self, e: &ProcEvent) {
         let handled_ns = monotonic_ns();
         self.counts.exec += 1;
         let pid = e.tgid;
-        let (info, proc_ppid, start_ticks) = match procs::read_proc(pid, &self.env_keys) {
+        let ProcRead {
+            info,
+            ppid: proc_ppid,
+            start_ticks,
+        } = match self.procs.read(pid, &self.env_keys) {
             Ok(read) => read,
             Err(err) => {
                 self.forget(pid, &err);
@@ -490,9 +599,9 @@ impl Agent {
         let child = e.pid;
         let Some(parent) = self.table.get(e.ppid).cloned() else {
             // A parent we never saw: learn the child from /proc.
-            match procs::read_proc(child, &self.env_keys) {
-                Ok((info, ppid, start_ticks)) => {
-                    self.table.insert(child, Proc::new(info, ppid, start_ticks));
+            match self.procs.read(child, &self.env_keys) {
+                Ok(read) => {
+                    self.table.insert(child, read.into_proc());
                     self.decide(child);
                     self.place(child, None);
                 }
@@ -509,15 +618,8 @@ impl Agent {
         process.origin_cgroup = parent.origin_cgroup.clone();
         process.pinned = parent.pinned;
         self.table.insert(child, process);
-        if parent.decision.class == GAME {
-            self.games.insert(child);
-        }
         if let Some(class) = parent.placed_class {
-            let in_group = self
-                .groups
-                .group(&class)
-                .is_some_and(|g| g.id == e.cgroup_id);
-            if in_group {
+            if self.placer.holds_cgroup_id(&class, e.cgroup_id) {
                 if let Some(p) = self.table.get_mut(child) {
                     p.placed_class = Some(class);
                 }
@@ -531,7 +633,6 @@ impl Agent {
     fn on_exit(&mut self, e: &ProcEvent) {
         self.counts.exit += 1;
         self.table.remove(e.tgid);
-        self.games.remove(&e.tgid);
     }
 
     fn forget(&mut self, pid: u32, err: &ReadError) {
@@ -540,7 +641,6 @@ impl Agent {
             ReadError::Other { .. } => debug!("{err}"),
         }
         self.table.remove(pid);
-        self.games.remove(&pid);
     }
 
     /// Classifies `pid` from its table entry and its ancestors' decisions.
@@ -565,17 +665,7 @@ impl Agent {
             &infos,
             parent_decision,
         );
-        if decision.class == GAME {
-            self.games.insert(pid);
-        } else {
-            self.games.remove(&pid);
-        }
-        let Some(p) = self.table.get_mut(pid) else {
-            return false;
-        };
-        let changed = p.decision.class != decision.class;
-        p.decision = decision;
-        changed
+        self.table.set_decision(pid, decision)
     }
 
     /// Moves `pid` into its class's group unless it is there already or
@@ -590,13 +680,21 @@ impl Agent {
             return false;
         };
         let class = process.decision.class.clone();
-        if self.groups.group(&class).is_none() || process.placed_class.as_deref() == Some(&class) {
+        if self.placer.layout().group(&class).is_none()
+            || process.placed_class.as_deref() == Some(&class)
+        {
             return false;
         }
-        match self.groups.move_process(&class, pid) {
+        let target = Target {
+            pid,
+            start_ticks: process.start_ticks,
+            cgroup: &process.info.cgroup,
+            comm: &process.info.comm,
+        };
+        match self.placer.place(&class, target) {
             Ok(()) => {
                 let placed_ns = monotonic_ns();
-                if self.groups.dry_run {
+                if self.placer.layout().dry_run {
                     info!(pid, comm = %process.info.comm, class, rule = %process.decision.rule, "dry run: would move");
                 } else {
                     debug!(pid, comm = %process.info.comm, class, rule = %process.decision.rule, "moved");
@@ -627,7 +725,6 @@ impl Agent {
             Err(MoveError::Gone(_)) => {
                 self.counts.vanished += 1;
                 self.table.remove(pid);
-                self.games.remove(&pid);
                 false
             }
             Err(err) => {
@@ -648,7 +745,7 @@ impl Agent {
             return false;
         }
         let moved = match p.origin_cgroup.clone() {
-            Some(origin) => match self.groups.return_process(&origin, pid) {
+            Some(origin) => match self.placer.unplace(&origin, pid) {
                 Ok(()) => true,
                 Err(e) => {
                     warn!("could not return {pid} to {origin}: {e}");
@@ -679,7 +776,7 @@ impl Agent {
             Ok(ok) => ok,
             Err(e) => return self.refused(started, format!("{e:#}")),
         };
-        if let Err(e) = self.groups.reconfigure(&policy, &resolved) {
+        if let Err(e) = self.placer.reconfigure(&policy, &resolved) {
             return self.refused(started, format!("{e:#}"));
         }
         for w in &policy.warnings {
@@ -693,10 +790,10 @@ impl Agent {
             self.env_keys = new_keys;
             let pids: Vec<u32> = self.table.iter().map(|(pid, _)| *pid).collect();
             for pid in pids {
-                if let Ok((info, _, _)) = procs::read_proc(pid, &self.env_keys)
+                if let Ok(read) = self.procs.read(pid, &self.env_keys)
                     && let Some(p) = self.table.get_mut(pid)
                 {
-                    p.info.env = info.env;
+                    p.info.env = read.info.env;
                 }
             }
         }
@@ -728,7 +825,6 @@ impl Agent {
             if !self.same_process(pid) {
                 // The pid now belongs to another process: forget the old one.
                 self.table.remove(pid);
-                self.games.remove(&pid);
                 continue;
             }
             let class = self
@@ -736,7 +832,7 @@ impl Agent {
                 .get(pid)
                 .map(|p| p.decision.class.clone())
                 .unwrap_or_default();
-            let moved = if self.groups.group(&class).is_some() {
+            let moved = if self.placer.layout().group(&class).is_some() {
                 self.place(pid, None)
             } else {
                 self.release(pid)
@@ -783,9 +879,9 @@ impl Agent {
     }
 
     /// Feeds the game count to the dynamic mode and applies a switch.
-    pub fn update_mode(&mut self) {
+    fn update_mode(&mut self) {
         let now = self.epoch.elapsed();
-        if let Some(mode) = self.modes.observe(now, self.games.len()) {
+        if let Some(mode) = self.modes.observe(now, self.protected_running()) {
             info!(%mode, why = %self.modes.why(), "dynamic mode changed");
             self.apply_layout();
         }
@@ -794,18 +890,20 @@ impl Agent {
     /// Writes every group's core set for the current mode.
     fn apply_layout(&mut self) {
         let base: BTreeMap<String, CpuList> = self
-            .groups
+            .placer
+            .layout()
             .iter()
             .map(|g| (g.class.clone(), g.base.clone()))
             .collect();
-        for (class, (cpus, note)) in modes::layout(self.modes.mode(), &base, GAME) {
+        let protected = self.protected().to_owned();
+        for (class, (cpus, note)) in modes::layout(self.modes.mode(), &base, &protected) {
             let (cpus, note) = match &self.gpu.cooling {
                 Some(why) if COOLED_CLASSES.contains(&class.as_str()) => {
                     (halve(&cpus), Some(format!("thermal guard: {why}")))
                 }
                 _ => (cpus, note),
             };
-            if let Err(e) = self.groups.set_cpus(&class, cpus, note) {
+            if let Err(e) = self.placer.set_cpus(&class, cpus, note) {
                 warn!(class, "could not set the core set: {e:#}");
             }
         }
@@ -816,13 +914,17 @@ impl Agent {
     /// anything is for root, except `corral run --class` into classes the
     /// policy opens to users (`user_run = true`).
     fn refusal(&self, request: &Request, peer: Peer) -> Option<String> {
-        let uid = peer.uid?;
+        let Some(uid) = peer.uid else {
+            // Fail closed: a peer whose credentials could not be read is no
+            // one, and may read nothing and change nothing.
+            return Some("cannot tell who is asking (no SO_PEERCRED); refused".into());
+        };
         if uid == 0 {
             return None;
         }
         match request {
             Request::Status | Request::Placements => None,
-            Request::Explain { pid } => match procs::owner(*pid) {
+            Request::Explain { pid } => match self.procs.owner(*pid) {
                 Some(owner) if owner == uid => None,
                 Some(_) => Some(format!(
                     "process {pid} belongs to another user; only root can explain it"
@@ -861,8 +963,13 @@ impl Agent {
                 message: "cannot tell which process is asking (no SO_PEERCRED)".into(),
             };
         };
-        let Some(group) = self.groups.group(class) else {
-            let managed: Vec<String> = self.groups.iter().map(|g| g.class.clone()).collect();
+        let Some(group) = self.placer.layout().group(class) else {
+            let managed: Vec<String> = self
+                .placer
+                .layout()
+                .iter()
+                .map(|g| g.class.clone())
+                .collect();
             return Response::Error {
                 message: format!(
                     "class `{class}` has no group; `corral run --class` takes one of: {}",
@@ -871,8 +978,8 @@ impl Agent {
             };
         };
         let group_path = group.path.display().to_string();
-        let info = match procs::read_proc(pid, &self.env_keys) {
-            Ok((info, ppid, start)) => Proc::new(info, ppid, start),
+        let info = match self.procs.read(pid, &self.env_keys) {
+            Ok(read) => read.into_proc(),
             Err(e) => {
                 return Response::Error {
                     message: e.to_string(),
@@ -880,18 +987,18 @@ impl Agent {
             }
         };
         self.table.insert(pid, info);
-        if let Some(p) = self.table.get_mut(pid) {
-            p.pinned = true;
-            p.decision = classify::Decision {
+        self.table.set_decision(
+            pid,
+            classify::Decision {
                 class: class.to_owned(),
                 rule: format!("corral run --class {class}"),
                 source: None,
                 inherited_from: None,
                 passes_down: true,
-            };
-        }
-        if class == GAME {
-            self.games.insert(pid);
+            },
+        );
+        if let Some(p) = self.table.get_mut(pid) {
+            p.pinned = true;
         }
         if !self.place(pid, None)
             && self.table.get(pid).and_then(|p| p.placed_class.as_deref()) != Some(class)
@@ -962,7 +1069,7 @@ impl Agent {
             total_bytes: device.total_bytes,
             free_bytes: device.free_bytes,
             used_by_class: self.vram_by_class(snapshot),
-            protected_running: !self.games.is_empty(),
+            protected_running: self.protected_running() > 0,
         };
         let actions = self.gpu.arbiter.decide(&observation);
         self.execute(actions);
@@ -995,30 +1102,33 @@ impl Agent {
     /// counted. Asking applications happens in the background.
     fn execute(&mut self, actions: Vec<Action>) {
         for action in actions {
-            if action.class == GAME {
-                error!("refusing a GPU action on `game`: {:?}", action.kind);
+            if action.class == self.protected() {
+                error!(
+                    "refusing a GPU action on the protected class `{}`: {:?}",
+                    action.class, action.kind
+                );
                 continue;
             }
-            let group = self.groups.group(&action.class).map(|g| g.path.clone());
-            let outcome = match (action.kind, &group) {
+            let managed = self.placer.layout().group(&action.class).is_some();
+            let outcome = match (action.kind, managed) {
                 (ActionKind::Notify, _) => {
                     desktop_notify::notify_desktop("corral: VRAM needed by a game", &action.reason);
                     "notified".to_owned()
                 }
                 (ActionKind::Ask, _) => self.ask(&action.class),
-                (ActionKind::Freeze, Some(g)) => match cgroupfs::set_frozen(g, true) {
+                (ActionKind::Freeze, true) => match self.placer.set_frozen(&action.class, true) {
                     Ok(()) => "frozen".to_owned(),
                     Err(e) => format!("freeze failed: {e}"),
                 },
-                (ActionKind::Thaw, Some(g)) => match cgroupfs::set_frozen(g, false) {
+                (ActionKind::Thaw, true) => match self.placer.set_frozen(&action.class, false) {
                     Ok(()) => "thawed".to_owned(),
                     Err(e) => format!("thaw failed: {e}"),
                 },
-                (ActionKind::Kill, Some(g)) => match cgroupfs::kill_group(g) {
+                (ActionKind::Kill, true) => match self.placer.kill(&action.class) {
                     Ok(n) => format!("killed {n} processes"),
                     Err(e) => format!("kill failed: {e}"),
                 },
-                (_, None) => "class has no group; nothing to do".to_owned(),
+                (_, false) => "class has no group; nothing to do".to_owned(),
             };
             warn!(class = %action.class, kind = ?action.kind, "{} -> {outcome}", action.reason);
             let kind = format!("{:?}", action.kind).to_lowercase();
@@ -1108,7 +1218,7 @@ impl Agent {
             cooling: self.gpu.cooling.clone(),
             actions: self.gpu.actions.iter().cloned().collect(),
             action_counts: self.gpu.action_counts.clone(),
-            dmem: match cgroupfs::dmem_support(&place_mount(&self.groups)) {
+            dmem: match cgroupfs::dmem_support(&place_mount(self.placer.layout())) {
                 cgroupfs::DmemSupport::Absent { reason } => format!("absent: {reason}"),
                 cgroupfs::DmemSupport::Present { regions } => {
                     format!("present: {regions:?}; set: {:?}", self.gpu.dmem_applied)
@@ -1125,9 +1235,7 @@ impl Agent {
     /// `full`: after dropped events, also re-read every known process,
     /// since a lost exec leaves a process known only by its parent's fork.
     pub fn sweep(&mut self, full: bool) -> usize {
-        let live: std::collections::HashSet<u32> = procfs::process::all_processes()
-            .map(|all| all.filter_map(|p| p.ok()).map(|p| p.pid as u32).collect())
-            .unwrap_or_default();
+        let live: HashSet<u32> = self.procs.pids().into_iter().collect();
         if live.is_empty() {
             return 0;
         }
@@ -1140,7 +1248,12 @@ impl Agent {
                 .filter(|pid| live.contains(pid))
                 .collect();
             for pid in known {
-                let Ok((info, _, start)) = procs::read_proc(pid, &self.env_keys) else {
+                let Ok(ProcRead {
+                    info,
+                    start_ticks: start,
+                    ..
+                }) = self.procs.read(pid, &self.env_keys)
+                else {
                     continue;
                 };
                 if let Some(p) = self.table.get_mut(pid)
@@ -1161,14 +1274,13 @@ impl Agent {
             .collect();
         for pid in gone {
             self.table.remove(pid);
-            self.games.remove(&pid);
         }
         let mut fresh = std::collections::HashSet::new();
         for pid in live {
             if self.table.get(pid).is_none()
-                && let Ok((info, ppid, start)) = procs::read_proc(pid, &self.env_keys)
+                && let Ok(read) = self.procs.read(pid, &self.env_keys)
             {
-                self.table.insert(pid, Proc::new(info, ppid, start));
+                self.table.insert(pid, read.into_proc());
                 fresh.insert(pid);
             }
         }
@@ -1203,20 +1315,20 @@ impl Agent {
         else {
             return true;
         };
-        procfs::process::Process::new(pid as i32)
-            .and_then(|p| p.stat())
-            .is_ok_and(|stat| stat.starttime == known)
+        self.procs
+            .read(pid, &BTreeSet::new())
+            .is_ok_and(|read| read.start_ticks == known)
     }
 
     /// Where the kernel has the dmem cgroup controller and the driver a
     /// VRAM region: `dmem.low` for the game's reserve and `dmem.max` for the
     /// other classes' budgets, on the first region. Absent: said in status.
     pub fn apply_dmem(&mut self) {
-        if !self.policy.gpu.enabled || self.groups.dry_run {
+        if !self.policy.gpu.enabled || self.placer.layout().dry_run {
             return;
         }
         let cgroupfs::DmemSupport::Present { regions } =
-            cgroupfs::dmem_support(&place_mount(&self.groups))
+            cgroupfs::dmem_support(&place_mount(self.placer.layout()))
         else {
             return;
         };
@@ -1225,7 +1337,7 @@ impl Agent {
         };
         let mut applied = Vec::new();
         for budget in &self.policy.gpu.arbiter.classes {
-            let Some(group) = self.groups.group(&budget.class) else {
+            let Some(group) = self.placer.layout().group(&budget.class) else {
                 continue;
             };
             let (file, amount) = if budget.class == self.policy.gpu.arbiter.protected_class {
@@ -1244,16 +1356,6 @@ impl Agent {
             info!(region, ?applied, "dmem limits set");
         }
         self.gpu.dmem_applied = applied;
-    }
-
-    /// Thaws every group under corral's root: the fail-safe on stop and
-    /// after a crash.
-    pub fn thaw_everything(&self) {
-        match cgroupfs::thaw_all_under(&self.groups.root) {
-            Ok(0) => {}
-            Ok(n) => info!(groups = n, "thawed frozen groups"),
-            Err(e) => warn!("could not thaw every group: {e}"),
-        }
     }
 
     /// When the loop must wake for the dynamic mode even without events.
@@ -1287,7 +1389,7 @@ impl Agent {
             .classes
             .values()
             .map(|class| {
-                let group = self.groups.group(&class.name);
+                let group = self.placer.layout().group(&class.name);
                 ClassStatus {
                     class: class.name.clone(),
                     processes: processes.get(class.name.as_str()).copied().unwrap_or(0) as usize,
@@ -1316,9 +1418,9 @@ impl Agent {
             }
             .to_owned(),
             mode_why: self.modes.why(),
-            cgroup_root: self.groups.root.display().to_string(),
-            cpuset_enforced: self.groups.cpuset,
-            dry_run: self.groups.dry_run,
+            cgroup_root: self.placer.layout().root.display().to_string(),
+            cpuset_enforced: self.placer.layout().cpuset,
+            dry_run: self.placer.layout().dry_run,
             tracked: self.table.len(),
             classes,
             events: self.counts.clone(),
@@ -1337,7 +1439,7 @@ impl Agent {
 
     fn explain(&self, pid: u32) -> Option<Explanation> {
         let process = self.table.get(pid)?;
-        let group = self.groups.group(&process.decision.class);
+        let group = self.placer.layout().group(&process.decision.class);
         let ancestry = self
             .table
             .ancestors(pid)
@@ -1350,8 +1452,10 @@ impl Agent {
                 rule: p.decision.rule.clone(),
             })
             .collect();
-        let cgroup_now = procs::read_proc(pid, &BTreeSet::new())
-            .map(|(info, _, _)| info.cgroup)
+        let cgroup_now = self
+            .procs
+            .read(pid, &BTreeSet::new())
+            .map(|read| read.info.cgroup)
             .unwrap_or_default();
         Some(Explanation {
             pid,
@@ -1382,8 +1486,9 @@ impl Agent {
         })
     }
 
-    pub fn groups(&self) -> &Groups {
-        &self.groups
+    /// The class layout of the placement backend.
+    pub fn layout(&self) -> &Groups {
+        self.placer.layout()
     }
 }
 
@@ -1467,41 +1572,41 @@ mod tokio_stream_shim {
     }
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// Runs the agent until SIGINT or SIGTERM: turns every source into an
+/// [`Event`], lets [`Agent::handle`] decide, and carries out the effects.
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let policy = options.source.load()?;
     for w in &policy.warnings {
         warn!("{w}");
     }
     let (resolved, online) = resolve(&policy, &options.sysfs_root)?;
-    let groups = Groups::setup(
+    let mut groups = Groups::setup(
         &options.cgroup_root,
         &policy,
         &resolved,
         online,
         options.dry_run,
     )?;
+    // A crashed agent may have left a group frozen or narrowed: never keep
+    // it so.
+    groups.release_all();
     // Attach before seeding, so nothing started in between is missed.
     let (tracer, events) = Tracer::load(options.ring_bytes)?;
     let watched = options.source.watched_files();
     let gpu_config = policy.gpu.clone();
+    let metrics_addr = policy.telemetry.metrics_addr;
     let mut agent = Agent::new(
         options.source,
         options.sysfs_root,
         policy,
-        groups,
+        Box::new(groups),
+        Box::new(LiveProcs),
         Some(tracer),
     );
-    // A crashed agent may have left a group frozen: never keep it so.
-    agent.thaw_everything();
-    agent.seed();
-    agent.sync_telemetry();
-    agent.apply_dmem();
     let (gpu_tx, mut gpu_rx) = mpsc::channel(8);
     let _poller = gpu_config.enabled.then(|| {
         crate::gpu::nvml::spawn_poller(gpu_config.library.clone(), gpu_config.poll_interval, gpu_tx)
     });
-
     let (control_tx, mut control_rx) = mpsc::channel(64);
     let server = control::serve(&options.socket, control_tx)?;
     let (file_tx, mut file_rx) = mpsc::channel(16);
@@ -1512,10 +1617,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // (both live until this function returns).
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    // The metrics endpoint serves the latest rendering, refreshed every
-    // second by the loop (scrapes never touch the agent's state).
-    let rendered = std::sync::Arc::new(std::sync::Mutex::new(agent.metrics().render()));
-    let metrics_server = match agent.policy.telemetry.metrics_addr {
+    // The metrics endpoint serves the latest rendering, refreshed by the
+    // loop (scrapes never touch the agent's state).
+    let rendered = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let metrics_server = match metrics_addr {
         Some(addr) => {
             let shared = rendered.clone();
             match metrics::serve(addr, move || {
@@ -1536,28 +1641,49 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let notifier = crate::service::notify::Notifier::from_env();
+    let carry_out = |effects: Vec<Effect>, agent: &Agent| -> bool {
+        let mut go_on = true;
+        for effect in effects {
+            match effect {
+                Effect::Notify(Notice::Ready { status }) => notifier.ready(&status),
+                Effect::Notify(Notice::Reloading) => notifier.reloading(),
+                Effect::Notify(Notice::Watchdog) => notifier.watchdog(),
+                Effect::Notify(Notice::Stopping) => notifier.stopping(),
+                // Rendering is only worth it when something can scrape it.
+                Effect::RenderMetrics if metrics_server.is_some() => {
+                    let text = agent.metrics().render();
+                    if let Ok(mut shared) = rendered.lock() {
+                        *shared = text;
+                    }
+                }
+                Effect::RenderMetrics => {}
+                Effect::Exit => go_on = false,
+            }
+        }
+        go_on
+    };
+    let effects = agent.handle(Event::Seed);
+    carry_out(effects, &agent);
     let mut counters = tokio::time::interval(Duration::from_secs(1));
     let mut sweeps = tokio::time::interval(options.sweep_interval);
     sweeps.tick().await;
-    let mut notifier = crate::service::notify::Notifier::from_env();
-    let watchdog_every = notifier.watchdog_every.unwrap_or(Duration::from_secs(3600));
-    let mut watchdog = tokio::time::interval(watchdog_every);
-    notifier.ready(&agent.one_line_status());
-    notifier.watchdog();
-    agent.notifier = Some(notifier);
+    // Fed from the loop itself, so a stuck loop stops feeding it.
+    let mut watchdog =
+        tokio::time::interval(notifier.watchdog_every.unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     info!(
         socket = %options.socket.display(),
-        root = %agent.groups().root.display(),
+        root = %agent.layout().root.display(),
         dry_run = options.dry_run,
         "corral is running"
     );
-    let read_counters = |agent: &mut Agent| agent.read_kernel_counters();
     loop {
         let deadline = agent.mode_deadline();
-        tokio::select! {
+        let effects = tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard?;
                 let ring = guard.get_inner_mut();
@@ -1568,62 +1694,29 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     }
                 }
                 guard.clear_ready();
-                agent.update_mode();
+                agent.handle(Event::KernelBatchDone)
             }
             Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
-            Some(incoming) = control_rx.recv() => {
-                read_counters(&mut agent);
-                agent.handle(Event::Control(incoming));
-            }
+            Some(incoming) = control_rx.recv() => agent.handle(Event::Control(incoming)),
             Some(()) = file_rx.recv() => {
                 // Let the editor finish, then reload once for the burst.
                 tokio::time::sleep(RELOAD_SETTLE).await;
                 while file_rx.try_recv().is_ok() {}
-                agent.handle(Event::Reload);
+                agent.handle(Event::Reload(ReloadCause::FileChanged))
             }
-            _ = sighup.recv() => {
-                if let Some(n) = &agent.notifier {
-                    n.reloading();
-                }
-                agent.handle(Event::Reload);
-                if let Some(n) = &agent.notifier {
-                    n.ready(&agent.one_line_status());
-                }
-            }
+            _ = sighup.recv() => agent.handle(Event::Reload(ReloadCause::Signal)),
             _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()).await },
                 if deadline.is_some() => agent.handle(Event::ModeTimer),
-            _ = watchdog.tick() => {
-                // Fed from the loop itself: a stuck loop stops feeding it.
-                if let Some(n) = agent.notifier.as_mut() {
-                    n.watchdog();
-                }
-            }
-            _ = sweeps.tick() => {
-                agent.sweep(false);
-            }
-            _ = counters.tick() => {
-                read_counters(&mut agent);
-                if agent.dropped_since_sweep() {
-                    agent.sweep(true);
-                }
-                // Rendering is only worth it when something can scrape it.
-                if metrics_server.is_some() {
-                    let text = agent.metrics().render();
-                    if let Ok(mut shared) = rendered.lock() {
-                        *shared = text;
-                    }
-                }
-            }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = watchdog.tick() => agent.handle(Event::WatchdogTick),
+            _ = sweeps.tick() => agent.handle(Event::SweepTick),
+            _ = counters.tick() => agent.handle(Event::CountersTick),
+            _ = sigterm.recv() => agent.handle(Event::Stop),
+            _ = sigint.recv() => agent.handle(Event::Stop),
+        };
+        if !carry_out(effects, &agent) {
+            break;
         }
     }
-    if let Some(n) = &agent.notifier {
-        n.stopping();
-    }
-    info!("stopping: thawing and widening every managed group to all CPUs");
-    agent.thaw_everything();
-    agent.groups().widen_all();
     server.abort();
     if let Some(handle) = metrics_server {
         handle.abort();
