@@ -155,6 +155,11 @@ impl Placer for RecordingPlacer {
         Ok(())
     }
 
+    /// The recording layout lives at `/corral/<class>` of the cgroup2 mount.
+    fn holds_cgroup(&self, class: &str, cgroup: &str) -> bool {
+        self.layout.group(class).is_some() && cgroup == format!("/corral/{class}")
+    }
+
     fn unplace(&mut self, origin: &str, pid: u32) -> Result<(), MoveError> {
         self.log(Call::Unplace {
             origin: origin.to_owned(),

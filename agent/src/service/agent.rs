@@ -14,7 +14,7 @@ use corral_common::{EventKind, ProcEvent};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    agent_gpu::{COOLED_CLASSES, GpuState, halve},
+    agent_gpu::{GpuState, halve},
     daemon::monotonic_ns,
 };
 use crate::{
@@ -111,6 +111,9 @@ pub struct Agent {
     pub(super) procs: Box<dyn ProcSource>,
     pub(super) modes: ModeSwitch,
     pub(super) epoch: Instant,
+    /// Time since start, as the mode machine, the arbiter and the thermal
+    /// guard see it; tests drive it by hand.
+    pub(super) clock: Clock,
     pub(super) counts: EventCounts,
     pub(super) placements_by_class: BTreeMap<String, u64>,
     pub(super) placements: VecDeque<Placement>,
@@ -159,7 +162,37 @@ pub fn resolve(policy: &Policy, sysfs_root: &Path) -> anyhow::Result<(Vec<Resolv
     Ok((resolved, topology.online().clone()))
 }
 
+/// The agent's sense of time since it started.
+#[derive(Debug, Clone)]
+pub enum Clock {
+    Real(Instant),
+    /// Milliseconds, set by a test.
+    Manual(std::sync::Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Clock {
+    pub fn now(&self) -> Duration {
+        match self {
+            Clock::Real(start) => start.elapsed(),
+            Clock::Manual(ms) => {
+                Duration::from_millis(ms.load(std::sync::atomic::Ordering::Relaxed))
+            }
+        }
+    }
+}
+
 impl Agent {
+    /// Time since start (see [`Clock`]).
+    pub(super) fn now(&self) -> Duration {
+        self.clock.now()
+    }
+
+    /// Replaces the clock (tests).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     pub fn new(
         source: PolicySource,
         sysfs_root: PathBuf,
@@ -183,6 +216,7 @@ impl Agent {
             procs,
             modes,
             epoch: Instant::now(),
+            clock: Clock::Real(Instant::now()),
             counts: EventCounts::default(),
             placements_by_class: BTreeMap::new(),
             placements: VecDeque::new(),
@@ -201,12 +235,17 @@ impl Agent {
 
     /// The class the dynamic mode and the GPU arbiter protect.
     pub(super) fn protected(&self) -> &str {
-        &self.policy.gpu.arbiter.protected_class
+        self.policy.protected_class()
     }
 
-    /// How many processes of the protected class run.
+    /// How many launches of the protected class run: the roots of its
+    /// process trees (a game and the 30 processes it forks are one).
     pub(super) fn protected_running(&self) -> usize {
-        self.table.count(self.protected())
+        let protected = self.protected();
+        if self.table.count(protected) == 0 {
+            return 0;
+        }
+        self.table.roots_of(protected)
     }
 
     /// Attaches or detaches scheduling telemetry as the policy says, and
@@ -291,6 +330,8 @@ impl Agent {
         match event {
             Event::Seed => {
                 self.seed();
+                // The core sets of the mode the agent starts in.
+                self.apply_layout();
                 self.sync_telemetry();
                 self.apply_dmem();
                 vec![
@@ -623,7 +664,7 @@ impl Agent {
         }
         let mode_config_changed = policy.modes != self.modes.config();
         if policy.gpu.arbiter != self.policy.gpu.arbiter {
-            let now = self.epoch.elapsed();
+            let now = self.now();
             let actions = self
                 .gpu
                 .arbiter
@@ -635,7 +676,7 @@ impl Agent {
         }
         self.policy = policy;
         if mode_config_changed {
-            let now = self.epoch.elapsed();
+            let now = self.now();
             self.modes = ModeSwitch::new(self.policy.modes, now);
         }
         let (mut reclassified, mut moves) = (0, 0);
@@ -704,7 +745,7 @@ impl Agent {
 
     /// Feeds the game count to the dynamic mode and applies a switch.
     pub(super) fn update_mode(&mut self) {
-        let now = self.epoch.elapsed();
+        let now = self.now();
         if let Some(mode) = self.modes.observe(now, self.protected_running()) {
             info!(%mode, why = %self.modes.why(), "dynamic mode changed");
             self.apply_layout();
@@ -722,7 +763,7 @@ impl Agent {
         let protected = self.protected().to_owned();
         for (class, (cpus, note)) in modes::layout(self.modes.mode(), &base, &protected) {
             let (cpus, note) = match &self.gpu.cooling {
-                Some(why) if COOLED_CLASSES.contains(&class.as_str()) => {
+                Some(why) if self.policy.cooled_classes().contains(&class) => {
                     (halve(&cpus), Some(format!("thermal guard: {why}")))
                 }
                 _ => (cpus, note),

@@ -61,9 +61,6 @@ impl GpuState {
     }
 }
 
-/// Classes the thermal guard slows down when it is too hot.
-pub(super) const COOLED_CLASSES: &[&str] = &["render", "ai"];
-
 impl Agent {
     pub(super) fn on_gpu(&mut self, event: GpuEvent) {
         match event {
@@ -71,7 +68,7 @@ impl Agent {
                 warn!("GPU features off: {reason}");
                 self.gpu.on = false;
                 self.gpu.off_reason = Some(reason);
-                let now = self.epoch.elapsed();
+                let now = self.now();
                 let actions = self.gpu.arbiter.release_all(now, "the GPU went away");
                 self.execute(actions);
             }
@@ -111,7 +108,7 @@ impl Agent {
             return;
         };
         let observation = Observation {
-            now: self.epoch.elapsed(),
+            now: self.now(),
             total_bytes: device.total_bytes,
             free_bytes: device.free_bytes,
             used_by_class: self.vram_by_class(snapshot),
@@ -129,9 +126,12 @@ impl Agent {
             .max()
             .map(f64::from);
         let cpu_c = thermal::cpu_temperature(&self.sysfs_root);
-        match self.gpu.thermal.observe(self.epoch.elapsed(), gpu_c, cpu_c) {
+        match self.gpu.thermal.observe(self.now(), gpu_c, cpu_c) {
             Some(ThermalAction::Cool { reason }) => {
-                warn!("thermal guard: {reason}; halving the core sets of {COOLED_CLASSES:?}");
+                warn!(
+                    "thermal guard: {reason}; halving the core sets of {:?}",
+                    self.policy.cooled_classes()
+                );
                 self.gpu.cooling = Some(reason);
                 self.apply_layout();
             }
