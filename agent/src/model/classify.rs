@@ -1,12 +1,17 @@
 //! Decides a process's class: the policy's own rules first, then the
 //! optional ananicy-cpp rules (by process name), then the class its nearest
-//! classified ancestor passes down, else `system`.
+//! classified ancestor passes down, else `system`. One step
+//! ([`classify_one`]) and the two walks over it: a process table, parents
+//! first ([`classify_table`]), and a recorded chain ([`classify_chain`],
+//! read by [`recorded_chains`]).
+
+use std::io::BufRead;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::ananicy::AnanicyRules;
 use crate::model::policy::{Matcher, Policy, Rule, SYSTEM};
-use crate::model::procs::ProcInfo;
+use crate::model::procs::{ProcInfo, Table};
 
 /// Why a process is in its class.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +131,121 @@ pub fn classify_chain(
     decision.unwrap_or_else(Decision::default_system)
 }
 
+/// Classifies `pid` as the table stands: its own facts, its ancestors'
+/// facts, and the decision its parent holds in the table. None when the
+/// table does not know `pid`.
+pub fn classify_in_table(
+    policy: &Policy,
+    ananicy: Option<&AnanicyRules>,
+    table: &Table,
+    pid: u32,
+) -> Option<Decision> {
+    let process = table.get(pid)?;
+    let ancestors = table.ancestors(pid);
+    let infos: Vec<&ProcInfo> = ancestors
+        .iter()
+        .filter_map(|a| table.get(*a).map(|p| &p.info))
+        .collect();
+    let parent = ancestors
+        .last()
+        .and_then(|a| table.get(*a))
+        .map(|p| &p.decision);
+    Some(classify_one(policy, ananicy, &process.info, &infos, parent))
+}
+
+/// Re-classifies every process in `table`, parents before children, and
+/// stores each decision as it goes, so a child sees its parent's new
+/// decision. A process put in its class by `corral run --class` (`pinned`)
+/// keeps it. Returns the pids whose class changed, parents first.
+///
+/// The one walk for everything that classifies a whole table: the agent's
+/// /proc seed and policy reload, and `corral policy test`.
+pub fn classify_table(
+    policy: &Policy,
+    ananicy: Option<&AnanicyRules>,
+    table: &mut Table,
+) -> Vec<u32> {
+    let mut changed = Vec::new();
+    for pid in table.parents_first() {
+        if table.get(pid).is_none_or(|p| p.pinned) {
+            continue;
+        }
+        if let Some(decision) = classify_in_table(policy, ananicy, table, pid)
+            && table.set_decision(pid, decision)
+        {
+            changed.push(pid);
+        }
+    }
+    changed
+}
+
+/// One recorded process chain: `{"id": ..., "chain": [process, ...]}`,
+/// ancestors first and the process to classify last (the input of `corral
+/// classify` and `corral policy test --procs`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecordedChain {
+    /// Whatever the recorder used to name the chain; shown back as given.
+    pub id: serde_json::Value,
+    pub chain: Vec<ProcInfo>,
+}
+
+/// Why a line of recorded chains could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("{name}:{line}: could not read: {source}")]
+    Read {
+        name: String,
+        line: usize,
+        source: std::io::Error,
+    },
+    #[error("{name}:{line}: not a chain object ({source})")]
+    NotAChain {
+        name: String,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("{name}:{line}: `chain` is empty; list ancestors first and the process last")]
+    Empty { name: String, line: usize },
+}
+
+/// Reads recorded chains from JSON lines, one at a time, so a caller can
+/// answer each before a bad line stops it. Blank lines are skipped; `name`
+/// (the file, or `-`) and the line number go into every error.
+pub fn recorded_chains<R: BufRead>(
+    reader: R,
+    name: &str,
+) -> impl Iterator<Item = Result<RecordedChain, ChainError>> {
+    let name = name.to_owned();
+    reader.lines().enumerate().filter_map(move |(index, line)| {
+        let line_number = index + 1;
+        let text = match line {
+            Ok(text) => text,
+            Err(source) => {
+                return Some(Err(ChainError::Read {
+                    name: name.clone(),
+                    line: line_number,
+                    source,
+                }));
+            }
+        };
+        if text.trim().is_empty() {
+            return None;
+        }
+        Some(match serde_json::from_str::<RecordedChain>(&text) {
+            Err(source) => Err(ChainError::NotAChain {
+                name: name.clone(),
+                line: line_number,
+                source,
+            }),
+            Ok(chain) if chain.chain.is_empty() => Err(ChainError::Empty {
+                name: name.clone(),
+                line: line_number,
+            }),
+            Ok(chain) => Ok(chain),
+        })
+    })
+}
+
 fn rule_matches(rule: &Rule, process: &ProcInfo, ancestors: &[&ProcInfo]) -> bool {
     if !matches(&rule.matcher, process) {
         return false;
@@ -235,6 +355,84 @@ unless = { argv = ["--headless-probe"] }
             p("child", "/c", &["child"]),
         ];
         assert_eq!(classify_chain(&policy(), None, &chain).class, "system");
+    }
+
+    /// reaper (pid 10, SteamLaunch) -> sh (11) -> game (12), and nvim (20)
+    /// pinned to `game` by `corral run --class`.
+    fn table() -> Table {
+        let mut table = Table::default();
+        for (pid, ppid, info) in [
+            (10, 1, p("reaper", "/s/reaper", &["reaper", "SteamLaunch"])),
+            (11, 10, p("sh", "/bin/sh", &["sh"])),
+            (12, 11, p("game", "/g/game", &["game"])),
+            (20, 1, p("nvim", "/usr/bin/nvim", &["nvim"])),
+        ] {
+            let info = ProcInfo { pid, ..info };
+            table.insert(pid, crate::model::procs::Proc::new(info, ppid, 1));
+        }
+        table.get_mut(20).unwrap().pinned = true;
+        let entered = Decision {
+            class: "game".into(),
+            ..Decision::default_system()
+        };
+        table.set_decision(20, entered);
+        table
+    }
+
+    #[test]
+    fn table_walk_passes_each_parents_new_decision_down_and_keeps_pinned() {
+        let mut table = table();
+        let changed = classify_table(&policy(), None, &mut table);
+        assert_eq!(changed, [10, 11, 12]);
+        let game = &table.get(12).unwrap().decision;
+        assert_eq!(
+            (game.class.as_str(), game.rule.as_str()),
+            ("game", "game-tree")
+        );
+        let from = game.inherited_from.as_ref().unwrap();
+        assert_eq!(
+            (from.pid, from.comm.as_str(), from.depth),
+            (10, "reaper", 0)
+        );
+        assert_eq!(table.get(20).unwrap().decision.class, "game", "pinned");
+        // The same walk again changes nothing.
+        assert!(classify_table(&policy(), None, &mut table).is_empty());
+    }
+
+    #[test]
+    fn table_walk_agrees_with_the_chain_walk() {
+        let mut table = table();
+        classify_table(&policy(), None, &mut table);
+        let chain: Vec<ProcInfo> = [10, 11, 12]
+            .iter()
+            .map(|pid| table.get(*pid).unwrap().info.clone())
+            .collect();
+        let from_chain = classify_chain(&policy(), None, &chain);
+        let from_table = classify_in_table(&policy(), None, &table, 12).unwrap();
+        assert_eq!(from_chain.class, from_table.class);
+        assert_eq!(from_chain.rule, from_table.rule);
+        assert_eq!(classify_in_table(&policy(), None, &table, 99), None);
+    }
+
+    #[test]
+    fn recorded_chains_skip_blank_lines_and_name_the_bad_one() {
+        let text = concat!(
+            r#"{"id": "a", "chain": [{"comm": "sh"}]}"#,
+            "\n\n",
+            r#"{"id": 7, "chain": []}"#,
+            "\n{not json}\n",
+        );
+        let read: Vec<_> = recorded_chains(text.as_bytes(), "t.jsonl").collect();
+        assert_eq!(read.len(), 3);
+        let first = read[0].as_ref().unwrap();
+        assert_eq!(
+            (first.id.as_str(), first.chain[0].comm.as_str()),
+            (Some("a"), "sh")
+        );
+        let empty = read[1].as_ref().unwrap_err().to_string();
+        assert!(empty.starts_with("t.jsonl:3: `chain` is empty"), "{empty}");
+        let bad = read[2].as_ref().unwrap_err().to_string();
+        assert!(bad.starts_with("t.jsonl:4: not a chain object"), "{bad}");
     }
 
     #[test]
