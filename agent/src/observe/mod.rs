@@ -4,3 +4,4 @@
 
 pub mod metrics;
 pub mod top;
+pub mod views;
