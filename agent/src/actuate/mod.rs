@@ -6,6 +6,8 @@
 
 pub mod cgroup;
 pub mod recording;
+pub mod systemd;
+pub mod systemd_bus;
 
 use std::io;
 
@@ -23,6 +25,9 @@ pub struct Target<'a> {
     /// The process's cgroup now, relative to the cgroup2 mount.
     pub cgroup: &'a str,
     pub comm: &'a str,
+    /// Its parent, when the table knows it (a child forked between its
+    /// parent's exec and move joins the parent's unit).
+    pub parent: Option<u32>,
 }
 
 /// The seam between the loop's decisions and the machine. A backend keeps
@@ -72,4 +77,18 @@ pub trait Placer {
     /// The fail-safe on stop: nothing stays frozen or confined to a small
     /// core set once the agent is gone.
     fn release_all(&mut self);
+    /// The CPUs everything corral does not place may use: `Some` while a
+    /// dynamic mode narrows them, `None` to give back what they had. The
+    /// cgroupfs backend leaves other cgroups alone.
+    fn set_others(&mut self, _cpus: Option<CpuList>) {}
+    /// The process is gone; drop what the backend kept about it.
+    fn forget(&mut self, _pid: u32) {}
+    /// Where `pid` is and what fences it, in words, for explain.
+    fn describe(&self, _pid: u32) -> Option<String> {
+        None
+    }
+    /// What the backend cannot do now and why, for status.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -25,7 +25,7 @@ use crate::{
         ananicy::AnanicyRules,
         classify,
         cpus::CpuList,
-        modes::{self, ModeSwitch},
+        modes::{self, Mode, ModeSwitch},
         policy::{Policy, PolicySource},
         procs::{Proc, ProcInfo, ProcRead, ProcSource, ReadError, Table},
         topology::{Resolved, Topology},
@@ -497,7 +497,7 @@ impl Agent {
 
     pub(super) fn on_exit(&mut self, e: &ProcEvent) {
         self.counts.exit += 1;
-        self.table.remove(e.tgid);
+        self.forget_pid(e.tgid);
     }
 
     pub(super) fn forget(&mut self, pid: u32, err: &ReadError) {
@@ -505,7 +505,14 @@ impl Agent {
             ReadError::Gone(_) => self.counts.vanished += 1,
             ReadError::Other { .. } => debug!("{err}"),
         }
+        self.forget_pid(pid);
+    }
+
+    /// Drops a process that is gone (or whose pid was reused) from the
+    /// table and from the placement backend.
+    pub(super) fn forget_pid(&mut self, pid: u32) {
         self.table.remove(pid);
+        self.placer.forget(pid);
     }
 
     /// Classifies `pid` from its table entry and its ancestors' decisions.
@@ -555,6 +562,7 @@ impl Agent {
             start_ticks: process.start_ticks,
             cgroup: &process.info.cgroup,
             comm: &process.info.comm,
+            parent: Some(process.ppid).filter(|p| *p != 0),
         };
         match self.placer.place(&class, target) {
             Ok(()) => {
@@ -589,7 +597,7 @@ impl Agent {
             }
             Err(MoveError::Gone(_)) => {
                 self.counts.vanished += 1;
-                self.table.remove(pid);
+                self.forget_pid(pid);
                 false
             }
             Err(err) => {
@@ -689,7 +697,7 @@ impl Agent {
             }
             if !self.same_process(pid) {
                 // The pid now belongs to another process: forget the old one.
-                self.table.remove(pid);
+                self.forget_pid(pid);
                 continue;
             }
             let class = self
@@ -772,6 +780,22 @@ impl Agent {
                 warn!(class, "could not set the core set: {e:#}");
             }
         }
+        // While protected, everything corral does not place leaves the
+        // protected class's CPUs too (where the backend can say so).
+        let others = match (self.modes.mode(), base.get(&protected)) {
+            (Mode::Protected, Some(fenced)) => {
+                let rest: CpuList = self
+                    .placer
+                    .layout()
+                    .online
+                    .iter()
+                    .filter(|c| !fenced.iter().any(|f| f == *c))
+                    .collect();
+                (!rest.is_empty()).then_some(rest)
+            }
+            _ => None,
+        };
+        self.placer.set_others(others);
     }
 
     /// Why `peer` may not make `request`, if it may not. Reading is open to
@@ -920,7 +944,7 @@ impl Agent {
             .filter(|pid| !live.contains(pid))
             .collect();
         for pid in gone {
-            self.table.remove(pid);
+            self.forget_pid(pid);
         }
         let mut fresh = std::collections::HashSet::new();
         for pid in live {
