@@ -1,7 +1,10 @@
 //! Loads the eBPF programs, attaches them to the process tracepoints, and
-//! reads their ring buffer and counters. Nothing here decides anything.
+//! reads their ring buffer and counters. Nothing here decides what to do
+//! with a process; the one thing it settles itself is that scheduling
+//! telemetry is optional: a kernel without the sched tracepoints turns it
+//! off with one warning, and process tracing goes on.
 
-use std::path::Path;
+use std::{fmt::Display, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -12,6 +15,7 @@ use aya::{
 use corral_common::{
     CLASS_SLOTS, ClassStats, ProcEvent, RUNQ_BUCKETS, SchedLayout, TracepointLayout, counter,
 };
+use tracing::warn;
 
 /// The object built from `ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/corral"));
@@ -27,7 +31,8 @@ const TRACEPOINTS: &[(&str, &str)] = &[
 ];
 
 /// The scheduling telemetry programs; attached only while the policy
-/// wants telemetry, so switched off they cost nothing.
+/// wants telemetry, so switched off they cost nothing. Optional: see
+/// [`Telemetry`].
 const TELEMETRY: &[(&str, &str)] = &[
     ("sched", "sched_wakeup"),
     ("sched", "sched_wakeup_new"),
@@ -41,7 +46,7 @@ pub struct Tracer {
     counters: PerCpuArray<MapData, u64>,
     class_of: BpfHashMap<MapData, u64, u32>,
     class_stats: PerCpuArray<MapData, ClassStats>,
-    telemetry: Vec<(&'static str, TracePointLinkId)>,
+    telemetry: Telemetry<TracePointLinkId>,
 }
 
 /// One program's cost, from the kernel's BPF statistics.
@@ -79,8 +84,15 @@ impl Tracer {
     /// buffer of process events separately, for the event loop to poll.
     pub fn load(ring_bytes: u32) -> anyhow::Result<(Self, RingBuf<MapData>)> {
         ensure_tracefs()?;
-        let layout = layout_from_tracefs(Path::new(TRACEFS))?;
-        let sched_layout = sched_layout_from_tracefs(Path::new(TRACEFS))?;
+        let tracefs = Path::new(TRACEFS);
+        let layout = layout_from_tracefs(tracefs)?;
+        let mut telemetry = Telemetry::default();
+        let sched_layout = telemetry_layout(tracefs).unwrap_or_else(|reason| {
+            // The telemetry programs are then neither loaded nor attached,
+            // so any layout does.
+            telemetry.turn_off(reason);
+            SchedLayout::default()
+        });
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &layout, true)
             .override_global("SCHED_LAYOUT", &sched_layout, true)
@@ -88,10 +100,7 @@ impl Tracer {
             .load(OBJECT)
             .context("loading the eBPF object (are you root, with BPF enabled in the kernel?)")?;
         for (category, name) in TRACEPOINTS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-                .try_into()?;
+            let program = tracepoint(&mut ebpf, name)?;
             program.load().with_context(|| format!("loading {name}"))?;
             program
                 .attach(category, name)
@@ -113,55 +122,64 @@ impl Tracer {
             ebpf.take_map("CLASS_STATS")
                 .ok_or_else(|| anyhow!("CLASS_STATS map missing"))?,
         )?;
-        for (_, name) in TELEMETRY {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            program.load().with_context(|| format!("loading {name}"))?;
+        if telemetry.off_reason().is_none() {
+            for (_, name) in TELEMETRY {
+                if let Err(e) = tracepoint(&mut ebpf, name)?.load() {
+                    telemetry.turn_off(format!(
+                        "the kernel refused the telemetry program {name} ({e}); {TELEMETRY_OFF}"
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = telemetry.off_reason() {
+            warn!("{reason}");
         }
         let tracer = Tracer {
             ebpf,
             counters,
             class_of,
             class_stats,
-            telemetry: Vec::new(),
+            telemetry,
         };
         Ok((tracer, events))
     }
 
-    /// Attaches or detaches the scheduling telemetry programs.
+    /// Attaches or detaches the scheduling telemetry programs. Where this
+    /// kernel cannot run them, telemetry stays off: the first failure is
+    /// logged once (naming the tracepoint), later calls do nothing, and
+    /// [`Tracer::telemetry_off_reason`] says why. An error here is only a
+    /// failure to detach.
     pub fn set_telemetry(&mut self, on: bool) -> anyhow::Result<()> {
-        if on != self.telemetry.is_empty() {
-            return Ok(());
-        }
-        if on {
-            for (category, name) in TELEMETRY {
-                let program: &mut TracePoint = self
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| anyhow!("program {name} missing"))?
-                    .try_into()?;
-                let link = program
-                    .attach(category, name)
-                    .with_context(|| format!("attaching to tracepoint {category}/{name}"))?;
-                self.telemetry.push((name, link));
-            }
-        } else {
-            for (name, link) in self.telemetry.drain(..) {
-                let program: &mut TracePoint = self
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| anyhow!("program {name} missing"))?
-                    .try_into()?;
-                program.detach(link)?;
-            }
+        let warning = self.telemetry.set(
+            on,
+            TELEMETRY,
+            Path::new(TRACEFS),
+            &mut self.ebpf,
+            |ebpf, category, name| -> anyhow::Result<TracePointLinkId> {
+                Ok(tracepoint(ebpf, name)?.attach(category, name)?)
+            },
+            |ebpf, name, link| -> anyhow::Result<()> {
+                tracepoint(ebpf, name)?
+                    .detach(link)
+                    .with_context(|| format!("detaching {name}"))
+            },
+        )?;
+        if let Some(warning) = warning {
+            warn!("{warning}");
         }
         Ok(())
     }
 
     pub fn telemetry_on(&self) -> bool {
-        !self.telemetry.is_empty()
+        self.telemetry.is_on()
+    }
+
+    /// Why scheduling telemetry cannot run on this kernel (which tracepoint
+    /// is missing, or what refused it); `None` when it can, whether the
+    /// policy has it on or not.
+    pub fn telemetry_off_reason(&self) -> Option<&str> {
+        self.telemetry.off_reason()
     }
 
     /// Tells the kernel which cgroup ids are which class slot (1..).
@@ -232,12 +250,129 @@ impl Tracer {
                 Some(ProgramStats {
                     name: name.to_owned(),
                     attached: TRACEPOINTS.iter().any(|(_, n)| *n == name)
-                        || self.telemetry.iter().any(|(n, _)| *n == name),
+                        || self.telemetry.is_attached(name),
                     run_count: field("run_cnt:"),
                     run_time_ns: field("run_time_ns:"),
                 })
             })
             .collect()
+    }
+}
+
+/// One of the loaded programs, as a tracepoint program.
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut TracePoint> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()?)
+}
+
+/// What every "telemetry is off" warning ends with.
+const TELEMETRY_OFF: &str = "scheduling telemetry (run-queue latency, on-CPU time) is off; \
+     exec, fork and exit tracing and placement keep working";
+
+/// The scheduling telemetry programs' links, or why this kernel cannot run
+/// them. All or nothing: a run-queue wait is only measured right with the
+/// wakeup and the switch that ends it, so one tracepoint failing detaches
+/// the others. Generic over the link (and what attaches it) so the
+/// decisions can be tested without a kernel.
+#[derive(Debug)]
+struct Telemetry<L> {
+    links: Vec<(&'static str, L)>,
+    /// Set once it turned out impossible; then it is never tried again.
+    off: Option<String>,
+}
+
+impl<L> Default for Telemetry<L> {
+    fn default() -> Self {
+        Telemetry {
+            links: Vec::new(),
+            off: None,
+        }
+    }
+}
+
+impl<L> Telemetry<L> {
+    fn is_on(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    fn is_attached(&self, name: &str) -> bool {
+        self.links.iter().any(|(n, _)| *n == name)
+    }
+
+    fn off_reason(&self) -> Option<&str> {
+        self.off.as_deref()
+    }
+
+    fn turn_off(&mut self, reason: String) {
+        self.off.get_or_insert(reason);
+    }
+
+    /// Attaches (`on`) or detaches every program of `points`, in order,
+    /// through `attach` and `detach` (which get `ctx`). If attaching one
+    /// fails, the ones attached before it are detached again, telemetry is
+    /// off for good, and the warning to log is returned: only that once.
+    /// Errors are failures to detach.
+    fn set<C, E: Display, D>(
+        &mut self,
+        on: bool,
+        points: &[(&'static str, &'static str)],
+        tracefs: &Path,
+        ctx: &mut C,
+        mut attach: impl FnMut(&mut C, &'static str, &'static str) -> Result<L, E>,
+        mut detach: impl FnMut(&mut C, &'static str, L) -> Result<(), D>,
+    ) -> Result<Option<String>, D> {
+        if !on {
+            for (name, link) in self.links.drain(..) {
+                detach(ctx, name, link)?;
+            }
+            return Ok(None);
+        }
+        if self.is_on() || self.off.is_some() {
+            return Ok(None);
+        }
+        for &(category, name) in points {
+            match attach(ctx, category, name) {
+                Ok(link) => self.links.push((name, link)),
+                Err(e) => {
+                    for (name, link) in self.links.drain(..) {
+                        // Best effort: the links go with the programs anyway.
+                        let _ = detach(ctx, name, link);
+                    }
+                    let reason = telemetry_off_reason(
+                        tracefs,
+                        &[(category, name)],
+                        &format!("attaching to tracepoint {category}/{name} failed: {e:#}"),
+                    );
+                    self.off = Some(reason.clone());
+                    return Ok(Some(reason));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The telemetry programs' field offsets, or why telemetry is off when
+/// this kernel does not describe their tracepoints.
+fn telemetry_layout(tracefs: &Path) -> Result<SchedLayout, String> {
+    sched_layout_from_tracefs(tracefs)
+        .map_err(|e| telemetry_off_reason(tracefs, TELEMETRY, &format!("{e:#}")))
+}
+
+/// Why telemetry is off: the first of `points` this kernel does not have
+/// (no `events/CATEGORY/NAME` under `tracefs`), else `error`.
+fn telemetry_off_reason(tracefs: &Path, points: &[(&str, &str)], error: &str) -> String {
+    match points
+        .iter()
+        .find(|(category, name)| !tracefs.join("events").join(category).join(name).exists())
+    {
+        Some((category, name)) => format!(
+            "this kernel has no tracepoint {category}/{name} ({} is missing); {TELEMETRY_OFF}",
+            tracefs.join("events").join(category).join(name).display()
+        ),
+        None => format!("{error}; {TELEMETRY_OFF}"),
     }
 }
 
@@ -269,12 +404,6 @@ pub fn decode(bytes: &[u8]) -> Option<ProcEvent> {
     (bytes.len() >= size_of::<ProcEvent>())
         // SAFETY: length checked; ProcEvent is plain old data.
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcEvent>()) })
-}
-
-/// A NUL-terminated byte field as text.
-pub fn c_str(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// Mounts tracefs where aya expects it, if it is not mounted yet.
@@ -346,6 +475,196 @@ format:
 \tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;
 \tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;
 ";
+
+    /// A tracefs with only the given sched events, each with a format file
+    /// whose fields sit at made-up offsets.
+    fn fake_tracefs(name: &str, events: &[&str]) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!("corral-bpf-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for event in events {
+            let dir = root.join("events/sched").join(event);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("format"),
+                "\tfield:pid_t prev_pid;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:long prev_state;\toffset:16;\tsize:8;\tsigned:1;
+\tfield:pid_t next_pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:pid_t pid;\toffset:12;\tsize:4;\tsigned:1;
+",
+            )
+            .unwrap();
+        }
+        root
+    }
+
+    /// What the fake attach/detach did, in order.
+    type Calls = Vec<String>;
+
+    fn attach_unless(
+        missing: &'static str,
+    ) -> impl FnMut(&mut Calls, &'static str, &'static str) -> Result<&'static str, String> {
+        move |calls, category, name| {
+            calls.push(format!("attach {category}/{name}"));
+            if name == missing {
+                Err(format!("`{name}` not found (os error 2)"))
+            } else {
+                Ok(name)
+            }
+        }
+    }
+
+    fn detach(calls: &mut Calls, name: &'static str, link: &'static str) -> Result<(), String> {
+        assert_eq!(name, link);
+        calls.push(format!("detach {name}"));
+        Ok(())
+    }
+
+    #[test]
+    fn telemetry_attaches_all_and_detaches_all() {
+        let tracefs = fake_tracefs("all", &["sched_wakeup", "sched_wakeup_new", "sched_switch"]);
+        let mut telemetry = Telemetry::default();
+        let mut calls = Calls::new();
+        let warning = telemetry
+            .set(
+                true,
+                TELEMETRY,
+                &tracefs,
+                &mut calls,
+                attach_unless("none"),
+                detach,
+            )
+            .unwrap();
+        assert_eq!(warning, None);
+        assert!(telemetry.is_on() && telemetry.is_attached("sched_switch"));
+        // Already on: nothing is attached twice.
+        telemetry
+            .set(
+                true,
+                TELEMETRY,
+                &tracefs,
+                &mut calls,
+                attach_unless("none"),
+                detach,
+            )
+            .unwrap();
+        telemetry
+            .set(
+                false,
+                TELEMETRY,
+                &tracefs,
+                &mut calls,
+                attach_unless("none"),
+                detach,
+            )
+            .unwrap();
+        assert!(!telemetry.is_on());
+        assert_eq!(telemetry.off_reason(), None);
+        assert_eq!(
+            calls,
+            [
+                "attach sched/sched_wakeup",
+                "attach sched/sched_wakeup_new",
+                "attach sched/sched_switch",
+                "detach sched_wakeup",
+                "detach sched_wakeup_new",
+                "detach sched_switch",
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&tracefs);
+    }
+
+    /// Regression: a kernel without sched_switch stopped the whole agent
+    /// instead of turning telemetry off.
+    #[test]
+    fn kernel_without_sched_switch_turns_telemetry_off_with_one_warning_naming_it() {
+        let tracefs = fake_tracefs("no-switch", &["sched_wakeup", "sched_wakeup_new"]);
+
+        // At load: the layout cannot be read, and the reason names the
+        // tracepoint, not just the file that could not be read.
+        let reason = telemetry_layout(&tracefs).unwrap_err();
+        assert!(
+            reason.starts_with("this kernel has no tracepoint sched/sched_switch ("),
+            "{reason}"
+        );
+        assert!(
+            reason.ends_with("exec, fork and exit tracing and placement keep working"),
+            "{reason}"
+        );
+
+        // At attach: the ones attached before it are detached again, the
+        // warning comes once, and later tries do nothing.
+        let mut telemetry = Telemetry::default();
+        let mut calls = Calls::new();
+        let warning = telemetry
+            .set(
+                true,
+                TELEMETRY,
+                &tracefs,
+                &mut calls,
+                attach_unless("sched_switch"),
+                detach,
+            )
+            .unwrap()
+            .expect("a warning the first time");
+        assert!(
+            warning.contains("no tracepoint sched/sched_switch"),
+            "{warning}"
+        );
+        assert!(!telemetry.is_on());
+        assert_eq!(telemetry.off_reason(), Some(warning.as_str()));
+        assert_eq!(
+            calls,
+            [
+                "attach sched/sched_wakeup",
+                "attach sched/sched_wakeup_new",
+                "attach sched/sched_switch",
+                "detach sched_wakeup",
+                "detach sched_wakeup_new",
+            ]
+        );
+        for on in [true, false, true] {
+            let again = telemetry
+                .set(
+                    on,
+                    TELEMETRY,
+                    &tracefs,
+                    &mut calls,
+                    attach_unless("sched_switch"),
+                    detach,
+                )
+                .unwrap();
+            assert_eq!(again, None);
+        }
+        assert_eq!(calls.len(), 5, "tried again: {calls:?}");
+        assert_eq!(telemetry.off_reason(), Some(warning.as_str()));
+        let _ = std::fs::remove_dir_all(&tracefs);
+    }
+
+    #[test]
+    fn attach_failure_with_the_tracepoint_present_says_what_failed() {
+        let tracefs = fake_tracefs(
+            "refused",
+            &["sched_wakeup", "sched_wakeup_new", "sched_switch"],
+        );
+        let mut telemetry = Telemetry::default();
+        let warning = telemetry
+            .set(
+                true,
+                TELEMETRY,
+                &tracefs,
+                &mut Calls::new(),
+                attach_unless("sched_wakeup_new"),
+                detach,
+            )
+            .unwrap()
+            .unwrap();
+        assert!(
+            warning.starts_with("attaching to tracepoint sched/sched_wakeup_new failed: `sched_wakeup_new` not found"),
+            "{warning}"
+        );
+        assert!(telemetry_layout(&tracefs).is_ok());
+        let _ = std::fs::remove_dir_all(&tracefs);
+    }
 
     #[test]
     fn finds_fields_in_both_kernel_layouts() {
