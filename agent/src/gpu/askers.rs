@@ -1,12 +1,14 @@
-//! Asking applications to give GPU memory back: ComfyUI's `POST /free`
-//! and ollama's `keep_alive: 0`, with their addresses found from the
-//! process's command line and environment.
+//! Asking applications to give GPU memory back: which processes can be
+//! asked ([`asker_for`]: ComfyUI, ollama), where they listen (from the
+//! process's command line and environment), and the asking itself:
+//! ComfyUI's `POST /free` and ollama's `keep_alive: 0`.
 //!
 //! Deciding *when* to ask is not done here. Everything is best-effort: a
 //! missing application is an error value, never a panic.
 
 use std::{
     collections::BTreeMap,
+    fmt,
     io::{self, ErrorKind},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
@@ -17,6 +19,8 @@ use tokio::{
     net::TcpStream,
 };
 use tracing::{debug, warn};
+
+use crate::model::procs::ProcInfo;
 
 /// How long one HTTP exchange (connect, send, receive) may take in total.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -37,6 +41,88 @@ const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
 /// How much of an error response's body an [`AskError`] quotes.
 const QUOTED_BODY_BYTES: usize = 200;
+
+/// Environment variables the askers read (`OLLAMA_HOST`): the process table
+/// must keep them for [`asker_for`] to find the right address.
+pub const ENV_KEYS: &[&str] = &["OLLAMA_HOST"];
+
+// ---------------------------------------------------------------------------
+// Which processes can be asked
+// ---------------------------------------------------------------------------
+
+/// An application that can be asked to give GPU memory back, and where it
+/// listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AskTarget {
+    /// ComfyUI: `POST /free`.
+    ComfyUi(SocketAddr),
+    /// An ollama server: unload every loaded model.
+    Ollama(SocketAddr),
+}
+
+impl AskTarget {
+    pub fn addr(&self) -> SocketAddr {
+        match *self {
+            AskTarget::ComfyUi(addr) | AskTarget::Ollama(addr) => addr,
+        }
+    }
+
+    /// The application's name, for messages.
+    pub fn app(&self) -> &'static str {
+        match self {
+            AskTarget::ComfyUi(_) => "ComfyUI",
+            AskTarget::Ollama(_) => "ollama",
+        }
+    }
+
+    /// Asks it to give its GPU memory back ([`ask_comfyui`],
+    /// [`ask_ollama`]); the answer says what it did, for the log.
+    pub async fn ask(self) -> Result<String, AskError> {
+        match self {
+            AskTarget::ComfyUi(addr) => {
+                ask_comfyui(addr).await?;
+                Ok(format!("{self} freed its VRAM"))
+            }
+            AskTarget::Ollama(addr) => {
+                let models = ask_ollama(addr).await?;
+                Ok(if models.is_empty() {
+                    format!("{self} had no model loaded")
+                } else {
+                    format!("{self} unloaded {}", models.join(", "))
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Display for AskTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} on {}", self.app(), self.addr())
+    }
+}
+
+/// Whether `info` is a process corral can ask to give GPU memory back, and
+/// where it listens:
+///
+/// - **ComfyUI**: an argument ends in `main.py`, and an argument or the
+///   working directory contains `comfy` (any case): `python main.py` in a
+///   ComfyUI checkout, or `python ~/ComfyUI/main.py`. The address is from
+///   its command line ([`comfyui_addr`]).
+/// - **ollama**: the executable ends in `/ollama` and `serve` is an
+///   argument (the server, not `ollama run`, a client). The address is from
+///   `OLLAMA_HOST` ([`ollama_addr`]).
+pub fn asker_for(info: &ProcInfo) -> Option<AskTarget> {
+    let comfy = |text: &str| text.to_lowercase().contains("comfy");
+    if info.argv.iter().any(|a| a.ends_with("main.py"))
+        && (info.argv.iter().any(|a| comfy(a)) || comfy(&info.cwd))
+    {
+        return Some(AskTarget::ComfyUi(comfyui_addr(&info.argv)));
+    }
+    if info.exe.ends_with("/ollama") && info.argv.iter().any(|a| a == "serve") {
+        return Some(AskTarget::Ollama(ollama_addr(&info.env)));
+    }
+    None
+}
 
 // ---------------------------------------------------------------------------
 // Asking applications to free GPU memory
@@ -541,6 +627,79 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    fn proc(exe: &str, args: &str, cwd: &str) -> ProcInfo {
+        ProcInfo {
+            exe: exe.to_owned(),
+            argv: argv(args),
+            cwd: cwd.to_owned(),
+            ..ProcInfo::default()
+        }
+    }
+
+    #[test]
+    fn asker_for_finds_comfyui_by_main_py_and_comfy_in_argv_or_cwd() {
+        let python = "/usr/bin/python3.12";
+        // `python main.py` inside a checkout: the cwd says ComfyUI.
+        assert_eq!(
+            asker_for(&proc(
+                python,
+                "python main.py --port 8190",
+                "/home/u/src/ComfyUI"
+            )),
+            Some(AskTarget::ComfyUi(addr("127.0.0.1:8190")))
+        );
+        // Started from elsewhere: the script's path says it.
+        assert_eq!(
+            asker_for(&proc(
+                python,
+                "python /opt/comfyui/main.py --listen 0.0.0.0",
+                "/"
+            )),
+            Some(AskTarget::ComfyUi(addr("127.0.0.1:8188")))
+        );
+        // Another program's main.py, or ComfyUI's other scripts: no.
+        assert_eq!(
+            asker_for(&proc(python, "python main.py", "/home/u/src/flask-app")),
+            None
+        );
+        assert_eq!(
+            asker_for(&proc(
+                python,
+                "python /home/u/ComfyUI/custom_nodes/install.py",
+                "/home/u/ComfyUI"
+            )),
+            None
+        );
+    }
+
+    #[test]
+    fn asker_for_finds_the_ollama_server_not_its_clients() {
+        let mut server = proc("/usr/local/bin/ollama", "/usr/local/bin/ollama serve", "/");
+        assert_eq!(
+            asker_for(&server),
+            Some(AskTarget::Ollama(addr("127.0.0.1:11434")))
+        );
+        server.env = env("0.0.0.0:11500");
+        let target = asker_for(&server).unwrap();
+        assert_eq!(target, AskTarget::Ollama(addr("127.0.0.1:11500")));
+        assert_eq!(target.to_string(), "ollama on 127.0.0.1:11500");
+        assert_eq!(target.app(), "ollama");
+        assert_eq!(
+            asker_for(&proc("/usr/local/bin/ollama", "ollama run llama3", "/")),
+            None
+        );
+        // `serve` alone is not enough: the executable must be ollama.
+        assert_eq!(
+            asker_for(&proc(
+                "/usr/bin/python3",
+                "python -m http.server serve",
+                "/"
+            )),
+            None
+        );
+        assert_eq!(asker_for(&ProcInfo::default()), None);
     }
 
     #[test]
