@@ -241,4 +241,7 @@ fn default_policy_vram_matrix_matches_the_reference_card() {
     // Scales with the card: twice the card, twice the budgets.
     assert_eq!(rounded(budget("ai").max, 24 * gib), Some(6));
     assert_eq!(policy.gpu.arbiter.protected_class, "game");
+    assert_eq!(policy.protected_class(), "game");
+    // Too hot: the batch classes slow down, never the game or dev.
+    assert_eq!(policy.cooled_classes(), ["render", "ai"]);
 }

@@ -103,7 +103,7 @@ fn golden_core_list_not_on_this_machine() {
     .unwrap();
     assert_eq!(
         policy.resolve_cpus(&topology).unwrap_err().to_string(),
-        "test.toml:1:1: class `game`: cpus \"0-7\" names CPUs this machine does not have; it has 2 (online: 0-1). Use CPUs that exist, or an intent such as `cpus = { share = 0.4, prefer = \"performance\" }`"
+        "test.toml:2:8: class `game`: cpus \"0-7\" names CPUs this machine does not have; it has 2 (online: 0-1). Use CPUs that exist, or an intent such as `cpus = { share = 0.4, prefer = \"performance\" }`"
     );
 }
 
@@ -196,6 +196,171 @@ fn ananicy_types_must_map_to_known_classes() {
     let err = error("[ananicy]\nenabled = true\ntypes = { Game = \"gaming\" }\n");
     assert!(
         err.contains("`Game` maps to unknown class `gaming`"),
+        "{err}"
+    );
+}
+
+fn vm_2() -> Topology {
+    Topology::read(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/sysfs/vm-2"
+    )))
+    .unwrap()
+}
+
+/// Regression: a bad `share` (or any other core-set error) in the user's
+/// override was reported at the shipped file's line 0. It must name the
+/// override, and the line and column of the `cpus` that asked.
+#[test]
+fn core_set_error_in_the_override_points_at_the_override_cpus() {
+    let shipped =
+        "[classes.render]\ncpus = { share = 0.2 }\n\n[classes.ai]\ncpus = { with = \"render\" }\n";
+    let load = |user: &str| {
+        Policy::parse_layers(&[
+            (Path::new("/usr/share/corral/default.toml"), shipped),
+            (Path::new("/etc/corral/policy.toml"), user),
+        ])
+        .expect_err("the override should be refused")
+        .to_string()
+    };
+    assert_eq!(
+        load("# mine\n[classes.render]\ncpus = { share = 1.7 }\n"),
+        "/etc/corral/policy.toml:3:8: class `render`: cpus share = 1.7 is outside (0, 1]; give the fraction of the CPUs the class should get, e.g. share = 0.4 for 40%, or leave share out to give it what remains"
+    );
+    assert_eq!(
+        load("[classes.ai]\ncpu_weight = 50\ncpus = { with = \"render\", share = 0.5 }\n"),
+        "/etc/corral/policy.toml:3:8: class `ai`: cpus with = \"render\" copies that class's CPUs, so share would be ignored; remove share or remove with"
+    );
+    assert_eq!(
+        load("[classes.render]\ncpus = { with = \"ai\" }\n"),
+        "/etc/corral/policy.toml:2:8: class `render`: cpus `with` goes round in a circle (render → ai → render); let one of these classes choose its own CPUs"
+    );
+    assert_eq!(
+        load("[classes.ai]\ncpus = { with = \"rendr\" }\n"),
+        "/etc/corral/policy.toml:2:8: class `ai`: cpus with = \"rendr\" names no class with cpus; use one of: render"
+    );
+}
+
+#[test]
+fn core_set_error_points_at_the_layer_that_wrote_cpus() {
+    // The override changes only the weight; the list that does not fit
+    // this machine is the shipped file's.
+    let policy = Policy::parse_layers(&[
+        (
+            Path::new("default.toml"),
+            "[classes.game]\ncpu_weight = 10\ncpus = \"0-7\"\n",
+        ),
+        (Path::new("user.toml"), "[classes.game]\ncpu_weight = 20\n"),
+    ])
+    .unwrap();
+    let game = policy.class("game").unwrap();
+    assert_eq!(
+        (game.source.file.as_path(), game.source.line),
+        (Path::new("user.toml"), 1)
+    );
+    let err = policy.resolve_cpus(&vm_2()).unwrap_err().to_string();
+    assert!(
+        err.starts_with("default.toml:3:8: class `game`: cpus \"0-7\""),
+        "{err}"
+    );
+    // Written again in the override: the override is the place to fix.
+    let policy = Policy::parse_layers(&[
+        (Path::new("default.toml"), "[classes.game]\ncpus = \"0\"\n"),
+        (Path::new("user.toml"), "\n[classes.game]\ncpus = \"0-7\"\n"),
+    ])
+    .unwrap();
+    let err = policy.resolve_cpus(&vm_2()).unwrap_err().to_string();
+    assert!(err.starts_with("user.toml:3:8: class `game`"), "{err}");
+}
+
+#[test]
+fn protected_class_comes_from_the_policy() {
+    let policy = parse(BASE).unwrap();
+    assert_eq!(policy.protected_class(), "game");
+    assert_eq!(policy.gpu.arbiter.protected_class, "game");
+    let policy = parse(&format!("{BASE}\n[modes]\nprotected_class = \"dev\"\n")).unwrap();
+    assert_eq!(policy.protected_class(), "dev");
+    assert_eq!(policy.gpu.arbiter.protected_class, "dev");
+    assert_eq!(
+        error(&format!("{BASE}\n[modes]\nprotected_class = \"gmae\"\n")),
+        "test.toml:20:19: [modes] protected_class: `gmae` is not a class corral places; use one of: game, dev"
+    );
+    assert!(
+        error(&format!("{BASE}\n[modes]\nprotected_class = \"system\"\n"))
+            .contains("`system` is not a class corral places")
+    );
+}
+
+#[test]
+fn thermal_classes_default_to_render_and_ai_and_must_have_cpus() {
+    let with_batch = format!(
+        "{BASE}\n[classes.ai]\ncpus = {{ with = \"render\" }}\n\n[classes.render]\ncpus = \"1\"\n"
+    );
+    assert_eq!(
+        parse(&with_batch).unwrap().cooled_classes(),
+        ["render", "ai"]
+    );
+    // The default names only the classes this policy has.
+    let policy = parse(BASE).unwrap();
+    assert!(policy.cooled_classes().is_empty());
+    let policy = parse(&format!("{BASE}\n[gpu.thermal]\nclasses = [\"dev\"]\n")).unwrap();
+    assert_eq!(policy.cooled_classes(), ["dev"]);
+    assert_eq!(
+        error(&format!(
+            "{BASE}\n[gpu.thermal]\nclasses = [\"dev\", \"rendr\"]\n"
+        )),
+        "test.toml:20:11: [gpu.thermal] classes: `rendr` is not a class with cpus, so the thermal guard has no cores of it to halve; use some of: game, dev"
+    );
+    assert!(
+        error(&format!("{BASE}\n[gpu.thermal]\nclasses = [\"system\"]\n"))
+            .contains("`system` is not a class with cpus")
+    );
+    // An empty list turns the halving off.
+    let policy = parse(&format!("{BASE}\n[gpu.thermal]\nclasses = []\n")).unwrap();
+    assert!(policy.cooled_classes().is_empty());
+}
+
+/// Regression: the process table kept only the environment rules look at,
+/// so ollama's `OLLAMA_HOST` was dropped and the asker always asked the
+/// default port.
+#[test]
+fn env_keys_keep_what_the_askers_read() {
+    let policy = parse(BASE).unwrap();
+    assert!(policy.env_keys().contains("OLLAMA_HOST"));
+}
+
+#[test]
+fn gpu_class_budgets_merge_key_by_key() {
+    let shipped = format!(
+        "{BASE}\n[gpu]\nenabled = true\n\n[gpu.classes.game]\npriority = 1\nreserve = \"33%\"\n\n[gpu.classes.dev]\npriority = 4\nmax = \"17%\"\nladder = [\"notify\", \"freeze\"]\n"
+    );
+    let policy = Policy::parse_layers(&[
+        (Path::new("default.toml"), &shipped),
+        (Path::new("user.toml"), "[gpu.classes.dev]\nmax = \"25%\"\n"),
+    ])
+    .unwrap();
+    let dev = policy
+        .gpu
+        .arbiter
+        .classes
+        .iter()
+        .find(|b| b.class == "dev")
+        .unwrap();
+    assert_eq!(dev.priority, 4);
+    assert_eq!(dev.max, Some(Amount::Percent(25.0)));
+    assert_eq!(dev.ladder, [Step::Notify, Step::Freeze]);
+    // A class's first budget needs its priority.
+    let err = Policy::parse_layers(&[
+        (Path::new("default.toml"), &shipped),
+        (
+            Path::new("user.toml"),
+            "\n[gpu.classes.game2]\nmax = \"5%\"\n",
+        ),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("user.toml:2:1: [gpu.classes.game2]: missing `priority`"),
         "{err}"
     );
 }
