@@ -82,6 +82,11 @@ enum Command {
         /// (also right after the kernel reports dropped events).
         #[arg(long, default_value_t = 10_000)]
         sweep_interval_ms: u64,
+        /// How to place processes: `systemd` (units and slices of each
+        /// process's own manager), `cgroupfs` (corral's own cgroup subtree),
+        /// or `auto`: systemd when it is the service manager.
+        #[arg(long, value_enum, default_value_t = daemon::Backend::Auto)]
+        backend: daemon::Backend,
     },
     /// Undo what a crashed agent may have left: thaw every group under the
     /// cgroup root and give every group all online CPUs. Moves nothing;
@@ -262,6 +267,7 @@ fn main() -> anyhow::Result<()> {
             ring_buffer_kib,
             nice,
             sweep_interval_ms,
+            backend,
             realtime,
             ..
         } => {
@@ -295,6 +301,7 @@ fn main() -> anyhow::Result<()> {
                 dry_run,
                 ring_bytes,
                 sweep_interval: std::time::Duration::from_millis(sweep_interval_ms.max(100)),
+                backend,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

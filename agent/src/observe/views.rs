@@ -359,6 +359,10 @@ mod tests {
             mode: "protected".into(),
             mode_why: "game pid 4242 running".into(),
             cgroup_root: "/sys/fs/cgroup/corral".into(),
+            backend: "cgroupfs".into(),
+            backend_notes: vec![],
+            protected_class: "game".into(),
+            protected_launches: 1,
             cpuset_enforced: true,
             dry_run: false,
             tracked: 812,
@@ -496,6 +500,8 @@ mod tests {
             class_cpus: Some("0-7".into()),
             cgroup_now: "/corral/game".into(),
             cpus_allowed: "0-7".into(),
+            backend: "cgroupfs".into(),
+            placement: None,
             ancestry: vec![
                 AncestorLine {
                     pid: 1,

@@ -185,6 +185,10 @@ impl Agent {
             .to_owned(),
             mode_why: self.modes.why(),
             cgroup_root: self.placer.layout().root.display().to_string(),
+            backend: self.placer.backend().to_owned(),
+            backend_notes: self.placer.notes(),
+            protected_class: self.protected().to_owned(),
+            protected_launches: self.protected_running(),
             cpuset_enforced: self.placer.layout().cpuset,
             dry_run: self.placer.layout().dry_run,
             tracked: self.table.len(),
@@ -249,6 +253,8 @@ impl Agent {
                 .filter(|a| a.class == process.decision.class)
                 .cloned()
                 .collect(),
+            backend: self.placer.backend().to_owned(),
+            placement: self.placer.describe(pid),
         })
     }
 

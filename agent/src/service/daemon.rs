@@ -16,7 +16,7 @@ use tracing::{info, warn};
 pub use super::agent::{Agent, Effect, Event, Notice, ReloadCause, load_ananicy, resolve};
 pub use super::agent_views::cpus_allowed;
 use crate::{
-    actuate::{Placer as _, cgroup::Groups},
+    actuate::{Placer, cgroup::Groups, systemd::SystemdPlacer},
     kernel::bpf::{self, Tracer},
     model::{policy::PolicySource, procs::LiveProcs},
     observe::metrics,
@@ -36,6 +36,33 @@ pub struct Options {
     pub ring_bytes: u32,
     /// How often /proc is swept for processes whose events were missed.
     pub sweep_interval: Duration,
+    /// How processes are placed: through systemd, or corral's own cgroupfs
+    /// subtree.
+    pub backend: Backend,
+}
+
+/// The placement backend `corral run` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// systemd when it is the service manager (/run/systemd/system), else
+    /// cgroupfs.
+    Auto,
+    /// Through systemd's managers: units, slices, runtime properties.
+    Systemd,
+    /// corral's own subtree of the cgroup2 hierarchy (hosts without
+    /// systemd: OpenRC, runit, containers).
+    Cgroupfs,
+}
+
+impl Backend {
+    /// The backend this host gets.
+    pub fn resolve(self) -> Backend {
+        match self {
+            Backend::Auto if crate::actuate::systemd::systemd_booted() => Backend::Systemd,
+            Backend::Auto => Backend::Cgroupfs,
+            chosen => chosen,
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
@@ -116,16 +143,30 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         warn!("{w}");
     }
     let (resolved, online) = resolve(&policy, &options.sysfs_root)?;
-    let mut groups = Groups::setup(
-        &options.cgroup_root,
-        &policy,
-        &resolved,
-        online,
-        options.dry_run,
-    )?;
-    // A crashed agent may have left a group frozen or narrowed: never keep
-    // it so.
-    groups.release_all();
+    let placer: Box<dyn Placer> = match options.backend.resolve() {
+        Backend::Systemd if !options.dry_run => {
+            info!("systemd is the service manager: placing through its units and slices");
+            let log = PathBuf::from(crate::actuate::systemd::RESTORE_LOG);
+            if let Some(dir) = log.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            Box::new(SystemdPlacer::start(&policy, &resolved, online, log)?)
+        }
+        _ => {
+            let mut groups = Groups::setup(
+                &options.cgroup_root,
+                &policy,
+                &resolved,
+                online,
+                options.dry_run,
+            )?;
+            // A crashed agent may have left a group frozen or narrowed:
+            // never keep it so.
+            groups.release_all();
+            Box::new(groups)
+        }
+    };
     // Attach before seeding, so nothing started in between is missed.
     let (tracer, events) = Tracer::load(options.ring_bytes)?;
     let watched = options.source.watched_files();
@@ -135,7 +176,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.source,
         options.sysfs_root,
         policy,
-        Box::new(groups),
+        placer,
         Box::new(LiveProcs),
         Some(tracer),
     );
