@@ -250,6 +250,7 @@ fn main() -> anyhow::Result<()> {
             ..
         } => run_in_class(&class, &program, &socket),
         Command::Recover { cgroup_root } => {
+            recover_systemd()?;
             recover(&cgroup_root.unwrap_or_else(cgroup::default_root))
         }
         Command::Man => {
@@ -481,6 +482,32 @@ fn run_in_class(class: &str, program: &[String], socket: &PathBuf) -> anyhow::Re
         }
         other => reply_error(other),
     }
+}
+
+/// `corral recover`, systemd backend: put back every runtime property and
+/// lift every affinity fence the restore log lists (a crashed agent could
+/// not), then clear the log.
+fn recover_systemd() -> anyhow::Result<()> {
+    use corral::actuate::systemd::{RESTORE_LOG, RestoreLog, restore};
+    let path = Path::new(RESTORE_LOG);
+    let log = RestoreLog::read(path);
+    if log == RestoreLog::default() {
+        return Ok(());
+    }
+    let online: Vec<u32> = CpuList::online(Path::new("/sys"))
+        .context("reading the online CPUs")?
+        .iter()
+        .collect();
+    let done = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(restore(&log, &online));
+    for line in &done {
+        println!("{line}");
+    }
+    std::fs::write(path, b"{}").with_context(|| format!("clearing {}", path.display()))?;
+    println!("restored {} systemd properties and fences", done.len());
+    Ok(())
 }
 
 /// `corral recover`: thaw and widen every group under `root`.

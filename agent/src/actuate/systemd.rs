@@ -142,6 +142,7 @@ struct Shared {
 
 /// The restore log: what to put back on stop, crash recovery and restart.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct RestoreLog {
     /// Original properties of units corral changed but does not own.
     pub units: Vec<(Manager, String, CgroupProps)>,
