@@ -406,7 +406,7 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
                 .load()
                 .map_err(anyhow::Error::from)
                 .and_then(|policy| {
-                    let resolved = daemon::resolve(&policy, &sysfs_root)?.0;
+                    let resolved = daemon::core_sets_here(&policy, &sysfs_root)?.0;
                     Ok((policy, resolved))
                 });
             match checked {
@@ -425,7 +425,7 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
         }
         PolicyCommand::Show { policy, sysfs_root } => {
             let policy = policy.source().load()?;
-            let (resolved, online) = daemon::resolve(&policy, &sysfs_root)?;
+            let (resolved, online) = daemon::core_sets_here(&policy, &sysfs_root)?;
             print!("{}", views::render_policy_show(&policy, &resolved, &online));
             Ok(())
         }
@@ -437,7 +437,7 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             sysfs_root,
         } => {
             let policy = candidate(&file, standalone).load()?;
-            let (resolved, _) = daemon::resolve(&policy, &sysfs_root)?;
+            let (resolved, _) = daemon::core_sets_here(&policy, &sysfs_root)?;
             let ananicy = daemon::load_ananicy(&policy);
             if let Some(procs) = procs {
                 return answer_chains(&procs, |recorded| {

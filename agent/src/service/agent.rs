@@ -156,7 +156,7 @@ pub fn load_ananicy(policy: &Policy) -> Option<AnanicyRules> {
 }
 
 /// Reads the topology and resolves the policy's core sets on it.
-pub fn resolve(policy: &Policy, sysfs_root: &Path) -> anyhow::Result<(Vec<Resolved>, CpuList)> {
+pub fn core_sets_here(policy: &Policy, sysfs_root: &Path) -> anyhow::Result<(Vec<Resolved>, CpuList)> {
     let topology = Topology::read(sysfs_root)?;
     let resolved = policy.resolve_cpus(&topology)?;
     Ok((resolved, topology.online().clone()))
@@ -271,7 +271,7 @@ impl Agent {
             warn!("telemetry: could not map class cgroups: {e:#}");
         }
         if let Err(e) = tracer.set_telemetry(self.policy.telemetry.enabled) {
-            warn!("telemetry is off: {e:#}");
+            warn!("could not detach telemetry: {e:#}");
         }
     }
 
@@ -643,7 +643,7 @@ impl Agent {
             .load()
             .map_err(anyhow::Error::from)
             .and_then(|policy| {
-                resolve(&policy, &self.sysfs_root).map(|(resolved, _)| (policy, resolved))
+                core_sets_here(&policy, &self.sysfs_root).map(|(resolved, _)| (policy, resolved))
             });
         let (policy, resolved) = match loaded {
             Ok(ok) => ok,

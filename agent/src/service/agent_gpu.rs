@@ -199,40 +199,21 @@ impl Agent {
     /// Asks the class's applications that can give VRAM back (ComfyUI,
     /// ollama) to do so, in the background. Returns what was asked.
     pub(super) fn ask(&self, class: &str) -> String {
-        let mut asked = Vec::new();
+        let mut asked: Vec<askers::AskTarget> = Vec::new();
         for (_, p) in self.table.iter().filter(|(_, p)| p.decision.class == class) {
-            let comfy = p.info.argv.iter().any(|a| a.ends_with("main.py"))
-                && (p
-                    .info
-                    .argv
-                    .iter()
-                    .any(|a| a.to_lowercase().contains("comfy"))
-                    || p.info.cwd.to_lowercase().contains("comfy"));
-            if comfy {
-                let addr = askers::comfyui_addr(&p.info.argv);
-                if !asked.contains(&addr) {
-                    asked.push(addr);
-                    tokio::spawn(async move {
-                        match askers::ask_comfyui(addr).await {
-                            Ok(()) => info!(%addr, "ComfyUI asked to free its VRAM"),
-                            Err(e) => warn!("{e}"),
-                        }
-                    });
-                }
-            } else if p.info.exe.ends_with("/ollama") && p.info.argv.iter().any(|a| a == "serve") {
-                let addr = askers::ollama_addr(&p.info.env);
-                if !asked.contains(&addr) {
-                    asked.push(addr);
-                    tokio::spawn(async move {
-                        match askers::ask_ollama(addr).await {
-                            Ok(models) => {
-                                info!(%addr, ?models, "ollama asked to unload its models")
-                            }
-                            Err(e) => warn!("{e}"),
-                        }
-                    });
-                }
+            let Some(target) = askers::asker_for(&p.info) else {
+                continue;
+            };
+            if asked.contains(&target) {
+                continue;
             }
+            asked.push(target);
+            tokio::spawn(async move {
+                match target.ask().await {
+                    Ok(done) => info!("{done}"),
+                    Err(e) => warn!("{e}"),
+                }
+            });
         }
         if asked.is_empty() {
             "nothing in the class knows how to give VRAM back (ComfyUI, ollama)".to_owned()

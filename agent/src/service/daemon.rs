@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use tracing::{info, warn};
 
-pub use super::agent::{Agent, Effect, Event, Notice, ReloadCause, load_ananicy, resolve};
+pub use super::agent::{Agent, Effect, Event, Notice, ReloadCause, core_sets_here, load_ananicy};
 pub use super::agent_views::cpus_allowed;
 use crate::{
     actuate::{Placer, cgroup::Groups, systemd::SystemdPlacer},
@@ -142,7 +142,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     for w in &policy.warnings {
         warn!("{w}");
     }
-    let (resolved, online) = resolve(&policy, &options.sysfs_root)?;
+    let (resolved, online) = core_sets_here(&policy, &options.sysfs_root)?;
     let placer: Box<dyn Placer> = match options.backend.resolve() {
         Backend::Systemd if !options.dry_run => {
             info!("systemd is the service manager: placing through its units and slices");
