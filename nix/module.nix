@@ -29,6 +29,9 @@ in {
     environment.systemPackages = [ cfg.package ];
     environment.etc."corral/policy.toml".source = toml.generate "corral-policy.toml" cfg.policy;
     systemd.packages = [ cfg.package ];
+    # AllowedCPUs= on the class slices of each user's manager needs the
+    # cpuset controller delegated to user@.service (packaging/user@.service.d-corral.conf).
+    systemd.services."user@".serviceConfig.Delegate = "cpu cpuset io memory pids";
     systemd.services.corral = {
       wantedBy = [ "multi-user.target" ];
       restartTriggers = [ config.environment.etc."corral/policy.toml".source ];

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use corral::ananicy::{AnanicyRules, COMM_LEN, default_types};
+use corral::model::ananicy::{AnanicyRules, COMM_LEN, default_types};
 
 const GAMES: usize = 17_000;
 const OTHERS: &[(&str, usize)] = &[

@@ -19,8 +19,8 @@ use std::{
 };
 
 use corral::{
-    arbiter::{Amount, Arbiter, ArbiterConfig, ClassBudget, Observation, Step},
-    gpu::Gpu,
+    gpu::arbiter::{Amount, Arbiter, ArbiterConfig, ClassBudget, Observation, Step},
+    gpu::nvml::Gpu,
 };
 use fake_nvml::{FakeDevice, FakeProcess, FakeState, STATE_ENV};
 

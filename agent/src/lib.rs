@@ -1,33 +1,18 @@
 //! corral: classify every process and keep each class on its own cores.
 //!
-//! One module per concern: `bpf` loads and reads the kernel side, `procs`
-//! keeps the process table, `classify` decides classes from the `policy`,
-//! `place` moves processes between cgroups, `control` is the socket the CLI
-//! talks to, and `daemon` is the one loop that owns the state.
+//! One folder per layer; each says what it may touch:
+//! - `kernel/`: load, attach and read the eBPF side (BPF, tracefs).
+//! - `model/`: the process table, policy, classification, topology, core
+//!   sets, modes; pure, reads files it is given, writes nothing.
+//! - `actuate/`: placement backends behind one seam; the only writer of
+//!   cgroup files and the only mover of processes.
+//! - `gpu/`: NVML poller, VRAM arbiter, thermal guard, VRAM askers.
+//! - `observe/`: metrics and the status/explain/top views; read-only.
+//! - `service/`: the loop, control socket, sd_notify, watchers.
 
-pub mod actions;
-/// Placement backends (until actuate/mod.rs exists): systemd's manager over D-Bus.
-pub mod actuate {
-    pub mod manager_ops;
-    pub mod systemd_bus;
-}
-pub mod ananicy;
-pub mod arbiter;
-pub mod bpf;
-pub mod classify;
-pub mod control;
-pub mod cpus;
-pub mod daemon;
+pub mod actuate;
 pub mod gpu;
-pub mod metrics;
-pub mod modes;
-pub mod notify;
-pub mod place;
-pub mod policy;
-pub mod procs;
-/// Long-running parts (until service/mod.rs exists): the per-user agent.
-pub mod service {
-    pub mod user_agent;
-}
-pub mod top;
-pub mod topology;
+pub mod kernel;
+pub mod model;
+pub mod observe;
+pub mod service;

@@ -1,21 +1,25 @@
-//! The `corral` command: run the agent, ask it questions, or classify
-//! process chains offline.
+//! The `corral` command: parses the command line, hands each command to the
+//! library (the agent, the control socket, the classifier, the cgroup
+//! fail-safe) and prints the text `observe::views` renders for it.
 
 use std::{
-    io::{BufRead as _, Write as _},
+    io::Write as _,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use corral::{
-    classify,
-    control::{self, Request, Response},
-    daemon,
-    policy::{DefaultPolicy, Policy, PolicySource},
-    procs::{ProcInfo, Table},
+    actuate::cgroup,
+    model::classify,
+    model::cpus::CpuList,
+    model::policy::{DefaultPolicy, PolicySource},
+    model::procs::Table,
+    observe::views,
+    service::control::{self, Request, Response},
+    service::daemon,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// The shipped default policy, used when none is installed.
 const BUILT_IN_POLICY: &str = include_str!("../../policies/default.toml");
@@ -78,6 +82,11 @@ enum Command {
         /// (also right after the kernel reports dropped events).
         #[arg(long, default_value_t = 10_000)]
         sweep_interval_ms: u64,
+        /// How to place processes: `systemd` (units and slices of each
+        /// process's own manager), `cgroupfs` (corral's own cgroup subtree),
+        /// or `auto`: systemd when it is the service manager.
+        #[arg(long, value_enum, default_value_t = daemon::Backend::Auto)]
+        backend: daemon::Backend,
     },
     /// Undo what a crashed agent may have left: thaw every group under the
     /// cgroup root and give every group all online CPUs. Moves nothing;
@@ -241,7 +250,8 @@ fn main() -> anyhow::Result<()> {
             ..
         } => run_in_class(&class, &program, &socket),
         Command::Recover { cgroup_root } => {
-            recover(&cgroup_root.unwrap_or_else(corral::place::default_root))
+            recover_systemd()?;
+            recover(&cgroup_root.unwrap_or_else(cgroup::default_root))
         }
         Command::Man => {
             use clap::CommandFactory as _;
@@ -258,6 +268,7 @@ fn main() -> anyhow::Result<()> {
             ring_buffer_kib,
             nice,
             sweep_interval_ms,
+            backend,
             realtime,
             ..
         } => {
@@ -286,27 +297,29 @@ fn main() -> anyhow::Result<()> {
             let options = daemon::Options {
                 source: policy.source(),
                 sysfs_root,
-                cgroup_root: cgroup_root.unwrap_or_else(corral::place::default_root),
+                cgroup_root: cgroup_root.unwrap_or_else(cgroup::default_root),
                 socket,
                 dry_run,
                 ring_bytes,
                 sweep_interval: std::time::Duration::from_millis(sweep_interval_ms.max(100)),
+                backend,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(daemon::run(options))
         }
-        Command::Classify { procs, policy } => classify_offline(&procs, &policy.source().load()?),
+        Command::Classify { procs, policy } => {
+            let policy = policy.source().load()?;
+            let ananicy = daemon::load_ananicy(&policy);
+            answer_chains(&procs, |recorded| {
+                let d = classify::classify_chain(&policy, ananicy.as_ref(), &recorded.chain);
+                views::render_chain_json(&recorded.id, &d)
+            })
+        }
         Command::Reload { socket } => match control::request(&socket, &Request::Reload)? {
             Response::Reloaded(r) if r.ok => {
-                println!(
-                    "reloaded: {} processes re-classified, {} moved, in {} us",
-                    r.reclassified, r.moves, r.duration_us
-                );
-                if !r.message.is_empty() {
-                    println!("{}", r.message);
-                }
+                print!("{}", views::render_reload(&r));
                 Ok(())
             }
             Response::Reloaded(r) => bail!(
@@ -319,20 +332,26 @@ fn main() -> anyhow::Result<()> {
         Command::Top {
             socket,
             interval_ms,
-        } => corral::top::run(
+        } => corral::observe::top::run(
             &socket,
             std::time::Duration::from_millis(interval_ms.max(100)),
         ),
         Command::Explain { pid, socket, json } => {
             match control::request(&socket, &Request::Explain { pid })? {
                 Response::Explain(e) if json => print_json(&e),
-                Response::Explain(e) => print_explanation(&e),
+                Response::Explain(e) => {
+                    print!("{}", views::render_explanation(&e));
+                    Ok(())
+                }
                 other => reply_error(other),
             }
         }
         Command::Status { socket, json } => match control::request(&socket, &Request::Status)? {
             Response::Status(s) if json => print_json(&s),
-            Response::Status(s) => print_status(&s),
+            Response::Status(s) => {
+                print!("{}", views::render_status(&s));
+                Ok(())
+            }
             other => reply_error(other),
         },
         Command::Placements { socket } => match control::request(&socket, &Request::Placements)? {
@@ -342,26 +361,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-#[derive(Deserialize)]
-struct ChainInput {
-    id: serde_json::Value,
-    chain: Vec<ProcInfo>,
-}
-
-#[derive(Serialize)]
-struct ChainOutput<'a> {
-    id: &'a serde_json::Value,
-    class: &'a str,
-    rule: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source: Option<&'a str>,
-    /// Index in the chain of the ancestor the class came from.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    inherited_from: Option<usize>,
-}
-
-fn classify_offline(procs: &Path, policy: &Policy) -> anyhow::Result<()> {
-    let ananicy = daemon::load_ananicy(policy);
+/// Answers each recorded chain in `procs` (`-`: standard input) with the
+/// text `answer` gives it, as it is read, so every line before a bad one
+/// is answered. The one reader for `classify` and `policy test --procs`.
+fn answer_chains(
+    procs: &Path,
+    mut answer: impl FnMut(&classify::RecordedChain) -> String,
+) -> anyhow::Result<()> {
     let reader: Box<dyn std::io::BufRead> = if procs == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
@@ -369,31 +375,9 @@ fn classify_offline(procs: &Path, policy: &Policy) -> anyhow::Result<()> {
             std::fs::File::open(procs).with_context(|| format!("opening {}", procs.display()))?,
         ))
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    for (number, line) in reader.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let input: ChainInput = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not a chain object", procs.display(), number + 1))?;
-        if input.chain.is_empty() {
-            bail!(
-                "{}:{}: `chain` is empty; list ancestors first and the process last",
-                procs.display(),
-                number + 1
-            );
-        }
-        let decision = classify::classify_chain(policy, ananicy.as_ref(), &input.chain);
-        let output = ChainOutput {
-            id: &input.id,
-            class: &decision.class,
-            rule: &decision.rule,
-            source: decision.source.as_deref(),
-            inherited_from: decision.inherited_from.as_ref().map(|a| a.depth),
-        };
-        writeln!(out, "{}", serde_json::to_string(&output)?)?;
+    let mut out = std::io::stdout().lock();
+    for chain in classify::recorded_chains(reader, &procs.display().to_string()) {
+        out.write_all(answer(&chain?).as_bytes())?;
     }
     Ok(())
 }
@@ -410,126 +394,6 @@ fn reply_error(response: Response) -> anyhow::Result<()> {
     }
 }
 
-fn print_explanation(e: &control::Explanation) -> anyhow::Result<()> {
-    let d = &e.decision;
-    println!("pid {} ({})  {}", e.pid, e.comm, e.exe);
-    println!("  argv      {}", e.argv.join(" "));
-    println!("  class     {}", d.class);
-    match (&d.source, &d.inherited_from) {
-        (Some(source), None) => println!("  rule      {} ({source})", d.rule),
-        (Some(source), Some(a)) => {
-            println!(
-                "  rule      {} ({source}), inherited from pid {} ({})",
-                d.rule, a.pid, a.comm
-            )
-        }
-        (None, _) => println!("  rule      {} (no rule matched; left alone)", d.rule),
-    }
-    match (&e.group, &e.class_cpus) {
-        (Some(group), Some(cpus)) => println!("  group     {group}  cpus {cpus}"),
-        _ => println!("  group     none (class `{}` is not managed)", d.class),
-    }
-    println!("  cgroup    {} (now)", e.cgroup_now);
-    println!("  cpus      {} (Cpus_allowed_list now)", e.cpus_allowed);
-    if let Some(bytes) = e.vram_bytes {
-        println!("  vram      {} MiB", bytes >> 20);
-    }
-    for a in &e.gpu_actions {
-        println!(
-            "  gpu       {} on `{}`: {} -> {}",
-            a.kind, a.class, a.reason, a.outcome
-        );
-    }
-    if !e.ancestry.is_empty() {
-        println!("  ancestry");
-        for a in &e.ancestry {
-            println!("    {:>7} {:<16} {:<8} {}", a.pid, a.comm, a.class, a.rule);
-        }
-    }
-    Ok(())
-}
-
-fn print_status(s: &control::Status) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "policy  {}", s.policy)?;
-    writeln!(
-        out,
-        "cgroups {}  (core sets {}){}",
-        s.cgroup_root,
-        if s.cpuset_enforced {
-            "enforced"
-        } else {
-            "NOT enforced: no cpuset controller"
-        },
-        if s.dry_run { "  DRY RUN" } else { "" }
-    )?;
-    writeln!(
-        out,
-        "{:<8} {:>6} {:>10} {:>8} {:>7}  cgroup",
-        "class", "procs", "cpus", "weight", "placed"
-    )?;
-    for c in &s.classes {
-        writeln!(
-            out,
-            "{:<8} {:>6} {:>10} {:>8} {:>7}  {}",
-            c.class,
-            c.processes,
-            c.cpus.as_deref().unwrap_or("dynamic"),
-            c.cpu_weight
-                .map(|w| w.to_string())
-                .unwrap_or_else(|| "-".into()),
-            c.placements,
-            c.cgroup.as_deref().unwrap_or("(left alone)")
-        )?;
-        if let Some(note) = &c.note {
-            writeln!(out, "{:<8} note: {note}", "")?;
-        }
-    }
-    writeln!(out, "mode    {} ({})", s.mode, s.mode_why)?;
-    match (&s.gpu.on, &s.gpu.off_reason) {
-        (true, _) => {
-            let used: Vec<String> = s
-                .gpu
-                .vram_by_class
-                .iter()
-                .map(|(c, b)| format!("{c} {} MiB", b >> 20))
-                .collect();
-            writeln!(
-                out,
-                "gpu     on; VRAM by class: {}",
-                if used.is_empty() {
-                    "-".into()
-                } else {
-                    used.join(", ")
-                }
-            )?;
-            if let Some(a) = s.gpu.actions.last() {
-                writeln!(
-                    out,
-                    "        last action: {} on `{}`: {} -> {}",
-                    a.kind, a.class, a.reason, a.outcome
-                )?;
-            }
-        }
-        (false, Some(reason)) => writeln!(out, "gpu     off: {reason}")?,
-        (false, None) => writeln!(out, "gpu     waiting for the first NVML poll")?,
-    }
-    if let Some(reload) = s.last_reload.as_ref().filter(|r| !r.ok) {
-        writeln!(
-            out,
-            "reload  REFUSED, last good policy kept: {}",
-            reload.message
-        )?;
-    }
-    let e = &s.events;
-    writeln!(
-        out,
-        "events  exec {} fork {} exit {}  seen; dropped {} (ring buffer full), vanished {}, move errors {}, tracked {}",
-        e.exec, e.fork, e.exit, s.kernel.dropped, e.vanished, e.move_errors, s.tracked
-    )?;
-    Ok(())
-}
-
 fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
         PolicyCommand::Check {
@@ -542,7 +406,7 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
                 .load()
                 .map_err(anyhow::Error::from)
                 .and_then(|policy| {
-                    let resolved = daemon::resolve(&policy, &sysfs_root)?.0;
+                    let resolved = daemon::core_sets_here(&policy, &sysfs_root)?.0;
                     Ok((policy, resolved))
                 });
             match checked {
@@ -550,10 +414,7 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
                     for w in &policy.warnings {
                         eprintln!("warning: {w}");
                     }
-                    println!("{}: ok ({} rules)", file.display(), policy.rules.len());
-                    for r in resolved {
-                        println!("  {:<8} cpus {:<12} {}", r.class, r.cpus.to_string(), r.why);
-                    }
+                    print!("{}", views::render_policy_check(&file, &policy, &resolved));
                     Ok(())
                 }
                 Err(e) => {
@@ -564,32 +425,8 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
         }
         PolicyCommand::Show { policy, sysfs_root } => {
             let policy = policy.source().load()?;
-            let (resolved, online) = daemon::resolve(&policy, &sysfs_root)?;
-            println!(
-                "policy {}  (this machine: {} CPUs online: {online})",
-                policy.describe_files(),
-                online.len()
-            );
-            for class in policy.classes.values() {
-                match resolved.iter().find(|r| r.class == class.name) {
-                    Some(r) => println!(
-                        "  {:<8} cpus {:<12} weight {:<5} {}",
-                        r.class,
-                        r.cpus.to_string(),
-                        class.cpu_weight,
-                        r.why
-                    ),
-                    None => println!(
-                        "  {:<8} cpus {:<12} left alone: the kernel schedules it",
-                        class.name, "dynamic"
-                    ),
-                }
-            }
-            println!(
-                "  modes: game cores protected while a game runs; shared again {} ms after the last game (min {} ms between switches)",
-                policy.modes.hold_down.as_millis(),
-                policy.modes.min_dwell.as_millis()
-            );
+            let (resolved, online) = daemon::core_sets_here(&policy, &sysfs_root)?;
+            print!("{}", views::render_policy_show(&policy, &resolved, &online));
             Ok(())
         }
         PolicyCommand::Test {
@@ -600,88 +437,30 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             sysfs_root,
         } => {
             let policy = candidate(&file, standalone).load()?;
-            let (resolved, _) = daemon::resolve(&policy, &sysfs_root)?;
+            let (resolved, _) = daemon::core_sets_here(&policy, &sysfs_root)?;
             let ananicy = daemon::load_ananicy(&policy);
-            let cpus_of = |class: &str| {
-                resolved
-                    .iter()
-                    .find(|r| r.class == class)
-                    .map(|r| r.cpus.to_string())
-            };
             if let Some(procs) = procs {
-                return policy_test_chains(&procs, &policy, ananicy.as_ref(), &cpus_of);
+                return answer_chains(&procs, |recorded| {
+                    let d = classify::classify_chain(&policy, ananicy.as_ref(), &recorded.chain);
+                    let cpus = resolved
+                        .iter()
+                        .find(|r| r.class == d.class)
+                        .map(|r| &r.cpus);
+                    views::render_chain_verdict(&recorded.id, &d, cpus)
+                });
             }
-            let root = cgroup_root.unwrap_or_else(corral::place::default_root);
-            let mount = corral::place::cgroup2_mount_of(&root);
+            let root = cgroup_root.unwrap_or_else(cgroup::default_root);
+            let mount = cgroup::cgroup2_mount_of(&root);
             let rel_root = format!("/{}", root.strip_prefix(&mount).unwrap_or(&root).display());
-            let table = Table::snapshot(&policy.env_keys());
-            let mut decisions: std::collections::HashMap<u32, classify::Decision> =
-                Default::default();
-            let mut moves = 0;
-            for pid in table.parents_first() {
-                let Some(process) = table.get(pid) else {
-                    continue;
-                };
-                let ancestors = table.ancestors(pid);
-                let infos: Vec<&ProcInfo> = ancestors
-                    .iter()
-                    .filter_map(|a| table.get(*a).map(|p| &p.info))
-                    .collect();
-                let parent = ancestors.last().and_then(|a| decisions.get(a));
-                let d = classify::classify_one(
-                    &policy,
-                    ananicy.as_ref(),
-                    &process.info,
-                    &infos,
-                    parent,
-                );
-                let target = cpus_of(&d.class).map(|_| format!("{rel_root}/{}", d.class));
-                let now = &process.info.cgroup;
-                if let Some(target) = &target
-                    && target != now
-                {
-                    moves += 1;
-                    println!(
-                        "{pid:>7} {:<16} {now} -> {target} (cpus {}) by {}",
-                        process.info.comm,
-                        cpus_of(&d.class).unwrap_or_default(),
-                        d.rule
-                    );
-                }
-                decisions.insert(pid, d);
-            }
-            println!("{moves} of {} processes would move", table.len());
+            let mut table = Table::snapshot(&policy.env_keys());
+            classify::classify_table(&policy, ananicy.as_ref(), &mut table);
+            print!(
+                "{}",
+                views::render_policy_test(&table, &resolved, &rel_root)
+            );
             Ok(())
         }
     }
-}
-
-fn policy_test_chains(
-    procs: &Path,
-    policy: &Policy,
-    ananicy: Option<&corral::ananicy::AnanicyRules>,
-    cpus_of: &dyn Fn(&str) -> Option<String>,
-) -> anyhow::Result<()> {
-    let text =
-        std::fs::read_to_string(procs).with_context(|| format!("reading {}", procs.display()))?;
-    for (number, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let input: ChainInput = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not a chain object", procs.display(), number + 1))?;
-        let d = classify::classify_chain(policy, ananicy, &input.chain);
-        let id = input
-            .id
-            .as_str()
-            .map_or_else(|| input.id.to_string(), str::to_owned);
-        match cpus_of(&d.class) {
-            Some(cpus) => println!("{id}: {} (cpus {cpus}) by {}", d.class, d.rule),
-            None => println!("{id}: {} (left alone) by {}", d.class, d.rule),
-        }
-    }
-    Ok(())
 }
 
 /// `corral run --class CLASS -- CMD...`: the agent moves this process into
@@ -705,30 +484,48 @@ fn run_in_class(class: &str, program: &[String], socket: &PathBuf) -> anyhow::Re
     }
 }
 
+/// `corral recover`, systemd backend: put back every runtime property and
+/// lift every affinity fence the restore log lists (a crashed agent could
+/// not), then clear the log.
+fn recover_systemd() -> anyhow::Result<()> {
+    use corral::actuate::systemd::{RESTORE_LOG, RestoreLog, restore};
+    let path = Path::new(RESTORE_LOG);
+    let log = RestoreLog::read(path);
+    if log == RestoreLog::default() {
+        return Ok(());
+    }
+    let online: Vec<u32> = CpuList::online(Path::new("/sys"))
+        .context("reading the online CPUs")?
+        .iter()
+        .collect();
+    let done = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(restore(&log, &online));
+    for line in &done {
+        println!("{line}");
+    }
+    std::fs::write(path, b"{}").with_context(|| format!("clearing {}", path.display()))?;
+    println!("restored {} systemd properties and fences", done.len());
+    Ok(())
+}
+
 /// `corral recover`: thaw and widen every group under `root`.
 fn recover(root: &Path) -> anyhow::Result<()> {
     if !root.exists() {
-        println!("{}: nothing to recover (no such cgroup)", root.display());
+        print!("{}", views::render_nothing_to_recover(root));
         return Ok(());
     }
-    let thawed = corral::actions::thaw_all_under(root)
-        .with_context(|| format!("thawing the groups under {}", root.display()))?;
-    let online = corral::cpus::CpuList::online(Path::new("/sys"))?;
-    let mut widened = 0;
-    for entry in std::fs::read_dir(root)?
-        .flatten()
-        .filter(|e| e.path().is_dir())
-    {
-        let cpus = entry.path().join("cpuset.cpus");
-        if cpus.exists() {
-            std::fs::write(&cpus, online.to_string())
-                .with_context(|| format!("writing {}", cpus.display()))?;
-            widened += 1;
-        }
+    let online = CpuList::online(Path::new("/sys")).context("reading the online CPUs")?;
+    let report = cgroup::release_all(root, &online);
+    print!("{}", views::render_recovery(root, &report, &online));
+    if !report.errors.is_empty() {
+        let errors: Vec<String> = report.errors.iter().map(|e| format!("  {e}")).collect();
+        bail!(
+            "could not release everything under {} (the rest was done):\n{}",
+            root.display(),
+            errors.join("\n")
+        );
     }
-    println!(
-        "{}: thawed {thawed} groups, gave {widened} groups all CPUs ({online})",
-        root.display()
-    );
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Tests for `corral::actions`: the HTTP asks against stub servers that
+//! Tests for `corral::gpu::askers` and `corral::actuate::cgroup`: the HTTP asks against stub servers that
 //! record what arrived, freeze/thaw/kill on a real test-only cgroup2 group,
 //! and dmem detection on fixture directories.
 
@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use corral::actions::{self, AskError, DmemSupport};
+use corral::{
+    actuate::cgroup::{self as cgroupfs, DmemSupport},
+    gpu::askers::{self, AskError},
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -131,7 +134,7 @@ async fn closed_port() -> SocketAddr {
 #[tokio::test]
 async fn comfyui_gets_post_free_with_unload_json() {
     let (addr, seen) = stub(|_, _| Some((200, String::new()))).await;
-    actions::ask_comfyui(addr)
+    askers::ask_comfyui(addr)
         .await
         .expect("ComfyUI stub answers 200");
 
@@ -143,7 +146,7 @@ async fn comfyui_gets_post_free_with_unload_json() {
         r.json(),
         serde_json::json!({"unload_models": true, "free_memory": true})
     );
-    assert_eq!(r.body, actions::COMFYUI_FREE_BODY.as_bytes());
+    assert_eq!(r.body, askers::COMFYUI_FREE_BODY.as_bytes());
     assert_eq!(r.headers["content-type"], "application/json");
     assert_eq!(r.headers["connection"], "close");
     assert_eq!(r.headers["host"], addr.to_string());
@@ -152,7 +155,7 @@ async fn comfyui_gets_post_free_with_unload_json() {
 #[tokio::test]
 async fn http_500_names_the_status_and_quotes_the_body() {
     let (addr, _) = stub(|_, _| Some((500, format!("model busy{}", "x".repeat(400))))).await;
-    let err = actions::ask_comfyui(addr).await.unwrap_err();
+    let err = askers::ask_comfyui(addr).await.unwrap_err();
     let AskError::Status { status, body, .. } = &err else {
         panic!("expected a status error, got {err:?}");
     };
@@ -167,7 +170,7 @@ async fn http_500_names_the_status_and_quotes_the_body() {
 #[tokio::test]
 async fn redirects_are_not_followed() {
     let (addr, seen) = stub(|_, _| Some((302, String::new()))).await;
-    let err = actions::ask_comfyui(addr).await.unwrap_err();
+    let err = askers::ask_comfyui(addr).await.unwrap_err();
     assert!(
         matches!(err, AskError::Status { status: 302, .. }),
         "{err:?}"
@@ -178,7 +181,7 @@ async fn redirects_are_not_followed() {
 #[tokio::test]
 async fn closed_port_says_not_listening() {
     let addr = closed_port().await;
-    let err = actions::ask_comfyui(addr).await.unwrap_err();
+    let err = askers::ask_comfyui(addr).await.unwrap_err();
     assert!(matches!(err, AskError::NotListening { .. }), "{err:?}");
     assert!(
         err.to_string()
@@ -186,7 +189,7 @@ async fn closed_port_says_not_listening() {
         "{err}"
     );
 
-    let err = actions::ask_ollama(addr).await.unwrap_err();
+    let err = askers::ask_ollama(addr).await.unwrap_err();
     assert!(
         err.to_string()
             .starts_with(&format!("ollama is not listening on {addr}")),
@@ -198,7 +201,7 @@ async fn closed_port_says_not_listening() {
 async fn silent_server_times_out_after_two_seconds() {
     let (addr, _) = stub(|_, _| None).await;
     let started = Instant::now();
-    let err = actions::ask_comfyui(addr).await.unwrap_err();
+    let err = askers::ask_comfyui(addr).await.unwrap_err();
     let took = started.elapsed();
     assert!(matches!(err, AskError::Timeout { .. }), "{err:?}");
     assert!(
@@ -230,9 +233,7 @@ async fn ollama_unloads_every_loaded_model() {
     })
     .await;
 
-    let unloaded = actions::ask_ollama(addr)
-        .await
-        .expect("ollama stub answers");
+    let unloaded = askers::ask_ollama(addr).await.expect("ollama stub answers");
     assert_eq!(unloaded, ["llama3:8b", "qwen2.5-coder:7b"]);
 
     let seen = seen.lock().unwrap();
@@ -256,14 +257,14 @@ async fn ollama_unloads_every_loaded_model() {
 #[tokio::test]
 async fn ollama_with_nothing_loaded_unloads_nothing() {
     let (addr, seen) = stub(|_, _| Some((200, r#"{"models":[]}"#.to_owned()))).await;
-    assert!(actions::ask_ollama(addr).await.unwrap().is_empty());
+    assert!(askers::ask_ollama(addr).await.unwrap().is_empty());
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
 
 #[tokio::test]
 async fn ollama_bad_json_is_reported() {
     let (addr, _) = stub(|_, _| Some((200, "<html>not ollama</html>".to_owned()))).await;
-    let err = actions::ask_ollama(addr).await.unwrap_err();
+    let err = askers::ask_ollama(addr).await.unwrap_err();
     assert!(matches!(err, AskError::BadJson { .. }), "{err:?}");
     assert!(err.to_string().contains("GET /api/ps"), "{err}");
 }
@@ -275,7 +276,7 @@ async fn ollama_all_unloads_failing_is_an_error() {
         _ => Some((500, r#"{"error":"boom"}"#.to_owned())),
     })
     .await;
-    let err = actions::ask_ollama(addr).await.unwrap_err();
+    let err = askers::ask_ollama(addr).await.unwrap_err();
     assert!(
         matches!(err, AskError::Status { status: 500, .. }),
         "{err:?}"
@@ -318,7 +319,7 @@ impl TestCgroup {
     /// `None` (with the reason printed) when this machine has no cgroup2
     /// mount we may write to.
     fn new(tag: &str) -> Option<Self> {
-        let Some(mount) = corral::place::cgroup2_mount() else {
+        let Some(mount) = corral::actuate::cgroup::cgroup2_mount() else {
             eprintln!(
                 "skipping: neither /sys/fs/cgroup nor /sys/fs/cgroup/unified is a cgroup2 mount"
             );
@@ -370,7 +371,7 @@ impl Drop for TestCgroup {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = actions::thaw_all_under(&self.root);
+        let _ = cgroupfs::thaw_all_under(&self.root);
         // Deepest groups first.
         let mut groups = Vec::new();
         let mut pending = vec![self.root.clone()];
@@ -414,13 +415,13 @@ fn freeze_and_thaw_a_real_group() {
     // A busy loop: frozen, its CPU time must stop advancing.
     let pid = cg.spawn_into(&g, "sh", &["-c", "while :; do :; done"]);
 
-    assert!(!actions::is_frozen(&g).unwrap());
-    actions::set_frozen(&g, true).unwrap();
+    assert!(!cgroupfs::is_frozen(&g).unwrap());
+    cgroupfs::set_frozen(&g, true).unwrap();
     assert!(
-        actions::wait_frozen(&g, true, WAIT).unwrap(),
+        cgroupfs::wait_frozen(&g, true, WAIT).unwrap(),
         "group never froze"
     );
-    assert!(actions::is_frozen(&g).unwrap());
+    assert!(cgroupfs::is_frozen(&g).unwrap());
     assert_eq!(
         fs::read_to_string(g.join("cgroup.freeze")).unwrap().trim(),
         "1"
@@ -440,12 +441,12 @@ fn freeze_and_thaw_a_real_group() {
         .unwrap();
     assert_ne!(state, 'R', "a frozen task is not runnable");
 
-    actions::set_frozen(&g, false).unwrap();
+    cgroupfs::set_frozen(&g, false).unwrap();
     assert!(
-        actions::wait_frozen(&g, false, WAIT).unwrap(),
+        cgroupfs::wait_frozen(&g, false, WAIT).unwrap(),
         "group never thawed"
     );
-    assert!(!actions::is_frozen(&g).unwrap());
+    assert!(!cgroupfs::is_frozen(&g).unwrap());
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -464,27 +465,27 @@ fn thaw_all_under_thaws_nested_frozen_groups() {
     cg.spawn_into(&leaf, "sleep", &["30"]);
     cg.spawn_into(&sibling, "sleep", &["30"]);
 
-    actions::set_frozen(&leaf, true).unwrap();
-    assert!(actions::wait_frozen(&leaf, true, WAIT).unwrap());
-    assert!(!actions::is_frozen(&sibling).unwrap());
+    cgroupfs::set_frozen(&leaf, true).unwrap();
+    assert!(cgroupfs::wait_frozen(&leaf, true, WAIT).unwrap());
+    assert!(!cgroupfs::is_frozen(&sibling).unwrap());
 
     assert_eq!(
-        actions::thaw_all_under(&cg.root).unwrap(),
+        cgroupfs::thaw_all_under(&cg.root).unwrap(),
         1,
         "only a/b was frozen"
     );
-    assert!(actions::wait_frozen(&leaf, false, WAIT).unwrap());
+    assert!(cgroupfs::wait_frozen(&leaf, false, WAIT).unwrap());
 
     // A group frozen by its parent: thawing the parent thaws both.
     let parent = cg.root.join("a");
-    actions::set_frozen(&parent, true).unwrap();
-    assert!(actions::wait_frozen(&leaf, true, WAIT).unwrap());
-    assert!(actions::thaw_all_under(&cg.root).unwrap() >= 1);
-    assert!(actions::wait_frozen(&parent, false, WAIT).unwrap());
-    assert!(actions::wait_frozen(&leaf, false, WAIT).unwrap());
+    cgroupfs::set_frozen(&parent, true).unwrap();
+    assert!(cgroupfs::wait_frozen(&leaf, true, WAIT).unwrap());
+    assert!(cgroupfs::thaw_all_under(&cg.root).unwrap() >= 1);
+    assert!(cgroupfs::wait_frozen(&parent, false, WAIT).unwrap());
+    assert!(cgroupfs::wait_frozen(&leaf, false, WAIT).unwrap());
 
     // Nothing frozen: nothing written.
-    assert_eq!(actions::thaw_all_under(&cg.root).unwrap(), 0);
+    assert_eq!(cgroupfs::thaw_all_under(&cg.root).unwrap(), 0);
 }
 
 #[test]
@@ -495,10 +496,10 @@ fn kill_group_kills_a_real_group() {
     let g = cg.group("g");
     let pid = cg.spawn_into(&g, "sleep", &["30"]);
     // Frozen or not, the kill gets through.
-    actions::set_frozen(&g, true).unwrap();
-    assert!(actions::wait_frozen(&g, true, WAIT).unwrap());
+    cgroupfs::set_frozen(&g, true).unwrap();
+    assert!(cgroupfs::wait_frozen(&g, true, WAIT).unwrap());
 
-    assert_eq!(actions::kill_group(&g).unwrap(), 1);
+    assert_eq!(cgroupfs::kill_group(&g).unwrap(), 1);
     let status = cg.child(pid).wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     let deadline = Instant::now() + WAIT;
@@ -511,7 +512,7 @@ fn kill_group_kills_a_real_group() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(
-        actions::kill_group(&g).unwrap(),
+        cgroupfs::kill_group(&g).unwrap(),
         0,
         "an empty group lists nobody"
     );
@@ -530,7 +531,7 @@ fn kill_group_without_cgroup_kill_signals_each_pid() {
     )
     .unwrap();
 
-    let listed = actions::kill_group(&dir.0);
+    let listed = cgroupfs::kill_group(&dir.0);
     let status = child.wait().unwrap();
     assert_eq!(listed.unwrap(), 2);
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
@@ -540,19 +541,19 @@ fn kill_group_without_cgroup_kill_signals_each_pid() {
 fn cgroup_errors_name_the_file() {
     let dir = TempDir::new("errors");
     let missing = dir.0.join("no-such-group");
-    let err = actions::set_frozen(&missing, true).unwrap_err();
+    let err = cgroupfs::set_frozen(&missing, true).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     assert!(
         err.to_string().contains("no-such-group/cgroup.freeze"),
         "{err}"
     );
     assert!(
-        actions::is_frozen(&missing)
+        cgroupfs::is_frozen(&missing)
             .unwrap_err()
             .to_string()
             .contains("cgroup.events")
     );
-    assert_eq!(actions::thaw_all_under(&missing).unwrap(), 0);
+    assert_eq!(cgroupfs::thaw_all_under(&missing).unwrap(), 0);
 }
 
 #[test]
@@ -573,7 +574,7 @@ fn thaw_all_under_on_fixture_tree() {
     let frozen = make("game/a", "1\n", "1");
     let freezing = make("ai", "1\n", "0"); // freeze requested, not complete yet
     let thawed = make("dev", "0\n", "0");
-    assert_eq!(actions::thaw_all_under(&dir.0).unwrap(), 2);
+    assert_eq!(cgroupfs::thaw_all_under(&dir.0).unwrap(), 2);
     for g in [&frozen, &freezing, &thawed] {
         assert_eq!(
             fs::read_to_string(g.join("cgroup.freeze")).unwrap().trim(),
@@ -600,7 +601,7 @@ fn dmem_present_with_regions() {
     )
     .unwrap();
     assert_eq!(
-        actions::dmem_support(&dir.0),
+        cgroupfs::dmem_support(&dir.0),
         DmemSupport::Present {
             regions: vec![
                 ("drm/0000:01:00.0/vram0".to_owned(), 12_884_901_888),
@@ -612,7 +613,7 @@ fn dmem_present_with_regions() {
 
 #[test]
 fn dmem_absent_reasons() {
-    let absent = |dir: &Path| match actions::dmem_support(dir) {
+    let absent = |dir: &Path| match cgroupfs::dmem_support(dir) {
         DmemSupport::Absent { reason } => reason,
         other => panic!("expected Absent, got {other:?}"),
     };
@@ -650,27 +651,27 @@ fn set_dmem_writes_region_and_bytes() {
     let dir = TempDir::new("dmem-set");
     fs::write(dir.0.join("dmem.max"), "").unwrap();
     fs::write(dir.0.join("dmem.low"), "").unwrap();
-    actions::set_dmem(&dir.0, "dmem.max", "drm/0000:01:00.0/vram0", 4 << 30).unwrap();
+    cgroupfs::set_dmem(&dir.0, "dmem.max", "drm/0000:01:00.0/vram0", 4 << 30).unwrap();
     assert_eq!(
         fs::read_to_string(dir.0.join("dmem.max")).unwrap(),
         "drm/0000:01:00.0/vram0 4294967296"
     );
-    actions::set_dmem(&dir.0, "dmem.low", "drm/0000:01:00.0/vram0", u64::MAX).unwrap();
+    cgroupfs::set_dmem(&dir.0, "dmem.low", "drm/0000:01:00.0/vram0", u64::MAX).unwrap();
     assert_eq!(
         fs::read_to_string(dir.0.join("dmem.low")).unwrap(),
         "drm/0000:01:00.0/vram0 max"
     );
-    let err = actions::set_dmem(&dir.0, "memory.max", "drm/x", 1).unwrap_err();
+    let err = cgroupfs::set_dmem(&dir.0, "memory.max", "drm/x", 1).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     // Never creates a control file the kernel does not have.
-    assert!(actions::set_dmem(&dir.0, "dmem.min", "drm/x", 1).is_err());
+    assert!(cgroupfs::set_dmem(&dir.0, "dmem.min", "drm/x", 1).is_err());
     assert!(!dir.0.join("dmem.min").exists());
 }
 
 #[test]
 fn real_mount_dmem_detection_does_not_panic() {
-    if let Some(mount) = corral::place::cgroup2_mount() {
-        let support = actions::dmem_support(&mount);
+    if let Some(mount) = corral::actuate::cgroup::cgroup2_mount() {
+        let support = cgroupfs::dmem_support(&mount);
         eprintln!("{}: {support:?}", mount.display());
     }
 }
@@ -682,6 +683,6 @@ fn real_mount_dmem_detection_does_not_panic() {
 #[test]
 fn notify_desktop_returns_at_once() {
     let started = Instant::now();
-    actions::notify_desktop("corral test", "VRAM freed for a game");
+    corral::service::desktop_notify::notify_desktop("corral test", "VRAM freed for a game");
     assert!(started.elapsed() < Duration::from_secs(1));
 }

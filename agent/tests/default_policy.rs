@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use corral::{classify::classify_chain, policy::Policy, procs::ProcInfo};
+use corral::{model::classify::classify_chain, model::policy::Policy, model::procs::ProcInfo};
 
 const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/default.toml");
 const CHAINS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chains.jsonl");
@@ -132,7 +132,7 @@ fn resolved_on(fixture: &str) -> BTreeMap<String, String> {
         "{}/tests/fixtures/sysfs/{fixture}",
         env!("CARGO_MANIFEST_DIR")
     );
-    let topology = corral::topology::Topology::read(std::path::Path::new(&root)).unwrap();
+    let topology = corral::model::topology::Topology::read(std::path::Path::new(&root)).unwrap();
     policy()
         .resolve_cpus(&topology)
         .unwrap()
@@ -211,7 +211,7 @@ fn default_policy_vram_matrix_matches_the_reference_card() {
     assert!(policy.gpu.enabled);
     let gib = 1u64 << 30;
     let card = 12 * gib;
-    let rounded = |a: Option<corral::arbiter::Amount>, total: u64| {
+    let rounded = |a: Option<corral::gpu::arbiter::Amount>, total: u64| {
         a.map(|a| (a.bytes(total) as f64 / gib as f64).round() as u64)
     };
     let budget = |class: &str| {
@@ -234,11 +234,14 @@ fn default_policy_vram_matrix_matches_the_reference_card() {
             "{class}"
         );
         assert!(
-            !b.ladder.contains(&corral::arbiter::Step::Kill),
+            !b.ladder.contains(&corral::gpu::arbiter::Step::Kill),
             "{class} must not be killed by default"
         );
     }
     // Scales with the card: twice the card, twice the budgets.
     assert_eq!(rounded(budget("ai").max, 24 * gib), Some(6));
     assert_eq!(policy.gpu.arbiter.protected_class, "game");
+    assert_eq!(policy.protected_class(), "game");
+    // Too hot: the batch classes slow down, never the game or dev.
+    assert_eq!(policy.cooled_classes(), ["render", "ai"]);
 }

@@ -1,4 +1,4 @@
-//! `corral::gpu` against the fake libnvidia-ml (`tests/fake-nvml`): opening
+//! `corral::gpu::nvml` against the fake libnvidia-ml (`tests/fake-nvml`): opening
 //! without a library or a driver, polling, the awkward NVML cases, and the
 //! poller thread's On/Off/Snapshot events as the fake GPU comes and goes.
 
@@ -6,10 +6,10 @@ use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use corral::arbiter::{ThermalAction, ThermalConfig, ThermalGuard};
-use corral::gpu::{
+use corral::gpu::nvml::{
     Gpu, GpuError, GpuEvent, GpuSnapshot, PollerConfig, ProcessKind, spawn_poller_with,
 };
+use corral::gpu::thermal::{ThermalAction, ThermalConfig, ThermalGuard};
 use fake_nvml::code::{
     NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_GPU_IS_LOST, NVML_ERROR_NO_PERMISSION,
     NVML_ERROR_NOT_SUPPORTED,

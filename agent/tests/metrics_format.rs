@@ -1,4 +1,4 @@
-//! `corral::metrics` as Prometheus sees it: a fully populated `Metrics`
+//! `corral::observe::metrics` as Prometheus sees it: a fully populated `Metrics`
 //! rendered and read back by a real text-format parser (prometheus-parse),
 //! then served over TCP and scraped twice with plain HTTP/1.1 requests.
 
@@ -10,8 +10,8 @@ use std::{
 };
 
 use corral::{
-    metrics::{self, ClassMetrics, GpuMetrics, Histogram, LOG2_US_BUCKETS, Metrics},
-    modes::Mode,
+    model::modes::Mode,
+    observe::metrics::{self, ClassMetrics, GpuMetrics, Histogram, LOG2_US_BUCKETS, Metrics},
 };
 use prometheus_parse::{Sample, Scrape, Value};
 use tokio::{

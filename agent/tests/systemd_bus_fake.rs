@@ -1,4 +1,4 @@
-//! `actuate::systemd_bus`, `manager_ops` and the per-user agent against a fake
+//! `actuate::systemd_bus` against a fake
 //! systemd manager served with zbus on a private `dbus-daemon` (and peer to
 //! peer, like the manager's private socket). The fake records every call with
 //! the D-Bus signature of each property, so the tests check the exact wire
@@ -18,20 +18,10 @@ use std::{
     time::Duration,
 };
 
-use corral::{
-    actuate::{
-        manager_ops::{Envelope, ManagerOp, Reply, ReplyBody},
-        systemd_bus::{
-            CgroupProps, Error, MANAGER_PATH, ManagerClient, Setting, UnitInfo, class_slice_name,
-        },
-    },
-    service::user_agent,
+use corral::actuate::systemd_bus::{
+    CgroupProps, Error, MANAGER_PATH, ManagerClient, Setting, UnitInfo, class_slice_name,
 };
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
-    time::timeout,
-};
+use tokio::net::UnixListener;
 use zbus::{
     Connection, ObjectServer, interface,
     object_server::SignalEmitter,
@@ -589,7 +579,8 @@ struct Bus {
     _server: Connection,
     state: Shared,
     _daemon: DbusDaemon,
-    scratch: Scratch,
+    /// Kept for its drop: the directory goes when the bus does.
+    _scratch: Scratch,
 }
 
 impl Bus {
@@ -621,7 +612,7 @@ impl Bus {
             _server: server,
             state,
             _daemon: daemon,
-            scratch,
+            _scratch: scratch,
         }
     }
 
@@ -728,7 +719,7 @@ async fn start_scope_sends_pids_au_slice_s_and_cpu_props_then_waits_for_its_own_
         .client
         .start_scope(
             name,
-            &class_slice_name("game", true),
+            &class_slice_name("game"),
             &[4242, 4243],
             &cpu_props(&[2, 3, 9], 500),
         )
@@ -742,7 +733,7 @@ async fn start_scope_sends_pids_au_slice_s_and_cpu_props_then_waits_for_its_own_
             mode: "fail".into(),
             props: props(&[
                 ("PIDs", Wire::Au(vec![4242, 4243])),
-                ("Slice", Wire::S("app-corral-game.slice".into())),
+                ("Slice", Wire::S("corral-game.slice".into())),
                 ("CollectMode", Wire::S("inactive-or-failed".into())),
                 ("AllowedCPUs", Wire::Ay(vec![0b0000_1100, 0b0000_0010])),
                 ("CPUWeight", Wire::T(500)),
@@ -833,7 +824,7 @@ async fn start_scope_refused_by_the_manager_says_call_unit_and_dbus_error() {
 #[tokio::test]
 async fn ensure_slice_starts_a_missing_slice_transient_and_updates_a_loaded_one_at_runtime() {
     let bus = Bus::start().await;
-    let slice = class_slice_name("render", true);
+    let slice = class_slice_name("render");
     let wanted = cpu_props(&[0, 1, 2, 3], 80);
     let on_wire = || {
         props(&[
@@ -1010,133 +1001,6 @@ async fn invalid_props_are_refused_before_any_call() {
 }
 
 // ---------------------------------------------------------------------------
-// manager_ops: every op through JSON and execute().
-
-/// Send `op` the way the root agent would, run it, and bring the answer back
-/// the same way.
-async fn relay(client: &ManagerClient, id: u64, op: ManagerOp) -> ReplyBody {
-    let line = serde_json::to_string(&Envelope { id, op: op.clone() }).unwrap();
-    let request: Envelope = serde_json::from_str(&line).unwrap();
-    assert_eq!(request, Envelope { id, op }, "{line}");
-    let reply = Reply {
-        id: request.id,
-        body: client.execute(request.op).await,
-    };
-    let line = serde_json::to_string(&reply).unwrap();
-    let back: Reply = serde_json::from_str(&line).unwrap();
-    assert_eq!(back, reply, "{line}");
-    assert_eq!(back.id, id);
-    back.body
-}
-
-fn ok_unit(unit: &str) -> ReplyBody {
-    ReplyBody::Ok {
-        unit: Some(unit.into()),
-        info: None,
-        props: None,
-    }
-}
-
-#[tokio::test]
-async fn every_manager_op_round_trips_through_json_and_execute() {
-    let bus = Bus::start().await;
-    let c = &bus.client;
-    let slice = class_slice_name("ai", true);
-
-    let ReplyBody::Ok {
-        info: Some(info), ..
-    } = relay(c, 1, ManagerOp::UnitOf { pid: 4242 }).await
-    else {
-        panic!("unit_of")
-    };
-    assert_eq!(info.unit, TERMINAL);
-
-    let ensure = ManagerOp::EnsureSlice {
-        name: slice.clone(),
-        props: cpu_props(&[4, 5], 90),
-    };
-    assert_eq!(relay(c, 2, ensure).await, ok_unit(&slice));
-
-    let start = ManagerOp::StartScope {
-        name: "app-corral-python3-corral31.scope".into(),
-        slice: slice.clone(),
-        pids: vec![31],
-        props: CgroupProps::default(),
-    };
-    assert_eq!(
-        relay(c, 3, start).await,
-        ok_unit("app-corral-python3-corral31.scope")
-    );
-
-    let set = ManagerOp::SetProperties {
-        unit: slice.clone(),
-        props: CgroupProps {
-            cpu_weight: Setting::Set(120),
-            ..Default::default()
-        },
-    };
-    assert_eq!(relay(c, 4, set).await, ok_unit(&slice));
-
-    let get = ManagerOp::GetProperties {
-        unit: slice.clone(),
-    };
-    assert_eq!(
-        relay(c, 5, get).await,
-        ReplyBody::Ok {
-            unit: Some(slice.clone()),
-            info: None,
-            props: Some(cpu_props(&[4, 5], 120)),
-        }
-    );
-
-    let attach = ManagerOp::Attach {
-        unit: CONTAINER.into(),
-        subcgroup: String::new(),
-        pids: vec![6001],
-    };
-    assert_eq!(relay(c, 6, attach).await, ok_unit(CONTAINER));
-
-    let ReplyBody::Err {
-        message,
-        dbus_error,
-    } = relay(
-        c,
-        7,
-        ManagerOp::GetProperties {
-            unit: "gone.scope".into(),
-        },
-    )
-    .await
-    else {
-        panic!("get_properties of a missing unit succeeded")
-    };
-    assert_eq!(
-        dbus_error.as_deref(),
-        Some("org.freedesktop.systemd1.NoSuchUnit")
-    );
-    assert!(
-        message.contains("GetUnit for unit gone.scope failed"),
-        "{message}"
-    );
-
-    let changes = bus.changes();
-    assert!(
-        changes.iter().any(
-            |c| matches!(c, Call::SetUnitProperties { runtime: true, name, .. } if *name == slice)
-        ),
-        "{changes:?}"
-    );
-    assert!(
-        changes
-            .iter()
-            .all(|c| !matches!(c, Call::SetUnitProperties { runtime: false, .. })),
-        "{changes:?}"
-    );
-}
-
-// ---------------------------------------------------------------------------
-// Reaching a user's manager.
-
 #[tokio::test]
 async fn user_session_without_a_session_bus_uses_the_managers_private_socket_peer_to_peer() {
     let scratch = Scratch::new();
@@ -1203,105 +1067,3 @@ async fn user_session_with_no_manager_anywhere_says_what_it_tried() {
 
 // ---------------------------------------------------------------------------
 // The per-user agent.
-
-async fn read_line(
-    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-) -> String {
-    timeout(Duration::from_secs(5), lines.next_line())
-        .await
-        .expect("no line from the user agent within 5 s")
-        .unwrap()
-        .expect("the user agent closed the connection")
-}
-
-async fn accept(listener: &UnixListener) -> UnixStream {
-    timeout(Duration::from_secs(8), listener.accept())
-        .await
-        .expect("the user agent did not connect within 8 s")
-        .unwrap()
-        .0
-}
-
-#[tokio::test]
-async fn user_agent_says_hello_answers_by_id_concurrently_and_reconnects() {
-    let bus = Bus::start().await;
-    let socket = bus.scratch.0.join("control.sock");
-    let agent = {
-        let (socket, client) = (socket.clone(), bus.client.clone());
-        tokio::spawn(async move { user_agent::run_with(&socket, client).await })
-    };
-
-    // The root agent is not there yet; the user agent keeps trying.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let listener = UnixListener::bind(&socket).unwrap();
-    let (read, mut write) = accept(&listener).await.into_split();
-    let mut lines = BufReader::new(read).lines();
-    assert_eq!(read_line(&mut lines).await, r#"{"cmd":"user_agent"}"#);
-
-    // A slow request (the fake answers pid 999 after 1.5 s) does not hold
-    // up the next one; a line that is not an op is answered by its id.
-    write
-        .write_all(
-            b"{\"id\":50,\"op\":\"unit_of\",\"pid\":999}\n\
-              {\"id\":51,\"op\":\"unit_of\",\"pid\":4242}\n\
-              {\"id\":52,\"op\":\"frobnicate\"}\n\
-              {\"id\":53,\"op\":\"get_properties\",\"unit\":\"gone.scope\"}\n",
-        )
-        .await
-        .unwrap();
-    let mut replies = Vec::new();
-    for _ in 0..4 {
-        let line = read_line(&mut lines).await;
-        replies
-            .push(serde_json::from_str::<Reply>(&line).unwrap_or_else(|e| panic!("{line}: {e}")));
-    }
-    assert_eq!(
-        replies.last().unwrap().id,
-        50,
-        "the slow answer came last: {replies:?}"
-    );
-    let by_id: HashMap<u64, ReplyBody> = replies.into_iter().map(|r| (r.id, r.body)).collect();
-    let ReplyBody::Ok {
-        info: Some(info), ..
-    } = &by_id[&51]
-    else {
-        panic!("{:?}", by_id[&51])
-    };
-    assert_eq!(info.unit, TERMINAL);
-    assert!(
-        matches!(&by_id[&52], ReplyBody::Err { message, dbus_error: None } if message.contains("cannot read this request")),
-        "{:?}",
-        by_id[&52]
-    );
-    assert!(
-        matches!(&by_id[&53], ReplyBody::Err { dbus_error: Some(n), .. } if n == "org.freedesktop.systemd1.NoSuchUnit"),
-        "{:?}",
-        by_id[&53]
-    );
-    assert!(matches!(&by_id[&50], ReplyBody::Ok { info: Some(_), .. }));
-
-    // The root agent goes away and comes back: the user agent reconnects.
-    drop((lines, write, listener));
-    std::fs::remove_file(&socket).unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let listener = UnixListener::bind(&socket).unwrap();
-    let (read, mut write) = accept(&listener).await.into_split();
-    let mut lines = BufReader::new(read).lines();
-    assert_eq!(read_line(&mut lines).await, r#"{"cmd":"user_agent"}"#);
-    write
-        .write_all(b"{\"id\":1,\"op\":\"unit_of\",\"pid\":6000}\n")
-        .await
-        .unwrap();
-    let reply: Reply = serde_json::from_str(&read_line(&mut lines).await).unwrap();
-    assert_eq!(reply.id, 1);
-    assert!(matches!(
-        reply.body,
-        ReplyBody::Ok {
-            info: Some(UnitInfo { delegate: true, .. }),
-            ..
-        }
-    ));
-
-    assert!(!agent.is_finished());
-    agent.abort();
-}

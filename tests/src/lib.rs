@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
+pub use corral::service::control::{ClassStatus, Explanation, Status};
 
 /// The workspace's `target/<profile>` directory, where `corral` is built.
 pub fn bin_dir() -> PathBuf {
@@ -33,7 +34,7 @@ pub fn repo_root() -> PathBuf {
 /// The cgroup2 mount point: /sys/fs/cgroup on unified systems, or
 /// /sys/fs/cgroup/unified on hybrid ones.
 pub fn cgroup2_mount() -> PathBuf {
-    corral::place::cgroup2_mount()
+    corral::actuate::cgroup::cgroup2_mount()
         .expect("no cgroup2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified")
 }
 
@@ -61,45 +62,48 @@ pub struct Agent {
     pub override_file: PathBuf,
 }
 
-impl Agent {
-    /// Starts `corral run` on `policy_text` and waits until it answers.
-    pub fn start(name: &str, policy_text: &str) -> anyhow::Result<Self> {
-        Self::start_with(name, policy_text, &[])
+/// How to start an agent: [`Agent::builder`], then `.start()`. The one
+/// start-up path of every integration test.
+pub struct AgentBuilder {
+    name: String,
+    policy_text: String,
+    args: Vec<String>,
+    envs: Vec<(String, std::ffi::OsString)>,
+    cgroup_root: Option<PathBuf>,
+}
+
+impl AgentBuilder {
+    /// Extra `corral run` arguments (`--dry-run`, `--ring-buffer-kib 4`).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
     }
 
-    /// The scratch directory `start*` will use for `name`, so a test can
-    /// put files there before the agent starts.
-    pub fn dir_for(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("corral-test-{name}-{}", std::process::id()))
+    /// An environment variable for the agent.
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.envs.push((key.to_owned(), value.as_ref().to_owned()));
+        self
     }
 
-    pub fn start_with(name: &str, policy_text: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_env(name, policy_text, extra, &[])
+    /// Run on this cgroup root (one an earlier agent left) instead of a
+    /// fresh one named after the test.
+    pub fn cgroup_root(mut self, root: &Path) -> Self {
+        self.cgroup_root = Some(root.to_owned());
+        self
     }
 
-    /// Starts the agent with extra arguments and environment variables.
-    pub fn start_env(
-        name: &str,
-        policy_text: &str,
-        extra: &[&str],
-        envs: &[(&str, &Path)],
-    ) -> anyhow::Result<Self> {
-        let dir = Self::dir_for(name);
+    /// Writes the policy, starts `corral run` and waits until it answers
+    /// `corral status`.
+    pub fn start(self) -> anyhow::Result<Agent> {
+        let dir = Agent::dir_for(&self.name);
         std::fs::create_dir_all(&dir)?;
         let policy = dir.join("policy.toml");
-        std::fs::write(&policy, policy_text)?;
+        std::fs::write(&policy, &self.policy_text)?;
         let socket = dir.join("control.sock");
         let override_file = dir.join("override.toml");
-        // A test may bring its own root (`--cgroup-root DIR` in `extra`).
-        let cgroup_root = extra
-            .iter()
-            .position(|a| *a == "--cgroup-root")
-            .and_then(|i| extra.get(i + 1))
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                cgroup2_mount().join(format!("corral-test-{name}-{}", std::process::id()))
-            });
-        let own_root = !extra.contains(&"--cgroup-root");
+        let cgroup_root = self.cgroup_root.unwrap_or_else(|| {
+            cgroup2_mount().join(format!("corral-test-{}-{}", self.name, std::process::id()))
+        });
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let child = Command::new(corral_bin())
             .arg("run")
@@ -107,12 +111,12 @@ impl Agent {
             .arg(&policy)
             .arg("--override")
             .arg(&override_file)
-            .args(own_root.then_some("--cgroup-root"))
-            .args(own_root.then_some(&cgroup_root))
+            .arg("--cgroup-root")
+            .arg(&cgroup_root)
             .arg("--socket")
             .arg(&socket)
-            .args(extra)
-            .envs(envs.iter().map(|(k, v)| (*k, *v)))
+            .args(&self.args)
+            .envs(self.envs)
             .env("RUST_LOG", "corral=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -148,6 +152,31 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+impl Agent {
+    /// An agent for test `name` (which names its scratch directory and
+    /// cgroup root) on `policy_text`; `.start()` runs it.
+    pub fn builder(name: &str, policy_text: &str) -> AgentBuilder {
+        AgentBuilder {
+            name: name.to_owned(),
+            policy_text: policy_text.to_owned(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            cgroup_root: None,
+        }
+    }
+
+    /// `Agent::builder(name, policy_text).start()`.
+    pub fn start(name: &str, policy_text: &str) -> anyhow::Result<Self> {
+        Self::builder(name, policy_text).start()
+    }
+
+    /// The scratch directory the agent for `name` uses, so a test can put
+    /// files there before the agent starts.
+    pub fn dir_for(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("corral-test-{name}-{}", std::process::id()))
+    }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
@@ -175,17 +204,21 @@ impl Agent {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
-    /// The status of one class from `corral status --json`.
-    pub fn class_status(&self, class: &str) -> serde_json::Value {
-        let status = self.status().expect("status");
-        status["classes"]
-            .as_array()
-            .and_then(|classes| classes.iter().find(|c| c["class"] == class).cloned())
-            .unwrap_or_else(|| panic!("no class {class} in {status}"))
+    /// `corral status --json`, read back as the agent's own type.
+    pub fn status(&self) -> anyhow::Result<Status> {
+        let text = self.corral(&["status", "--json"])?;
+        serde_json::from_str(&text).with_context(|| format!("not a Status: {text}"))
     }
 
-    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
-        Ok(serde_json::from_str(&self.corral(&["status", "--json"])?)?)
+    /// The status of one class (panics, showing the status, if none).
+    pub fn class_status(&self, class: &str) -> ClassStatus {
+        self.status().expect("status").class(class).clone()
+    }
+
+    /// `corral explain PID --json`, read back as the agent's own type.
+    pub fn explanation(&self, pid: u32) -> anyhow::Result<Explanation> {
+        let text = self.corral(&["explain", &pid.to_string(), "--json"])?;
+        serde_json::from_str(&text).with_context(|| format!("not an Explanation: {text}"))
     }
 
     /// The group path of `class` relative to the cgroup2 mount, as
@@ -202,8 +235,7 @@ impl Agent {
 
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        // SAFETY: sending a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10) * timeout_scale();
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -215,6 +247,33 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Typed look-ups on the agent's status, for assertions.
+pub trait StatusExt {
+    /// One class's row; panics, showing every class, when there is none.
+    fn class(&self, name: &str) -> &ClassStatus;
+    /// The latest reload attempt was accepted (None: no reload yet).
+    fn last_reload_ok(&self) -> Option<bool>;
+    /// VRAM the GPU poll attributes to `class`, in bytes.
+    fn vram_of(&self, class: &str) -> Option<u64>;
+}
+
+impl StatusExt for Status {
+    fn class(&self, name: &str) -> &ClassStatus {
+        self.classes
+            .iter()
+            .find(|c| c.class == name)
+            .unwrap_or_else(|| panic!("no class {name} in {:?}", self.classes))
+    }
+
+    fn last_reload_ok(&self) -> Option<bool> {
+        self.last_reload.as_ref().map(|r| r.ok)
+    }
+
+    fn vram_of(&self, class: &str) -> Option<u64> {
+        self.gpu.vram_by_class.get(class).copied()
     }
 }
 
@@ -257,7 +316,28 @@ pub fn cgroup_of(pid: u32) -> String {
 
 /// `Cpus_allowed_list` of a process ("" when gone).
 pub fn cpus_allowed(pid: u32) -> String {
-    corral::daemon::cpus_allowed(pid).unwrap_or_default()
+    corral::service::daemon::cpus_allowed(pid).unwrap_or_default()
+}
+
+/// Whether the group is frozen, as its `cgroup.events` says.
+pub fn frozen(group: &Path) -> bool {
+    corral::actuate::cgroup::is_frozen(group).unwrap_or(false)
+}
+
+/// The online CPUs as the kernel lists them (`/sys/devices/system/cpu/online`).
+pub fn online_cpus() -> String {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .expect("reading /sys/devices/system/cpu/online")
+        .trim()
+        .to_owned()
+}
+
+/// The JSON lines `corral classify` printed, as the type it prints.
+pub fn chain_lines(stdout: &[u8]) -> Vec<corral::observe::views::ChainLine> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
 }
 
 /// How much longer waits may take here: CORRAL_TIMEOUT_SCALE, set by the

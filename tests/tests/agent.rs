@@ -9,8 +9,10 @@ use std::{
     time::Duration,
 };
 
+use corral::model::cpus::CpuList;
 use corral_tests::{
-    Agent, cgroup_of, children_of, cpus_allowed, cpuset_available, named_copy, wait_for,
+    Agent, StatusExt as _, cgroup_of, children_of, cpus_allowed, cpuset_available, named_copy,
+    online_cpus, wait_for,
 };
 
 /// A policy that claims only this test's own program copies, so the agent
@@ -41,21 +43,9 @@ exe = ["*/{prefix}-dev"]
     )
 }
 
-fn online_cpus() -> Vec<u32> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    let mut cpus = Vec::new();
-    for part in text.trim().split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => cpus.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap()),
-            None => cpus.push(part.parse().unwrap()),
-        }
-    }
-    cpus
-}
-
 #[test]
 fn exec_lands_in_class_group_with_its_cpus_and_explain_names_the_rule() {
-    let cpus = online_cpus();
+    let cpus: Vec<u32> = CpuList::parse(&online_cpus()).unwrap().iter().collect();
     let (game_cpu, dev_cpu) = (cpus[0], *cpus.last().unwrap());
     let agent = Agent::start(
         "place",
@@ -102,15 +92,9 @@ fn exec_lands_in_class_group_with_its_cpus_and_explain_names_the_rule() {
     assert!(explain.contains(&game_group), "{explain}");
 
     let status = agent.status().unwrap();
-    assert_eq!(status["kernel"]["dropped"], 0, "{status}");
-    assert!(status["events"]["exec"].as_u64().unwrap() >= 3, "{status}");
-    let game_status = status["classes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["class"] == "game")
-        .unwrap();
-    assert!(game_status["placements"].as_u64().unwrap() >= 1, "{status}");
+    assert_eq!(status.kernel.dropped, 0, "{status:?}");
+    assert!(status.events.exec >= 3, "{status:?}");
+    assert!(status.class("game").placements >= 1, "{status:?}");
 
     for child in [&mut game, &mut dev, &mut other] {
         let _ = child.kill();
@@ -165,14 +149,17 @@ fn fork_storm_of_a_placed_parent_leaves_no_child_behind() {
     assert_eq!(cgroup_of(parent.id()), group);
 
     let status = agent.status().unwrap();
-    assert_eq!(status["kernel"]["dropped"], 0, "{status}");
+    assert_eq!(status.kernel.dropped, 0, "{status:?}");
     let _ = parent.kill();
     let _ = parent.wait();
 }
 
 #[test]
 fn dry_run_moves_nothing() {
-    let agent = Agent::start_with("dry", &policy("cdr", "0", "0"), &["--dry-run"]).unwrap();
+    let agent = Agent::builder("dry", &policy("cdr", "0", "0"))
+        .args(&["--dry-run"])
+        .start()
+        .unwrap();
     let game_bin = named_copy(&agent.dir, "sleep", "cdr-game").unwrap();
     let mut game = Command::new(&game_bin).arg("30").spawn().unwrap();
     let before = cgroup_of(game.id());
@@ -209,8 +196,7 @@ fn stop_widens_core_sets_and_leaves_processes_running() {
         "stopping the agent must not kill what it placed"
     );
     if cpuset_available() {
-        let all = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-        assert_eq!(cpus_allowed(game.id()), all.trim());
+        assert_eq!(cpus_allowed(game.id()), online_cpus());
     }
     let _ = game.kill();
     let _ = game.wait();

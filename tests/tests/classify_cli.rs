@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use corral_tests::{corral_bin, repo_root};
+use corral_tests::{chain_lines, corral_bin, repo_root};
 
 #[test]
 fn offline_classifier_prints_one_json_line_per_chain() {
@@ -28,20 +28,12 @@ fn offline_classifier_prints_one_json_line_per_chain() {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let got: Vec<serde_json::Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let got = chain_lines(&output.stdout);
     assert_eq!(got.len(), expected.len());
     for (want, have) in expected.iter().zip(&got) {
-        assert_eq!(want["id"], have["id"]);
-        assert_eq!(
-            want["expect"], have["class"],
-            "chain {}: {have}",
-            want["id"]
-        );
-        assert!(have["rule"].as_str().is_some_and(|r| !r.is_empty()));
+        assert_eq!(want["id"], have.id);
+        assert_eq!(want["expect"], have.class, "chain {}: {have:?}", want["id"]);
+        assert!(!have.rule.is_empty());
     }
 }
 

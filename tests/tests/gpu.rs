@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use corral_tests::{Agent, KillOnDrop, cgroup_of, named_copy, wait_for};
+use corral_tests::{Agent, KillOnDrop, StatusExt as _, cgroup_of, frozen, named_copy, wait_for};
 use fake_nvml::{FakeDevice, FakeProcess, FakeState};
 
 /// A stand-in for ComfyUI's HTTP server: records each request line and
@@ -74,11 +74,6 @@ fn state(path: &Path, ai_pid: u32, ai_mib: u64) {
         .unwrap();
 }
 
-/// Whether the group is frozen, as its `cgroup.events` says.
-fn frozen(group: &Path) -> bool {
-    corral::actions::is_frozen(group).unwrap_or(false)
-}
-
 #[test]
 fn game_start_asks_then_freezes_ai_thaws_after_and_on_stop() {
     let dir = Agent::dir_for("gpu");
@@ -126,8 +121,10 @@ exe = ["*/cgp-game"]
 "#,
         library = library.display()
     );
-    let mut agent =
-        Agent::start_env("gpu", &policy, &[], &[("FAKE_NVML_STATE", &state_file)]).unwrap();
+    let mut agent = Agent::builder("gpu", &policy)
+        .env("FAKE_NVML_STATE", &state_file)
+        .start()
+        .unwrap();
     let comfy_bin = named_copy(&agent.dir, "dash", "cgp-comfy")
         .or_else(|_| named_copy(&agent.dir, "sh", "cgp-comfy"))
         .unwrap();
@@ -150,12 +147,13 @@ exe = ["*/cgp-game"]
     );
     state(&state_file, ai_pid, 9 * 1024);
     assert!(
-        wait_for(
-            Duration::from_secs(5),
-            || agent.status().unwrap()["gpu"]["vram_by_class"]["ai"] == 9u64 * 1024 * 1024 * 1024
-        ),
-        "{}",
-        agent.status().unwrap()["gpu"]
+        wait_for(Duration::from_secs(5), || agent
+            .status()
+            .unwrap()
+            .vram_of("ai")
+            == Some(9u64 * 1024 * 1024 * 1024)),
+        "{:?}",
+        agent.status().unwrap().gpu
     );
     // No game: ComfyUI may use what it likes.
     std::thread::sleep(Duration::from_millis(500));
@@ -164,14 +162,14 @@ exe = ["*/cgp-game"]
 
     // Round 1: the game starts, ComfyUI ignores the request, so ai freezes.
     let started = Instant::now();
-    let started_ns = corral::daemon::monotonic_ns();
+    let started_ns = corral::service::daemon::monotonic_ns();
     children
         .0
         .push(Command::new(&game_bin).arg("120").spawn().unwrap());
     assert!(
         wait_for(Duration::from_secs(10), || frozen(&ai_group)),
-        "ai never froze: {}",
-        agent.status().unwrap()["gpu"]
+        "ai never froze: {:?}",
+        agent.status().unwrap().gpu
     );
     let to_freeze = started.elapsed();
     let seen = requests.lock().unwrap().clone();
@@ -182,21 +180,10 @@ exe = ["*/cgp-game"]
         "{seen:?}"
     );
     let status = agent.status().unwrap();
-    let kinds: Vec<&str> = status["gpu"]["actions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["kind"].as_str().unwrap())
-        .collect();
-    assert_eq!(&kinds[..3], ["notify", "ask", "freeze"], "{status}");
-    assert!(
-        status["gpu"]["actions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["class"] == "ai")
-    );
-    let first_action_ns = status["gpu"]["actions"][0]["at_ns"].as_u64().unwrap();
+    let kinds: Vec<&str> = status.gpu.actions.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(&kinds[..3], ["notify", "ask", "freeze"], "{status:?}");
+    assert!(status.gpu.actions.iter().all(|a| a.class == "ai"));
+    let first_action_ns = status.gpu.actions[0].at_ns;
     let human = agent.corral(&["status"]).unwrap();
     assert!(
         human.contains("gpu     on; VRAM by class:") && human.contains("ai 9216 MiB"),
@@ -208,10 +195,11 @@ exe = ["*/cgp-game"]
             && explain_text.contains("gpu       freeze on `ai`"),
         "{explain_text}"
     );
-    let explain = agent
-        .corral(&["explain", &ai_pid.to_string(), "--json"])
-        .unwrap();
-    assert!(explain.contains("\"kind\": \"freeze\""), "{explain}");
+    let explain = agent.explanation(ai_pid).unwrap();
+    assert!(
+        explain.gpu_actions.iter().any(|a| a.kind == "freeze"),
+        "{explain:?}"
+    );
 
     // The game ends: ai thaws at once.
     if let Some(mut g) = children.0.pop() {
@@ -232,7 +220,7 @@ exe = ["*/cgp-game"]
         .0
         .push(Command::new(&game_bin).arg("120").spawn().unwrap());
     assert!(wait_for(Duration::from_secs(10), || {
-        agent.status().unwrap()["gpu"]["vram_by_class"]["ai"] == 1024u64 * 1024 * 1024
+        agent.status().unwrap().vram_of("ai") == Some(1024u64 * 1024 * 1024)
     }));
     let under_budget = started2.elapsed();
     std::thread::sleep(Duration::from_millis(1200));
@@ -240,7 +228,8 @@ exe = ["*/cgp-game"]
         !frozen(&ai_group),
         "ai froze although ComfyUI gave its memory back"
     );
-    assert_eq!(agent.status().unwrap()["gpu"]["arbiter"]["pressure"], false);
+    let arbiter = agent.status().unwrap().gpu.arbiter;
+    assert_eq!(arbiter.map(|a| a.pressure), Some(false));
 
     // Round 3: frozen again (ComfyUI ignores us), then the agent stops: the
     // group must not stay frozen.

@@ -73,10 +73,11 @@ fn monotonic_series(scrape: &prometheus_parse::Scrape) -> Vec<(String, f64)> {
 #[test]
 fn live_scrape_parses_counters_only_grow_and_dashboard_metrics_exist() {
     let agent = Agent::start("metrics", POLICY).unwrap();
-    let addr = agent.status().unwrap()["metrics_addr"]
-        .as_str()
-        .expect("metrics endpoint")
-        .to_owned();
+    let addr = agent
+        .status()
+        .unwrap()
+        .metrics_addr
+        .expect("metrics endpoint");
     let busy = named_shell(&agent.dir, "cme-busy");
     let _children = busy_loops_on_cpu0(&busy, 2);
     // The endpoint refreshes every second.
@@ -144,7 +145,7 @@ fn live_scrape_parses_counters_only_grow_and_dashboard_metrics_exist() {
         .collect();
     for name in &queried {
         assert!(
-            corral::metrics::Metrics::exports(name),
+            corral::observe::metrics::Metrics::exports(name),
             "dashboard queries {name}, which the agent never exports"
         );
         let family = ["_bucket", "_sum", "_count"]

@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::Command};
 
-use corral_tests::{corral_bin, repo_root, write_file};
+use corral_tests::{chain_lines, corral_bin, repo_root, write_file};
 
 fn scratch(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("corral-policy-cli-{name}-{}", std::process::id()));
@@ -158,23 +158,20 @@ fn ananicy_rules_classify_what_the_policy_does_not_know() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines[0]["class"], "game", "{}", lines[0]);
+    let lines = chain_lines(&out.stdout);
+    assert_eq!(lines[0].class, "game", "{:?}", lines[0]);
     assert!(
-        lines[0]["rule"]
-            .as_str()
-            .unwrap()
-            .starts_with("ananicy:DungeonDefenders-x86"),
-        "{}",
+        lines[0].rule.starts_with("ananicy:DungeonDefenders-x86"),
+        "{:?}",
         lines[0]
     );
     assert!(
-        lines[0]["source"].as_str().unwrap().contains(".rules:"),
-        "{}",
+        lines[0]
+            .source
+            .as_deref()
+            .is_some_and(|s| s.contains(".rules:")),
+        "{:?}",
         lines[0]
     );
-    assert_eq!(lines[1]["class"], "system");
+    assert_eq!(lines[1].class, "system");
 }

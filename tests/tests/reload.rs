@@ -6,8 +6,8 @@
 use std::{process::Command, time::Duration};
 
 use corral_tests::{
-    Agent, cgroup_of, cpus_allowed, cpuset_available, named_copy, timeout_scale, wait_for,
-    write_file,
+    Agent, StatusExt as _, cgroup_of, cpus_allowed, cpuset_available, named_copy, timeout_scale,
+    wait_for, write_file,
 };
 
 fn policy(prefix: &str, extra_rules: &str, modes: &str) -> String {
@@ -59,7 +59,7 @@ fn editing_the_policy_moves_processes_and_a_bad_edit_keeps_everything() {
     assert!(explain.contains("tool-is-game"), "{explain}");
     assert!(explain.contains("override.toml:1"), "{explain}");
     let status = agent.status().unwrap();
-    assert_eq!(status["last_reload"]["ok"], true, "{status}");
+    assert_eq!(status.last_reload_ok(), Some(true), "{status:?}");
 
     // A bad edit (unknown class) is refused: nothing moves, status says why.
     write_file(
@@ -67,10 +67,10 @@ fn editing_the_policy_moves_processes_and_a_bad_edit_keeps_everything() {
         "[[rules]]\nname = \"tool-is-dev-again\"\nclass = \"devv\"\nexe = [\"*/crl-tool\"]\n",
     );
     assert!(wait_for(Duration::from_secs(5), || {
-        agent.status().unwrap()["last_reload"]["ok"] == false
+        agent.status().unwrap().last_reload_ok() == Some(false)
     }));
     let status = agent.status().unwrap();
-    let message = status["last_reload"]["message"].as_str().unwrap();
+    let message = &status.last_reload.as_ref().unwrap().message;
     assert!(message.contains("override.toml:1:1"), "{message}");
     assert!(message.contains("unknown class `devv`"), "{message}");
     std::thread::sleep(Duration::from_millis(200));
@@ -116,8 +116,8 @@ fn a_running_game_takes_its_cpus_from_the_other_classes_until_hold_down_passes()
     let modes = modes.as_str();
     let agent = Agent::start("modes", &policy("crm", rules, modes)).unwrap();
     // No game yet: dev keeps its own CPUs, game's included.
-    assert_eq!(agent.status().unwrap()["mode"], "shared");
-    assert_eq!(agent.class_status("dev")["cpus"], "0-1");
+    assert_eq!(agent.status().unwrap().mode, "shared");
+    assert_eq!(agent.class_status("dev").cpus.as_deref(), Some("0-1"));
     let tool = named_copy(&agent.dir, "sleep", "crm-tool").unwrap();
     let mut dev = Command::new(&tool).arg("60").spawn().unwrap();
     assert!(wait_for(Duration::from_secs(5), || cgroup_of(dev.id())
@@ -130,17 +130,17 @@ fn a_running_game_takes_its_cpus_from_the_other_classes_until_hold_down_passes()
     let game_bin = named_copy(&agent.dir, "sleep", "crm-game").unwrap();
     let mut game = Command::new(&game_bin).arg("60").spawn().unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || agent.status().unwrap()["mode"]
+        wait_for(Duration::from_secs(5), || agent.status().unwrap().mode
             == "protected"),
         "{}",
         agent.log()
     );
     assert_eq!(
-        agent.class_status("dev")["cpus"],
-        "1",
+        agent.class_status("dev").cpus.as_deref(),
+        Some("1"),
         "dev must leave the game's CPU 0"
     );
-    assert_eq!(agent.class_status("game")["cpus"], "0");
+    assert_eq!(agent.class_status("game").cpus.as_deref(), Some("0"));
     if enforced {
         assert_eq!(cpus_allowed(dev.id()), "1");
     }
@@ -149,12 +149,14 @@ fn a_running_game_takes_its_cpus_from_the_other_classes_until_hold_down_passes()
     let _ = game.wait();
     // Held down: still protected shortly after the game exits...
     std::thread::sleep(Duration::from_millis(500) * scale);
-    assert_eq!(agent.status().unwrap()["mode"], "protected");
+    assert_eq!(agent.status().unwrap().mode, "protected");
     // ...and shared once the hold-down has passed.
-    assert!(wait_for(Duration::from_secs(5), || agent.status().unwrap()
-        ["mode"]
+    assert!(wait_for(Duration::from_secs(5), || agent
+        .status()
+        .unwrap()
+        .mode
         == "shared"));
-    assert_eq!(agent.class_status("dev")["cpus"], "0-1");
+    assert_eq!(agent.class_status("dev").cpus.as_deref(), Some("0-1"));
     if enforced {
         assert_eq!(cpus_allowed(dev.id()), "0-1");
     }

@@ -7,24 +7,19 @@
 
 use std::{
     os::unix::net::UnixDatagram,
-    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use corral_tests::{
-    Agent, KillOnDrop, cgroup_of, cpus_allowed, cpuset_available, named_copy, wait_for,
+    Agent, KillOnDrop, cgroup_of, cpus_allowed, cpuset_available, frozen, named_copy, online_cpus,
+    wait_for,
 };
 
 fn policy(prefix: &str) -> String {
     format!(
         "[classes.game]\ncpus = \"0\"\n\n[telemetry]\nmetrics_addr = \"\"\n\n[[rules]]\nname = \"{prefix}-game\"\nclass = \"game\"\ninherit = true\nexe = [\"*/{prefix}-game\"]\n"
     )
-}
-
-/// Whether the group is frozen, as its `cgroup.events` says.
-fn frozen(group: &Path) -> bool {
-    corral::actions::is_frozen(group).unwrap_or(false)
 }
 
 #[test]
@@ -37,16 +32,11 @@ fn sd_notify_ready_watchdog_and_stopping() {
     socket
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let mut agent = Agent::start_env(
-        "notify",
-        &policy("csn"),
-        &[],
-        &[
-            ("NOTIFY_SOCKET", &socket_path),
-            ("WATCHDOG_USEC", Path::new("400000")),
-        ],
-    )
-    .unwrap();
+    let mut agent = Agent::builder("notify", &policy("csn"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .start()
+        .unwrap();
     let mut buf = [0u8; 4096];
     let mut messages = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -109,7 +99,7 @@ fn kill_9_with_a_frozen_group_then_corral_recover_thaws_it() {
     ) == agent
         .group_of("game")));
     // Something froze the group (a VRAM ladder), then the agent died hard.
-    corral::actions::set_frozen(&group, true).unwrap();
+    corral::actuate::cgroup::set_frozen(&group, true).unwrap();
     assert!(wait_for(Duration::from_secs(5), || frozen(&group)));
     agent.signal(libc::SIGKILL);
     let _ = agent.stop();
@@ -155,7 +145,7 @@ fn sigterm_with_100_placed_processes_leaves_them_runnable_on_all_cpus_within_1s(
         .iter()
         .all(|k| cgroup_of(k.id()) == group_rel)));
     let group = agent.cgroup_root.join("game");
-    corral::actions::set_frozen(&group, true).unwrap();
+    corral::actuate::cgroup::set_frozen(&group, true).unwrap();
     assert!(wait_for(Duration::from_secs(5), || frozen(&group)));
     let started = Instant::now();
     let status = agent.stop().unwrap();
@@ -166,12 +156,12 @@ fn sigterm_with_100_placed_processes_leaves_them_runnable_on_all_cpus_within_1s(
         "stop took {took:?}"
     );
     assert!(!frozen(&group), "SIGTERM must thaw");
-    let all = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let all = online_cpus();
     for k in &kids.0 {
         let state = std::fs::read_to_string(format!("/proc/{}/stat", k.id())).unwrap();
         assert!(!state.contains(") Z"), "a placed process died");
         if cpuset_available() {
-            assert_eq!(cpus_allowed(k.id()), all.trim(), "not widened to all CPUs");
+            assert_eq!(cpus_allowed(k.id()), all, "not widened to all CPUs");
         }
     }
 }
@@ -195,19 +185,17 @@ fn restart_re_adopts_without_moving_anything_twice() {
     first.stop().unwrap();
     let root = first.cgroup_root.clone();
     std::mem::forget(first);
-    let second = Agent::start_with(
-        "adopt2",
-        &policy("csa"),
-        &["--cgroup-root", root.to_str().unwrap()],
-    )
-    .unwrap();
+    let second = Agent::builder("adopt2", &policy("csa"))
+        .cgroup_root(&root)
+        .start()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let game = second.class_status("game");
     assert_eq!(
-        game["placements"], 0,
-        "processes already in their group were moved again: {game}"
+        game.placements, 0,
+        "processes already in their group were moved again: {game:?}"
     );
-    assert!(game["processes"].as_u64().unwrap() >= 5, "{game}");
+    assert!(game.processes >= 5, "{game:?}");
     for k in &kids.0 {
         assert_eq!(cgroup_of(k.id()), group_rel);
         let explain = second.corral(&["explain", &k.id().to_string()]).unwrap();
@@ -219,12 +207,10 @@ fn restart_re_adopts_without_moving_anything_twice() {
 
 #[test]
 fn overflowing_a_tiny_ring_buffer_still_places_every_survivor_after_the_sweep() {
-    let agent = Agent::start_with(
-        "overflow",
-        &policy("cso"),
-        &["--ring-buffer-kib", "4", "--sweep-interval-ms", "60000"],
-    )
-    .unwrap();
+    let agent = Agent::builder("overflow", &policy("cso"))
+        .args(&["--ring-buffer-kib", "4", "--sweep-interval-ms", "60000"])
+        .start()
+        .unwrap();
     let game_bin = named_copy(&agent.dir, "sleep", "cso-game").unwrap();
     // Stop the agent while processes start, so the 4 KiB ring buffer (about
     // a dozen records) certainly overflows, then let it go on.
@@ -237,13 +223,12 @@ fn overflowing_a_tiny_ring_buffer_still_places_every_survivor_after_the_sweep() 
     agent.signal(libc::SIGCONT);
     let group_rel = agent.group_of("game");
     assert!(
-        wait_for(
-            Duration::from_secs(10),
-            || agent.status().unwrap()["kernel"]["dropped"]
-                .as_u64()
-                .unwrap()
-                > 0
-        ),
+        wait_for(Duration::from_secs(10), || agent
+            .status()
+            .unwrap()
+            .kernel
+            .dropped
+            > 0),
         "100 execs while the agent was stopped did not overflow a 4 KiB ring buffer"
     );
     // The periodic sweep is a minute away: the dropped counter triggers one.
@@ -271,4 +256,44 @@ fn overflowing_a_tiny_ring_buffer_still_places_every_survivor_after_the_sweep() 
         })
         .collect();
     assert!(placed, "{} never placed: {detail:#?}", stragglers());
+}
+
+#[test]
+fn release_all_thaws_and_widens_every_class_group_and_goes_on_past_a_failure() {
+    // A stand-in tree of plain files: what recover and the stop path write
+    // is the same as on cgroupfs, and no root or agent is needed.
+    let root = Agent::dir_for("release").join("corral");
+    let _ = std::fs::remove_dir_all(&root);
+    for (group, files) in [
+        ("game", &[("cpuset.cpus", "0"), ("cgroup.freeze", "0")][..]),
+        ("ai", &[("cpuset.cpus", "1"), ("cgroup.freeze", "1")][..]),
+        ("dev", &[("cgroup.freeze", "0")][..]),
+    ] {
+        std::fs::create_dir_all(root.join(group)).unwrap();
+        for (file, text) in files {
+            std::fs::write(root.join(group).join(file), text).unwrap();
+        }
+    }
+    // A core set that cannot be written (a directory in its place).
+    std::fs::create_dir_all(root.join("render/cpuset.cpus")).unwrap();
+    let online = corral::model::cpus::CpuList::parse("0-3").unwrap();
+
+    let report = corral::actuate::cgroup::release_all(&root, &online);
+
+    assert_eq!(report.thawed, 1, "{report:?}");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    assert_eq!(read("ai/cgroup.freeze"), "0");
+    assert_eq!(report.widened, 2, "{report:?}");
+    assert_eq!(read("game/cpuset.cpus"), "0-3");
+    assert_eq!(read("ai/cpuset.cpus"), "0-3");
+    assert!(!root.join("dev/cpuset.cpus").exists(), "no file is created");
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(
+        report.errors[0].to_string().contains("render/cpuset.cpus"),
+        "{report:?}"
+    );
+    let missing = corral::actuate::cgroup::release_all(&root.join("absent"), &online);
+    assert_eq!((missing.thawed, missing.widened), (0, 0));
+    assert!(missing.errors.is_empty(), "{missing:?}");
+    let _ = std::fs::remove_dir_all(root.parent().unwrap());
 }

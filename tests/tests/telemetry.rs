@@ -28,12 +28,11 @@ exe = ["*/ctl-idle"]
 
 fn sched(agent: &Agent, class: &str) -> (u64, u64) {
     let s = agent.class_status(class);
-    let sched = &s["sched"];
-    assert!(!sched.is_null(), "telemetry missing for {class}: {s}");
-    (
-        sched["runq_count"].as_u64().unwrap(),
-        sched["oncpu_ns"].as_u64().unwrap(),
-    )
+    let sched = s
+        .sched
+        .clone()
+        .unwrap_or_else(|| panic!("telemetry missing for {class}: {s:?}"));
+    (sched.runq_count, sched.oncpu_ns)
 }
 
 #[test]
@@ -65,15 +64,10 @@ fn contended_class_shows_runqueue_latency_and_idle_class_none() {
         (0.5..=3.1).contains(&cpu),
         "busy on-CPU {cpu} s over 1.5 s on one CPU"
     );
-    let busy_status = agent.class_status("busy");
-    let hist: u64 = busy_status["sched"]["runq_hist"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
+    let busy_sched = agent.class_status("busy").sched.unwrap();
+    let hist: u64 = busy_sched.runq_hist.iter().sum();
     assert_eq!(
-        hist, busy_status["sched"]["runq_count"],
+        hist, busy_sched.runq_count,
         "every wait lands in one histogram bucket"
     );
     assert_eq!(idle_after, idle_before, "the idle class waited for a CPU");

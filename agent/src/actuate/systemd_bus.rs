@@ -255,6 +255,12 @@ trait Manager {
         pids: &[u32],
     ) -> zbus::Result<()>;
 
+    fn freeze_unit(&self, name: &str) -> zbus::Result<()>;
+
+    fn thaw_unit(&self, name: &str) -> zbus::Result<()>;
+
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
+
     #[zbus(signal)]
     fn job_removed(
         &self,
@@ -585,6 +591,30 @@ impl ManagerClient {
             .map_err(|e| Error::call("AttachProcessesToUnit", format!("unit {unit}"), e))
     }
 
+    /// FreezeUnit: the cgroup freezer on `unit` and everything below it.
+    pub async fn freeze_unit(&self, unit: &str) -> Result<(), Error> {
+        self.manager
+            .freeze_unit(unit)
+            .await
+            .map_err(|e| Error::call("FreezeUnit", format!("unit {unit}"), e))
+    }
+
+    /// ThawUnit: undoes [`Self::freeze_unit`].
+    pub async fn thaw_unit(&self, unit: &str) -> Result<(), Error> {
+        self.manager
+            .thaw_unit(unit)
+            .await
+            .map_err(|e| Error::call("ThawUnit", format!("unit {unit}"), e))
+    }
+
+    /// KillUnit(unit, "all", signal): every process of the unit.
+    pub async fn kill_unit(&self, unit: &str, signal: i32) -> Result<(), Error> {
+        self.manager
+            .kill_unit(unit, "all", signal)
+            .await
+            .map_err(|e| Error::call("KillUnit", format!("unit {unit}"), e))
+    }
+
     async fn unit_state(
         &self,
         path: &OwnedObjectPath,
@@ -807,15 +837,12 @@ pub fn xdg_scope_name(current_unit: Option<&str>, comm: &str, pid: u32) -> Strin
     format!("app-corral-{}-{random}.scope", escape_unit_name_part(comm))
 }
 
-/// The slice for `class`: `app-corral-<class>.slice` in a user manager
-/// (below `app.slice`), `corral-<class>.slice` in the system manager.
-pub fn class_slice_name(class: &str, user: bool) -> String {
-    let class = escape_unit_name_part(class);
-    if user {
-        format!("app-corral-{class}.slice")
-    } else {
-        format!("corral-{class}.slice")
-    }
+/// The slice for `class`, in every manager: `corral-<class>.slice`, a
+/// child of `corral.slice` at the manager's root. Not below `app.slice`:
+/// dynamic modes narrow `app.slice` for everyone else, and a class slice
+/// below it would be narrowed with it.
+pub fn class_slice_name(class: &str) -> String {
+    format!("corral-{}.slice", escape_unit_name_part(class))
 }
 
 #[cfg(test)]
@@ -987,13 +1014,9 @@ mod tests {
 
     #[test]
     fn class_slices() {
-        assert_eq!(class_slice_name("game", true), "app-corral-game.slice");
-        assert_eq!(class_slice_name("game", false), "corral-game.slice");
+        assert_eq!(class_slice_name("game"), "corral-game.slice");
         // A dash would make a level of the slice tree: escaped.
-        assert_eq!(
-            class_slice_name("low-prio", false),
-            "corral-low\\x2dprio.slice"
-        );
+        assert_eq!(class_slice_name("low-prio"), "corral-low\\x2dprio.slice");
     }
 
     #[test]

@@ -14,10 +14,10 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    arbiter::ArbiterState,
-    bpf::{KernelCounters, ProgramStats, SchedStats},
-    classify::Decision,
-    gpu::GpuSnapshot,
+    gpu::arbiter::ArbiterState,
+    gpu::nvml::GpuSnapshot,
+    kernel::bpf::{KernelCounters, ProgramStats, SchedStats},
+    model::classify::Decision,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/corral/control.sock";
@@ -74,6 +74,18 @@ pub struct Status {
     pub mode: String,
     pub mode_why: String,
     pub cgroup_root: String,
+    /// The placement backend: `systemd` or `cgroupfs`.
+    #[serde(default)]
+    pub backend: String,
+    /// What the backend cannot do now and why (an unreachable manager...).
+    #[serde(default)]
+    pub backend_notes: Vec<String>,
+    /// How many launches of the protected class run (roots of its process
+    /// trees), and which class that is.
+    #[serde(default)]
+    pub protected_class: String,
+    #[serde(default)]
+    pub protected_launches: usize,
     pub cpuset_enforced: bool,
     pub dry_run: bool,
     pub tracked: usize,
@@ -183,6 +195,12 @@ pub struct Explanation {
     pub vram_bytes: Option<u64>,
     /// VRAM actions taken on the process's class.
     pub gpu_actions: Vec<GpuActionRecord>,
+    /// Which backend placed it, and (systemd) its unit, slice and what
+    /// fences it.
+    #[serde(default)]
+    pub backend: String,
+    #[serde(default)]
+    pub placement: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

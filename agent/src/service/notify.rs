@@ -3,20 +3,15 @@
 //! RELOADING=1/READY=1 around a policy reload, STOPPING=1 on the way out.
 //! A no-op when the agent is not started by systemd (no NOTIFY_SOCKET).
 
-use std::{
-    os::unix::net::UnixDatagram,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{os::unix::net::UnixDatagram, path::PathBuf, time::Duration};
 
 /// The notify socket and the watchdog period systemd asked for.
 #[derive(Debug)]
 pub struct Notifier {
     socket: Option<UnixDatagram>,
     target: Option<Target>,
-    /// Half of WATCHDOG_USEC: how often to say WATCHDOG=1.
+    /// A quarter of WATCHDOG_USEC: how often to say WATCHDOG=1.
     pub watchdog_every: Option<Duration>,
-    last_watchdog: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -45,12 +40,11 @@ impl Notifier {
             .ok()
             .and_then(|u| u.parse::<u64>().ok())
             .filter(|u| *u > 0 && for_us)
-            .map(|u| Duration::from_micros(u / 2));
+            .map(|u| Duration::from_micros(u / 4));
         Notifier {
             socket: target.as_ref().and_then(|_| UnixDatagram::unbound().ok()),
             target,
             watchdog_every,
-            last_watchdog: None,
         }
     }
 
@@ -76,17 +70,17 @@ impl Notifier {
     }
 
     /// Says WATCHDOG=1 if half the watchdog period has passed.
-    pub fn watchdog(&mut self) {
-        let Some(every) = self.watchdog_every else {
-            return;
-        };
-        if self.last_watchdog.is_none_or(|at| at.elapsed() >= every) {
+    /// Pings the watchdog. Called on every tick of the loop's watchdog
+    /// timer, which runs at a quarter of WATCHDOG_USEC, so two pings are at
+    /// most half the limit apart even when a tick comes late. (It used to
+    /// skip ticks that came a little early, which let pings drift to the
+    /// full limit apart and systemd kill the agent.)
+    pub fn watchdog(&self) {
+        if self.watchdog_every.is_some() {
             self.send("WATCHDOG=1");
-            self.last_watchdog = Some(Instant::now());
         }
     }
 
-    /// Before a reload (Type=notify-reload wants the monotonic time).
     pub fn reloading(&self) {
         let mut ts = libc::timespec {
             tv_sec: 0,

@@ -33,7 +33,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::modes::Mode;
+use crate::model::modes::Mode;
 
 /// Where the metrics server listens unless told otherwise: loopback only,
 /// port 9187 (free in the Prometheus exporter port list's range).

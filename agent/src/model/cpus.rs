@@ -1,5 +1,6 @@
-//! CPU lists in the kernel's format ("0-3,8,10-11"): parsing, printing, and
-//! resolving a class's requested list on the machine corral runs on.
+//! CPU lists in the kernel's format ("0-3,8,10-11"): parsing, printing, the
+//! online CPUs, and set operations. Which list a class gets on this machine
+//! is `topology::assign_core_sets`'s business.
 
 use std::{collections::BTreeSet, fmt, path::Path};
 
@@ -55,26 +56,6 @@ impl CpuList {
     pub fn intersect(&self, other: &CpuList) -> CpuList {
         CpuList(self.0.intersection(&other.0).copied().collect())
     }
-
-    /// The part of `requested` that exists here. When none of it exists,
-    /// every online CPU, so a class is never left without CPUs. The note
-    /// says what changed, for the log.
-    pub fn resolve(requested: &CpuList, online: &CpuList) -> (CpuList, Option<String>) {
-        let present = requested.intersect(online);
-        if present.is_empty() {
-            let note = format!(
-                "none of CPUs {requested} exist on this machine (online: {online}); using all online CPUs"
-            );
-            (online.clone(), Some(note))
-        } else if present != *requested {
-            let note = format!(
-                "CPUs {requested} requested, only {present} exist on this machine (online: {online})"
-            );
-            (present, Some(note))
-        } else {
-            (present, None)
-        }
-    }
 }
 
 impl FromIterator<u32> for CpuList {
@@ -124,19 +105,5 @@ mod tests {
         let list = CpuList::parse("0-2,8").unwrap();
         assert_eq!(list.iter().collect::<Vec<_>>(), [0, 1, 2, 8]);
         assert_eq!([8, 1, 0, 2].into_iter().collect::<CpuList>(), list);
-    }
-
-    #[test]
-    fn resolve_keeps_what_exists_and_never_returns_empty() {
-        let online = CpuList::parse("0-1").unwrap();
-        let (game, note) = CpuList::resolve(&CpuList::parse("0-7").unwrap(), &online);
-        assert_eq!(game.to_string(), "0-1");
-        assert!(note.unwrap().contains("only 0-1"));
-        let (render, note) = CpuList::resolve(&CpuList::parse("16-19").unwrap(), &online);
-        assert_eq!(render, online);
-        assert!(note.unwrap().contains("using all online"));
-        let (same, note) = CpuList::resolve(&online, &online);
-        assert_eq!(same, online);
-        assert!(note.is_none());
     }
 }

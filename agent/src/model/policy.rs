@@ -16,15 +16,22 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 
 use crate::{
-    arbiter::{Amount, ArbiterConfig, ClassBudget, Step, ThermalConfig},
-    modes::ModeConfig,
-    topology::{self, CoreSpec, Intent, Resolved, Topology},
+    gpu::arbiter::{Amount, ArbiterConfig, ClassBudget, Step},
+    gpu::askers,
+    gpu::thermal::ThermalConfig,
+    model::modes::ModeConfig,
+    model::topology::{self, CoreSetError, CoreSpec, Resolved, Topology},
 };
 
 /// The class every process has when no rule claims it. Never moved.
 pub const SYSTEM: &str = "system";
-/// The class whose cores dynamic modes protect.
+/// The default of `[modes] protected_class`. Code asks
+/// [`Policy::protected_class`], which is what the policy says.
 pub const GAME: &str = "game";
+
+/// The default of `[gpu.thermal] classes`: the classes whose core sets the
+/// thermal guard halves while it is too hot.
+pub const COOLED_BY_DEFAULT: &[&str] = &["render", "ai"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -61,19 +68,20 @@ struct GpuSpec {
     poll_interval_ms: Option<u64>,
     grace_ms: Option<u64>,
     margin: Option<Amount>,
-    classes: Option<IndexMap<String, GpuClassSpec>>,
+    classes: Option<IndexMap<String, toml::Spanned<GpuClassSpec>>>,
     thermal: Option<ThermalSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GpuClassSpec {
-    priority: u32,
+    /// Required where the class first gets a budget; an override may
+    /// change any key alone.
+    priority: Option<u32>,
     reserve: Option<Amount>,
     min: Option<Amount>,
     max: Option<Amount>,
-    #[serde(default)]
-    ladder: Vec<Step>,
+    ladder: Option<Vec<Step>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -83,6 +91,7 @@ struct ThermalSpec {
     cpu_max_c: Option<f64>,
     hysteresis_c: Option<f64>,
     hold_ms: Option<u64>,
+    classes: Option<toml::Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -94,8 +103,9 @@ struct TelemetrySpec {
 #[derive(Debug, Default, Clone, Deserialize)]
 struct ClassSpec {
     /// A CPU list ("0-7") or an intent table (`{ share = 0.4, prefer =
-    /// "performance" }`). Absent: the class is never moved.
-    cpus: Option<CoreSpec>,
+    /// "performance" }`). Absent: the class is never moved. Spanned, so an
+    /// intent this machine cannot serve points at where it was written.
+    cpus: Option<toml::Spanned<CoreSpec>>,
     /// cgroup v2 `cpu.weight`, 1..=10000 (default 100).
     cpu_weight: Option<u32>,
     /// Environment for programs started with `corral run --class`.
@@ -153,6 +163,7 @@ struct MatcherSpec {
 struct ModesSpec {
     hold_down_ms: Option<u64>,
     min_dwell_ms: Option<u64>,
+    protected_class: Option<toml::Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -192,7 +203,7 @@ const RULE_KEYS: &[&str] = &[
     "unless",
 ];
 const MATCHER_KEYS: &[&str] = &["exe", "comm", "argv", "cwd", "cgroup", "env"];
-const MODES_KEYS: &[&str] = &["hold_down_ms", "min_dwell_ms"];
+const MODES_KEYS: &[&str] = &["hold_down_ms", "min_dwell_ms", "protected_class"];
 const ANANICY_KEYS: &[&str] = &["enabled", "dirs", "types"];
 
 /// A class as resolved from the policy.
@@ -208,6 +219,9 @@ pub struct Class {
     pub user_run: bool,
     /// Where the class was (last) defined, for validation messages.
     pub source: Source,
+    /// Where its `cpus` value was (last) written, for core-set errors; the
+    /// class's `source` when it has no `cpus`.
+    pub cpus_source: Source,
 }
 
 impl Class {
@@ -303,6 +317,11 @@ pub struct GpuConfig {
     pub poll_interval: Duration,
     pub arbiter: ArbiterConfig,
     pub thermal: ThermalConfig,
+    /// `[gpu.thermal] classes`: whose core sets the thermal guard halves
+    /// while it is too hot. Kept beside [`ThermalConfig`] rather than in it:
+    /// the guard only decides when, and its config is built field by field
+    /// elsewhere.
+    pub cooled_classes: Vec<String>,
 }
 
 impl Default for GpuConfig {
@@ -323,6 +342,7 @@ impl Default for GpuConfig {
                 hysteresis_c: 5.0,
                 hold: Duration::from_secs(30),
             },
+            cooled_classes: COOLED_BY_DEFAULT.iter().map(|c| (*c).to_owned()).collect(),
         }
     }
 }
@@ -437,32 +457,37 @@ impl Policy {
             .collect::<Result<_, _>>()?;
 
         // Classes: key by key, later layers win.
-        let mut class_specs: IndexMap<String, (ClassSpec, Source)> = IndexMap::new();
+        let mut class_specs: IndexMap<String, MergedClass> = IndexMap::new();
         for layer in &layers {
             for (name, spanned) in &layer.file.classes {
                 let source = layer.source(spanned.span().start);
                 let spec = spanned.get_ref().clone();
                 let entry = class_specs
                     .entry(name.clone())
-                    .or_insert_with(|| (ClassSpec::default(), source.clone()));
-                if spec.cpus.is_some() {
-                    entry.0.cpus = spec.cpus;
+                    .or_insert_with(|| MergedClass {
+                        spec: ClassSpec::default(),
+                        source: source.clone(),
+                        cpus_source: None,
+                    });
+                if let Some(cpus) = spec.cpus {
+                    entry.cpus_source = Some(layer.source(cpus.span().start));
+                    entry.spec.cpus = Some(cpus);
                 }
                 if spec.cpu_weight.is_some() {
-                    entry.0.cpu_weight = spec.cpu_weight;
+                    entry.spec.cpu_weight = spec.cpu_weight;
                 }
                 if let Some(env) = spec.env {
-                    entry.0.env.get_or_insert_with(BTreeMap::new).extend(env);
+                    entry.spec.env.get_or_insert_with(BTreeMap::new).extend(env);
                 }
                 if spec.user_run.is_some() {
-                    entry.0.user_run = spec.user_run;
+                    entry.spec.user_run = spec.user_run;
                 }
-                entry.1 = source;
+                entry.source = source;
             }
         }
         let mut classes = IndexMap::new();
-        for (name, (spec, source)) in class_specs {
-            let class = build_class(&name, spec, source)?;
+        for (name, merged) in class_specs {
+            let class = build_class(&name, merged)?;
             classes.insert(name, class);
         }
         classes.entry(SYSTEM.to_owned()).or_insert_with(|| Class {
@@ -471,27 +496,13 @@ impl Policy {
             cpu_weight: 100,
             env: BTreeMap::new(),
             user_run: false,
-            source: Source {
-                file: PathBuf::from("<built-in>"),
-                line: 0,
-                column: 0,
-            },
+            source: built_in(),
+            cpus_source: built_in(),
         });
-        for class in classes.values() {
-            if let Some(CoreSpec::Intent(Intent {
-                with: Some(other), ..
-            })) = &class.cpus
-                && !classes.get(other).is_some_and(Class::is_managed)
-            {
-                return Err(invalid_source(
-                    &class.source,
-                    format!(
-                        "class `{}`: `with = \"{other}\"` names no class with cpus",
-                        class.name
-                    ),
-                ));
-            }
-        }
+        // Core-set intents that no machine could serve (a share outside
+        // (0, 1], `with` naming no class or going round in a circle) are
+        // refused now, at the class that asked.
+        topology::check_intents(&core_specs(&classes)).map_err(|e| core_set_error(&classes, &e))?;
 
         // Rules: an override's rule replaces the shipped one of the same
         // name in place (or drops it with `disabled = true`); new rules go
@@ -560,18 +571,45 @@ impl Policy {
                     gpu.arbiter.margin = margin;
                 }
                 if let Some(classes) = &g.classes {
-                    for (class, spec) in classes {
-                        let budget = ClassBudget {
-                            class: class.clone(),
-                            priority: spec.priority,
-                            reserve: spec.reserve,
-                            min: spec.min,
-                            max: spec.max,
-                            ladder: spec.ladder.clone(),
+                    // Key by key, like everything else: an override may
+                    // change one class's `max` alone.
+                    for (class, spanned) in classes {
+                        let spec = spanned.get_ref();
+                        let at = match gpu.arbiter.classes.iter().position(|b| b.class == *class) {
+                            Some(at) => at,
+                            None => {
+                                let Some(priority) = spec.priority else {
+                                    return Err(layer.invalid(
+                                        spanned.span().start,
+                                        format!("[gpu.classes.{class}]: missing `priority` (1 = highest; the largest number is acted on first)"),
+                                    ));
+                                };
+                                gpu.arbiter.classes.push(ClassBudget {
+                                    class: class.clone(),
+                                    priority,
+                                    reserve: None,
+                                    min: None,
+                                    max: None,
+                                    ladder: Vec::new(),
+                                });
+                                gpu.arbiter.classes.len() - 1
+                            }
                         };
-                        match gpu.arbiter.classes.iter_mut().find(|b| b.class == *class) {
-                            Some(existing) => *existing = budget,
-                            None => gpu.arbiter.classes.push(budget),
+                        let budget = &mut gpu.arbiter.classes[at];
+                        if let Some(priority) = spec.priority {
+                            budget.priority = priority;
+                        }
+                        if spec.reserve.is_some() {
+                            budget.reserve = spec.reserve;
+                        }
+                        if spec.min.is_some() {
+                            budget.min = spec.min;
+                        }
+                        if spec.max.is_some() {
+                            budget.max = spec.max;
+                        }
+                        if let Some(ladder) = &spec.ladder {
+                            budget.ladder = ladder.clone();
                         }
                     }
                 }
@@ -587,6 +625,10 @@ impl Policy {
                     }
                     if let Some(ms) = t.hold_ms {
                         gpu.thermal.hold = Duration::from_millis(ms);
+                    }
+                    if let Some(cooled) = &t.classes {
+                        check_cooled(layer, cooled, &classes)?;
+                        gpu.cooled_classes = cooled.get_ref().clone();
                     }
                 }
             }
@@ -614,6 +656,24 @@ impl Policy {
                 if let Some(ms) = m.min_dwell_ms {
                     modes.min_dwell = Duration::from_millis(ms);
                 }
+                if let Some(class) = &m.protected_class {
+                    let name = class.get_ref();
+                    if name == SYSTEM || !classes.contains_key(name) {
+                        let known: Vec<&str> = classes
+                            .keys()
+                            .map(String::as_str)
+                            .filter(|c| *c != SYSTEM)
+                            .collect();
+                        return Err(layer.invalid(
+                            class.span().start,
+                            format!(
+                                "[modes] protected_class: `{name}` is not a class corral places; use one of: {}",
+                                known.join(", ")
+                            ),
+                        ));
+                    }
+                    gpu.arbiter.protected_class = name.clone();
+                }
             }
             if let Some(a) = &layer.file.ananicy {
                 if let Some(enabled) = a.enabled {
@@ -627,6 +687,9 @@ impl Policy {
                 }
             }
         }
+        // The default list names classes a policy may not have.
+        gpu.cooled_classes
+            .retain(|c| classes.get(c).is_some_and(Class::is_managed));
         if ananicy.enabled {
             for (kind, class) in &ananicy.types {
                 if !classes.contains_key(class) {
@@ -711,37 +774,32 @@ impl Policy {
     /// have is refused, with the position of the class and the CPUs that
     /// exist.
     pub fn resolve_cpus(&self, topology: &Topology) -> Result<Vec<Resolved>, PolicyError> {
-        let mut specs = Vec::new();
-        for class in self.classes.values() {
-            let Some(spec) = &class.cpus else { continue };
-            if let CoreSpec::List(list) = spec {
-                let present = list.intersect(topology.online());
-                if present != *list {
-                    return Err(invalid_source(
-                        &class.source,
-                        format!(
-                            "class `{}`: cpus \"{list}\" names CPUs this machine does not have; it has {} (online: {}). Use CPUs that exist, or an intent such as `cpus = {{ share = 0.4, prefer = \"performance\" }}`",
-                            class.name,
-                            topology.online().len(),
-                            topology.online()
-                        ),
-                    ));
-                }
-            }
-            specs.push((class.name.clone(), spec.clone()));
-        }
-        topology::resolve(&specs, topology).map_err(|e| PolicyError::Invalid {
-            path: self.files.first().cloned().unwrap_or_default(),
-            line: 0,
-            column: 0,
-            message: e.to_string(),
-        })
+        topology::assign_core_sets(&core_specs(&self.classes), topology)
+            .map_err(|e| core_set_error(&self.classes, &e))
     }
 
-    /// Environment variables some rule looks at: the process table keeps
-    /// only these from /proc/PID/environ.
+    /// The class corral protects (`[modes] protected_class`, default
+    /// `game`): while one of its processes runs, dynamic modes keep the
+    /// other classes off its cores, and the GPU ladder keeps VRAM for it and
+    /// never acts on it. The one source of truth; the arbiter's
+    /// `protected_class` is the same value.
+    pub fn protected_class(&self) -> &str {
+        &self.gpu.arbiter.protected_class
+    }
+
+    /// The classes whose core sets the thermal guard halves while it is too
+    /// hot (`[gpu.thermal] classes`; by default `render` and `ai`, those of
+    /// them that the policy has).
+    pub fn cooled_classes(&self) -> &[String] {
+        &self.gpu.cooled_classes
+    }
+
+    /// Environment variables the agent reads: those some rule looks at, and
+    /// those the askers need to find an application's address
+    /// ([`askers::ENV_KEYS`]). The process table keeps only these (and
+    /// `procs::ENV_ALWAYS`) from /proc/PID/environ.
     pub fn env_keys(&self) -> BTreeSet<String> {
-        let mut keys = BTreeSet::new();
+        let mut keys: BTreeSet<String> = askers::ENV_KEYS.iter().map(|k| (*k).to_owned()).collect();
         for rule in &self.rules {
             for m in [
                 Some(&rule.matcher),
@@ -829,22 +887,73 @@ fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
     std::fs::read_to_string(path).map_err(read_err)
 }
 
-fn build_class(name: &str, spec: ClassSpec, source: Source) -> Result<Class, PolicyError> {
-    let fail = |message: String| invalid_source(&source, format!("class `{name}`: {message}"));
-    let cpus = match spec.cpus {
-        Some(CoreSpec::List(list)) => Some(CoreSpec::List(list)),
-        Some(CoreSpec::Intent(intent)) => {
-            if let Some(share) = intent.share
-                && !(share > 0.0 && share <= 1.0)
-            {
-                return Err(fail(format!(
-                    "share {share} must be more than 0 and at most 1"
-                )));
-            }
-            Some(CoreSpec::Intent(intent))
+/// One class as the layers leave it, before it is checked.
+struct MergedClass {
+    spec: ClassSpec,
+    /// The last layer's `[classes.NAME]`.
+    source: Source,
+    /// The last layer's `cpus` value.
+    cpus_source: Option<Source>,
+}
+
+fn built_in() -> Source {
+    Source {
+        file: PathBuf::from("<built-in>"),
+        line: 0,
+        column: 0,
+    }
+}
+
+/// Every managed class's core-set request, in policy order.
+fn core_specs(classes: &IndexMap<String, Class>) -> Vec<(String, CoreSpec)> {
+    classes
+        .values()
+        .filter_map(|c| Some((c.name.clone(), c.cpus.clone()?)))
+        .collect()
+}
+
+/// A core-set error, at the `cpus` of the class that asked.
+fn core_set_error(classes: &IndexMap<String, Class>, error: &CoreSetError) -> PolicyError {
+    let source = classes
+        .get(error.class())
+        .map_or_else(built_in, |c| c.cpus_source.clone());
+    invalid_source(&source, error.to_string())
+}
+
+/// Checks `[gpu.thermal] classes` in `layer`: each must be a class with
+/// cpus, or there is nothing to halve.
+fn check_cooled(
+    layer: &Layer,
+    cooled: &toml::Spanned<Vec<String>>,
+    classes: &IndexMap<String, Class>,
+) -> Result<(), PolicyError> {
+    for class in cooled.get_ref() {
+        if !classes.get(class).is_some_and(Class::is_managed) {
+            let managed: Vec<&str> = classes
+                .values()
+                .filter(|c| c.is_managed())
+                .map(|c| c.name.as_str())
+                .collect();
+            return Err(layer.invalid(
+                cooled.span().start,
+                format!(
+                    "[gpu.thermal] classes: `{class}` is not a class with cpus, so the thermal guard has no cores of it to halve; use some of: {}",
+                    managed.join(", ")
+                ),
+            ));
         }
-        None => None,
-    };
+    }
+    Ok(())
+}
+
+fn build_class(name: &str, merged: MergedClass) -> Result<Class, PolicyError> {
+    let MergedClass {
+        spec,
+        source,
+        cpus_source,
+    } = merged;
+    let fail = |message: String| invalid_source(&source, format!("class `{name}`: {message}"));
+    let cpus = spec.cpus.map(toml::Spanned::into_inner);
     let cpu_weight = spec.cpu_weight.unwrap_or(100);
     if !(1..=10000).contains(&cpu_weight) {
         return Err(fail(format!(
@@ -862,6 +971,7 @@ fn build_class(name: &str, spec: ClassSpec, source: Source) -> Result<Class, Pol
         cpu_weight,
         env: spec.env.unwrap_or_default(),
         user_run: spec.user_run.unwrap_or(false),
+        cpus_source: cpus_source.unwrap_or_else(|| source.clone()),
         source,
     })
 }

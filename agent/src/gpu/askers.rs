@@ -1,20 +1,17 @@
-//! The effects of VRAM pressure actions: asking ComfyUI and ollama to give
-//! GPU memory back, freezing, thawing and killing cgroup v2 groups, dmem
-//! (device memory) limits, and a desktop notification saying what was done.
+//! Asking applications to give GPU memory back: which processes can be
+//! asked ([`asker_for`]: ComfyUI, ollama), where they listen (from the
+//! process's command line and environment), and the asking itself:
+//! ComfyUI's `POST /free` and ollama's `keep_alive: 0`.
 //!
-//! Deciding *when* to act is not done here; this module only carries the
-//! actions out and says precisely what failed. Everything is best-effort in
-//! the "degrade, never stop" sense: a missing application, controller or
-//! `notify-send` is an error value or a no-op, never a panic.
+//! Deciding *when* to ask is not done here. Everything is best-effort: a
+//! missing application is an error value, never a panic.
 
 use std::{
     collections::BTreeMap,
-    fs,
-    io::{self, ErrorKind, Write as _},
+    fmt,
+    io::{self, ErrorKind},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{
@@ -22,6 +19,8 @@ use tokio::{
     net::TcpStream,
 };
 use tracing::{debug, warn};
+
+use crate::model::procs::ProcInfo;
 
 /// How long one HTTP exchange (connect, send, receive) may take in total.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,6 +41,88 @@ const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
 /// How much of an error response's body an [`AskError`] quotes.
 const QUOTED_BODY_BYTES: usize = 200;
+
+/// Environment variables the askers read (`OLLAMA_HOST`): the process table
+/// must keep them for [`asker_for`] to find the right address.
+pub const ENV_KEYS: &[&str] = &["OLLAMA_HOST"];
+
+// ---------------------------------------------------------------------------
+// Which processes can be asked
+// ---------------------------------------------------------------------------
+
+/// An application that can be asked to give GPU memory back, and where it
+/// listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AskTarget {
+    /// ComfyUI: `POST /free`.
+    ComfyUi(SocketAddr),
+    /// An ollama server: unload every loaded model.
+    Ollama(SocketAddr),
+}
+
+impl AskTarget {
+    pub fn addr(&self) -> SocketAddr {
+        match *self {
+            AskTarget::ComfyUi(addr) | AskTarget::Ollama(addr) => addr,
+        }
+    }
+
+    /// The application's name, for messages.
+    pub fn app(&self) -> &'static str {
+        match self {
+            AskTarget::ComfyUi(_) => "ComfyUI",
+            AskTarget::Ollama(_) => "ollama",
+        }
+    }
+
+    /// Asks it to give its GPU memory back ([`ask_comfyui`],
+    /// [`ask_ollama`]); the answer says what it did, for the log.
+    pub async fn ask(self) -> Result<String, AskError> {
+        match self {
+            AskTarget::ComfyUi(addr) => {
+                ask_comfyui(addr).await?;
+                Ok(format!("{self} freed its VRAM"))
+            }
+            AskTarget::Ollama(addr) => {
+                let models = ask_ollama(addr).await?;
+                Ok(if models.is_empty() {
+                    format!("{self} had no model loaded")
+                } else {
+                    format!("{self} unloaded {}", models.join(", "))
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Display for AskTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} on {}", self.app(), self.addr())
+    }
+}
+
+/// Whether `info` is a process corral can ask to give GPU memory back, and
+/// where it listens:
+///
+/// - **ComfyUI**: an argument ends in `main.py`, and an argument or the
+///   working directory contains `comfy` (any case): `python main.py` in a
+///   ComfyUI checkout, or `python ~/ComfyUI/main.py`. The address is from
+///   its command line ([`comfyui_addr`]).
+/// - **ollama**: the executable ends in `/ollama` and `serve` is an
+///   argument (the server, not `ollama run`, a client). The address is from
+///   `OLLAMA_HOST` ([`ollama_addr`]).
+pub fn asker_for(info: &ProcInfo) -> Option<AskTarget> {
+    let comfy = |text: &str| text.to_lowercase().contains("comfy");
+    if info.argv.iter().any(|a| a.ends_with("main.py"))
+        && (info.argv.iter().any(|a| comfy(a)) || comfy(&info.cwd))
+    {
+        return Some(AskTarget::ComfyUi(comfyui_addr(&info.argv)));
+    }
+    if info.exe.ends_with("/ollama") && info.argv.iter().any(|a| a == "serve") {
+        return Some(AskTarget::Ollama(ollama_addr(&info.env)));
+    }
+    None
+}
 
 // ---------------------------------------------------------------------------
 // Asking applications to free GPU memory
@@ -532,349 +613,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-// ---------------------------------------------------------------------------
-// cgroup v2: freeze, thaw, kill
-// ---------------------------------------------------------------------------
-
-/// Adds the file (and what was being done) to an I/O error, keeping its kind.
-fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-}
-
-/// Write `contents` to an existing control file (never creates one, so a
-/// missing group or controller shows as NotFound).
-fn write_control(path: &Path, contents: &str) -> io::Result<()> {
-    fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(path)
-        .and_then(|mut f| f.write_all(contents.as_bytes()))
-        .map_err(|e| with_path(e, &format!("writing {contents:?} to"), path))
-}
-
-fn read_control(path: &Path) -> io::Result<String> {
-    fs::read_to_string(path).map_err(|e| with_path(e, "reading", path))
-}
-
-/// Freeze (`true`) or thaw (`false`) every process in `group` by writing its
-/// `cgroup.freeze`. Freezing completes asynchronously; see [`wait_frozen`].
-pub fn set_frozen(group: &Path, frozen: bool) -> io::Result<()> {
-    write_control(&group.join("cgroup.freeze"), if frozen { "1" } else { "0" })
-}
-
-/// Whether `group` is frozen now, from the `frozen` key of its
-/// `cgroup.events` (true also when an ancestor froze it).
-pub fn is_frozen(group: &Path) -> io::Result<bool> {
-    let path = group.join("cgroup.events");
-    let events = read_control(&path)?;
-    events_frozen(&events).ok_or_else(|| {
-        io::Error::new(
-            ErrorKind::InvalidData,
-            format!(
-                "{} has no \"frozen\" key; the kernel has no cgroup v2 freezer (Linux 5.2+ needed)",
-                path.display()
-            ),
-        )
-    })
-}
-
-fn events_frozen(events: &str) -> Option<bool> {
-    events.lines().find_map(|line| {
-        let (key, value) = line.split_once(' ')?;
-        (key == "frozen").then(|| value.trim() != "0")
-    })
-}
-
-/// Wait, polling, until [`is_frozen`] says `frozen` or `timeout` passes.
-/// Returns whether the state was reached. Blocks the calling thread; from
-/// async code use `spawn_blocking`.
-pub fn wait_frozen(group: &Path, frozen: bool, timeout: Duration) -> io::Result<bool> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if is_frozen(group)? == frozen {
-            return Ok(true);
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(false);
-        }
-        std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
-    }
-}
-
-/// SIGKILL every process in `group`: through `cgroup.kill` when the kernel
-/// has it (5.14+), which also catches processes forking meanwhile, else one
-/// `kill(2)` per pid in `cgroup.procs`. Returns how many processes were
-/// listed in `cgroup.procs` before the kill.
-pub fn kill_group(group: &Path) -> io::Result<usize> {
-    let procs_path = group.join("cgroup.procs");
-    let pids = parse_pids(&read_control(&procs_path)?, &procs_path)?;
-    let kill_file = group.join("cgroup.kill");
-    if kill_file.exists() {
-        write_control(&kill_file, "1")?;
-    } else {
-        for &pid in &pids {
-            // SAFETY: kill(2) takes plain integers; a stale pid fails with ESRCH.
-            if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ESRCH) {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("sending SIGKILL to pid {pid} of {}: {e}", group.display()),
-                    ));
-                }
-            }
-        }
-    }
-    debug!(group = %group.display(), count = pids.len(), "killed group");
-    Ok(pids.len())
-}
-
-fn parse_pids(text: &str, path: &Path) -> io::Result<Vec<libc::pid_t>> {
-    text.split_whitespace()
-        .map(|s| {
-            s.parse().map_err(|_| {
-                io::Error::new(
-                    ErrorKind::InvalidData,
-                    format!("{} lists {s:?}, which is not a pid", path.display()),
-                )
-            })
-        })
-        .collect()
-}
-
-/// The fail-safe run at start-up and on stop: thaw every group at or below
-/// `root` that is frozen, parents before children. A group counts as frozen
-/// when its `cgroup.events` says `frozen 1` or its own `cgroup.freeze` is 1
-/// (a freeze still in progress does not show in `cgroup.events` yet).
-/// Returns how many groups were written to. A missing `root` is 0.
-///
-/// Every group is tried; if some could not be thawed, the first such error
-/// is returned after the walk (each one is also logged).
-pub fn thaw_all_under(root: &Path) -> io::Result<usize> {
-    let mut thawed = 0;
-    let mut first_error: Option<io::Error> = None;
-    let mut pending: Vec<PathBuf> = vec![root.to_path_buf()];
-    while let Some(group) = pending.pop() {
-        match thaw_one(&group) {
-            Ok(true) => thawed += 1,
-            Ok(false) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => {
-                warn!("could not thaw {}: {e}", group.display());
-                first_error.get_or_insert(e);
-            }
-        }
-        let entries = match fs::read_dir(&group) {
-            Ok(entries) => entries,
-            // The group went away while we walked: nothing to thaw there.
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => {
-                let e = with_path(e, "listing", &group);
-                warn!("{e}");
-                first_error.get_or_insert(e);
-                continue;
-            }
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                pending.push(entry.path());
-            }
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(thawed),
-    }
-}
-
-/// Thaw one group if it is frozen; `Ok(true)` if it was written to.
-fn thaw_one(group: &Path) -> io::Result<bool> {
-    let freeze = group.join("cgroup.freeze");
-    if !freeze.exists() {
-        // The hierarchy root or a non-cgroup directory: nothing to thaw.
-        return Ok(false);
-    }
-    let own = read_control(&freeze)?.trim() == "1";
-    let events = match read_control(&group.join("cgroup.events")) {
-        Ok(events) => events_frozen(&events).unwrap_or(false),
-        Err(e) if e.kind() == ErrorKind::NotFound => false,
-        Err(e) => return Err(e),
-    };
-    if !(own || events) {
-        return Ok(false);
-    }
-    set_frozen(group, false)?;
-    debug!(group = %group.display(), "thawed");
-    Ok(true)
-}
-
-// ---------------------------------------------------------------------------
-// dmem: device memory limits
-// ---------------------------------------------------------------------------
-
-/// Whether this kernel's cgroup v2 can limit device (VRAM) memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DmemSupport {
-    /// No dmem; `reason` says why, for the one warning at start-up.
-    Absent { reason: String },
-    /// The regions the GPU drivers registered, with their capacity in bytes,
-    /// as listed in `dmem.capacity` (e.g. `drm/0000:01:00.0/vram0`).
-    Present { regions: Vec<(String, u64)> },
-}
-
-/// Find out whether the cgroup2 hierarchy mounted at `cgroup_mount` has the
-/// dmem controller and which regions it manages.
-pub fn dmem_support(cgroup_mount: &Path) -> DmemSupport {
-    let absent = |reason: String| DmemSupport::Absent { reason };
-    let controllers_path = cgroup_mount.join("cgroup.controllers");
-    let controllers = match read_control(&controllers_path) {
-        Ok(c) => c,
-        Err(e) => {
-            return absent(format!(
-                "{e}; is {} a cgroup2 mount?",
-                cgroup_mount.display()
-            ));
-        }
-    };
-    if !controllers.split_whitespace().any(|c| c == "dmem") {
-        return absent(format!(
-            "{} does not list dmem; the kernel needs CONFIG_CGROUP_DMEM (Linux 6.14+)",
-            controllers_path.display()
-        ));
-    }
-    let capacity_path = cgroup_mount.join("dmem.capacity");
-    let capacity = match read_control(&capacity_path) {
-        Ok(c) => c,
-        Err(e) => return absent(e.to_string()),
-    };
-    match parse_dmem_capacity(&capacity) {
-        Err(why) => absent(format!("{}: {why}", capacity_path.display())),
-        Ok(regions) if regions.is_empty() => absent(format!(
-            "{} lists no regions; no GPU driver here registers VRAM with dmem \
-             (amdgpu, xe and i915 do; nvidia does not)",
-            capacity_path.display()
-        )),
-        Ok(regions) => DmemSupport::Present { regions },
-    }
-}
-
-/// `REGION BYTES` lines; blank lines are skipped.
-fn parse_dmem_capacity(text: &str) -> Result<Vec<(String, u64)>, String> {
-    let mut regions = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let mut words = line.split_whitespace();
-        let Some(region) = words.next() else { continue };
-        let bytes = words
-            .next()
-            .and_then(|b| b.parse::<u64>().ok())
-            .filter(|_| words.next().is_none())
-            .ok_or_else(|| format!("line {} {line:?} is not \"REGION BYTES\"", n + 1))?;
-        regions.push((region.to_owned(), bytes));
-    }
-    Ok(regions)
-}
-
-/// Set one dmem limit of `group` for `region`: `file` is `dmem.min`,
-/// `dmem.low` or `dmem.max`. `u64::MAX` writes `max` (no limit).
-pub fn set_dmem(group: &Path, file: &str, region: &str, bytes: u64) -> io::Result<()> {
-    if !matches!(file, "dmem.min" | "dmem.low" | "dmem.max") {
-        return Err(io::Error::new(
-            ErrorKind::InvalidInput,
-            format!("{file:?} is not a dmem limit; use dmem.min, dmem.low or dmem.max"),
-        ));
-    }
-    if region.is_empty() || region.contains(char::is_whitespace) {
-        return Err(io::Error::new(
-            ErrorKind::InvalidInput,
-            format!("{region:?} is not a dmem region; see dmem.capacity in the cgroup2 root"),
-        ));
-    }
-    let value = if bytes == u64::MAX {
-        "max".to_owned()
-    } else {
-        bytes.to_string()
-    };
-    write_control(&group.join(file), &format!("{region} {value}"))
-}
-
-// ---------------------------------------------------------------------------
-// Desktop notification
-// ---------------------------------------------------------------------------
-
-/// How long a `notify-send` may run before it is killed.
-const NOTIFY_LIMIT: Duration = Duration::from_secs(10);
-
-/// Show a desktop notification with `notify-send`, if it is on PATH. Never
-/// blocks longer than spawning it; the child is reaped (and killed after
-/// 10 s) in a thread. Failures are logged at debug level only.
-///
-/// Note that a root agent's notification reaches a user's desktop only if
-/// the environment it inherits has that user's session bus.
-pub fn notify_desktop(summary: &str, body: &str) {
-    let Some(program) = find_on_path("notify-send") else {
-        debug!("notify-send is not on PATH; not notifying: {summary}");
-        return;
-    };
-    spawn_and_reap(&program, &["--app-name=corral", "--", summary, body]);
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-}
-
-/// Spawn `program` with no stdio and forget it; a thread waits for it.
-/// Returns whether it was spawned.
-fn spawn_and_reap(program: &Path, args: &[&str]) -> bool {
-    let mut child = match Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(e) => {
-            debug!("could not run {}: {e}", program.display());
-            return false;
-        }
-    };
-    let program = program.to_path_buf();
-    let reaper = std::thread::Builder::new()
-        .name("corral-notify".into())
-        .spawn(move || {
-            let started = Instant::now();
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => {
-                        if !status.success() {
-                            debug!("{} exited with {status}", program.display());
-                        }
-                        return;
-                    }
-                    Ok(None) if started.elapsed() < NOTIFY_LIMIT => {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Ok(None) | Err(_) => {
-                        debug!("{} hung; killing it", program.display());
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return;
-                    }
-                }
-            }
-        });
-    if let Err(e) = reaper {
-        // The child becomes a zombie until the agent exits; harmless.
-        debug!("could not start a thread to reap {}", e);
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -889,6 +627,79 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    fn proc(exe: &str, args: &str, cwd: &str) -> ProcInfo {
+        ProcInfo {
+            exe: exe.to_owned(),
+            argv: argv(args),
+            cwd: cwd.to_owned(),
+            ..ProcInfo::default()
+        }
+    }
+
+    #[test]
+    fn asker_for_finds_comfyui_by_main_py_and_comfy_in_argv_or_cwd() {
+        let python = "/usr/bin/python3.12";
+        // `python main.py` inside a checkout: the cwd says ComfyUI.
+        assert_eq!(
+            asker_for(&proc(
+                python,
+                "python main.py --port 8190",
+                "/home/u/src/ComfyUI"
+            )),
+            Some(AskTarget::ComfyUi(addr("127.0.0.1:8190")))
+        );
+        // Started from elsewhere: the script's path says it.
+        assert_eq!(
+            asker_for(&proc(
+                python,
+                "python /opt/comfyui/main.py --listen 0.0.0.0",
+                "/"
+            )),
+            Some(AskTarget::ComfyUi(addr("127.0.0.1:8188")))
+        );
+        // Another program's main.py, or ComfyUI's other scripts: no.
+        assert_eq!(
+            asker_for(&proc(python, "python main.py", "/home/u/src/flask-app")),
+            None
+        );
+        assert_eq!(
+            asker_for(&proc(
+                python,
+                "python /home/u/ComfyUI/custom_nodes/install.py",
+                "/home/u/ComfyUI"
+            )),
+            None
+        );
+    }
+
+    #[test]
+    fn asker_for_finds_the_ollama_server_not_its_clients() {
+        let mut server = proc("/usr/local/bin/ollama", "/usr/local/bin/ollama serve", "/");
+        assert_eq!(
+            asker_for(&server),
+            Some(AskTarget::Ollama(addr("127.0.0.1:11434")))
+        );
+        server.env = env("0.0.0.0:11500");
+        let target = asker_for(&server).unwrap();
+        assert_eq!(target, AskTarget::Ollama(addr("127.0.0.1:11500")));
+        assert_eq!(target.to_string(), "ollama on 127.0.0.1:11500");
+        assert_eq!(target.app(), "ollama");
+        assert_eq!(
+            asker_for(&proc("/usr/local/bin/ollama", "ollama run llama3", "/")),
+            None
+        );
+        // `serve` alone is not enough: the executable must be ollama.
+        assert_eq!(
+            asker_for(&proc(
+                "/usr/bin/python3",
+                "python -m http.server serve",
+                "/"
+            )),
+            None
+        );
+        assert_eq!(asker_for(&ProcInfo::default()), None);
     }
 
     #[test]
@@ -1080,36 +891,5 @@ mod tests {
         );
         assert!(ollama_model_names(&serde_json::json!({"models": 3})).is_err());
         assert!(ollama_model_names(&serde_json::json!({"models": [{}]})).is_err());
-    }
-
-    #[test]
-    fn events_frozen_key() {
-        assert_eq!(events_frozen("populated 1\nfrozen 1\n"), Some(true));
-        assert_eq!(events_frozen("populated 1\nfrozen 0\n"), Some(false));
-        assert_eq!(events_frozen("populated 1\n"), None);
-    }
-
-    #[test]
-    fn dmem_capacity_lines() {
-        let text = "drm/0000:01:00.0/vram0 12884901888\n\ndrm/0000:01:00.0/stolen 0\n";
-        assert_eq!(
-            parse_dmem_capacity(text).unwrap(),
-            [
-                ("drm/0000:01:00.0/vram0".to_owned(), 12_884_901_888),
-                ("drm/0000:01:00.0/stolen".to_owned(), 0)
-            ]
-        );
-        assert!(parse_dmem_capacity("drm/x\n").is_err());
-        assert!(parse_dmem_capacity("drm/x 12 13\n").is_err());
-        assert!(parse_dmem_capacity("drm/x lots\n").is_err());
-    }
-
-    #[test]
-    fn spawn_and_reap_runs_and_tolerates_missing_programs() {
-        assert!(spawn_and_reap(Path::new("/bin/true"), &[]) || !Path::new("/bin/true").exists());
-        assert!(!spawn_and_reap(
-            Path::new("/nonexistent/notify-send"),
-            &["x"]
-        ));
     }
 }

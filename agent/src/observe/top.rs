@@ -13,9 +13,9 @@ use std::{
 use anyhow::bail;
 
 use crate::{
-    bpf::SchedStats,
-    control::{self, Request, Response, Status},
-    metrics::Histogram,
+    kernel::bpf::SchedStats,
+    observe::metrics::Histogram,
+    service::control::{self, Request, Response, Status},
 };
 
 /// Puts the terminal in non-canonical, no-echo mode while alive, so single

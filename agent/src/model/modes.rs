@@ -26,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-use crate::cpus::CpuList;
+use crate::model::cpus::CpuList;
 
 /// Suggested default for [`ModeConfig::hold_down`] (a policy value).
 pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(30);
@@ -244,11 +244,13 @@ fn secs(d: Duration) -> String {
     }
 }
 
+/// Games are counted by launch: the roots of the protected class's process
+/// trees, however many processes each launch forks.
 fn games(n: usize) -> String {
     if n == 1 {
-        "1 game".to_string()
+        "1 game launch".to_string()
     } else {
-        format!("{n} games")
+        format!("{n} game launches")
     }
 }
 
@@ -263,7 +265,7 @@ fn games(n: usize) -> String {
 ///
 /// Without `game_class` in `base` there is nothing to protect: every class
 /// keeps its base set in both modes. Base sets are expected to be non-empty
-/// (as [`CpuList::resolve`] returns them); then no class is ever empty.
+/// (as `topology::assign_core_sets` returns them); then no class is ever empty.
 pub fn layout(
     mode: Mode,
     base: &BTreeMap<String, CpuList>,
@@ -345,7 +347,7 @@ mod tests {
 
         assert_eq!(sw.observe(s(0), 1), Some(Mode::Protected));
         assert_eq!(sw.next_deadline(), None);
-        assert_eq!(sw.why(), "protected: 1 game running");
+        assert_eq!(sw.why(), "protected: 1 game launch running");
 
         assert_eq!(sw.observe(s(10), 0), None);
         assert_eq!(sw.mode(), Mode::Protected);
@@ -378,7 +380,7 @@ mod tests {
 
         assert_eq!(sw.observe(s(20), 2), None);
         assert_eq!(sw.next_deadline(), None);
-        assert_eq!(sw.why(), "protected: 2 games running");
+        assert_eq!(sw.why(), "protected: 2 game launches running");
         // The old deadline passes without effect.
         assert_eq!(sw.observe(s(40), 2), None);
         assert_eq!(sw.mode(), Mode::Protected);
@@ -406,7 +408,7 @@ mod tests {
         assert_eq!(sw.next_deadline(), Some(s(10)));
         assert_eq!(
             sw.why(),
-            "shared: 1 game running; protected in 4 s, deferred by min dwell 5 s"
+            "shared: 1 game launch running; protected in 4 s, deferred by min dwell 5 s"
         );
         assert_eq!(sw.observe(s(10), 1), Some(Mode::Protected));
     }

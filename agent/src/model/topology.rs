@@ -22,16 +22,19 @@
 //! A file that exists but does not hold what the kernel writes is an error
 //! naming the file, because then the root is probably not sysfs.
 //!
-//! # Resolving
+//! # Assigning core sets
 //!
 //! A class asks for CPUs either as an explicit list ([`CoreSpec::List`],
 //! `cpus = "0-7"`) or as an intent ([`CoreSpec::Intent`],
-//! `cpus = { share = 0.4, prefer = "performance" }`). [`resolve`] turns every
-//! class into a non-empty [`CpuList`] plus a sentence saying why:
+//! `cpus = { share = 0.4, prefer = "performance" }`). [`assign_core_sets`]
+//! turns every class into a non-empty [`CpuList`] plus a sentence saying why,
+//! or a [`CoreSetError`] naming the class that asked for something it cannot
+//! have ([`check_intents`] finds the errors that do not depend on the
+//! machine):
 //!
-//! - **Explicit lists** are cut down to the online CPUs. If none of the list
-//!   is online the class gets every online CPU, and the sentence says so.
-//!   Lists do not take CPUs away from anyone.
+//! - **Explicit lists** are used as written; a list naming a CPU that is not
+//!   online here is refused, naming the CPUs that are. Lists do not take
+//!   CPUs away from anyone.
 //! - **Share classes** (`share` set) are served in slice order from one pool
 //!   that starts as every online CPU. A class takes
 //!   `max(1, round(share × online CPUs))` CPUs; with `smt = "together"` (the
@@ -69,8 +72,9 @@ use std::{
 
 use serde::{Deserialize, de};
 
-use crate::cpus::CpuList;
+use crate::model::cpus::CpuList;
 
+/// Why the topology cannot be read from sysfs.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     #[error(
@@ -84,21 +88,31 @@ pub enum TopologyError {
     Parse { path: PathBuf, reason: String },
     #[error("{path} lists no CPUs; check that the sysfs root is right")]
     NoCpus { path: PathBuf },
+}
+
+/// Why a class's `cpus` cannot be turned into CPUs. Every variant names the
+/// class that asked, so the policy can point at where that class wrote its
+/// `cpus` ([`CoreSetError::class`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CoreSetError {
     #[error(
         "class `{class}`: cpus share = {share} is outside (0, 1]; give the fraction of the CPUs the \
          class should get, e.g. share = 0.4 for 40%, or leave share out to give it what remains"
     )]
     BadShare { class: String, share: f64 },
-    #[error("class `{class}`: cpus with = \"{with}\" names no class; use one of: {known}")]
+    #[error(
+        "class `{class}`: cpus with = \"{with}\" names no class with cpus; use one of: {known}"
+    )]
     UnknownWith {
         class: String,
         with: String,
         known: String,
     },
     #[error(
-        "cpus `with` goes round in a circle ({chain}); let one of these classes choose its own CPUs"
+        "class `{class}`: cpus `with` goes round in a circle ({chain}); let one of these classes \
+         choose its own CPUs"
     )]
-    CyclicWith { chain: String },
+    CyclicWith { class: String, chain: String },
     #[error(
         "class `{class}`: cpus with = \"{with}\" copies that class's CPUs, so {fields} would be \
          ignored; remove {fields} or remove with"
@@ -110,6 +124,31 @@ pub enum TopologyError {
     },
     #[error("class `{class}` has two cpus settings; keep one")]
     DuplicateClass { class: String },
+    #[error(
+        "class `{class}`: cpus \"{list}\" names CPUs this machine does not have; it has {count} \
+         (online: {online}). Use CPUs that exist, or an intent such as \
+         `cpus = {{ share = 0.4, prefer = \"performance\" }}`"
+    )]
+    NotOnline {
+        class: String,
+        list: CpuList,
+        online: CpuList,
+        count: usize,
+    },
+}
+
+impl CoreSetError {
+    /// The class whose `cpus` is wrong.
+    pub fn class(&self) -> &str {
+        match self {
+            CoreSetError::BadShare { class, .. }
+            | CoreSetError::UnknownWith { class, .. }
+            | CoreSetError::CyclicWith { class, .. }
+            | CoreSetError::WithConflict { class, .. }
+            | CoreSetError::DuplicateClass { class }
+            | CoreSetError::NotOnline { class, .. } => class,
+        }
+    }
 }
 
 /// What kind of core a CPU belongs to on a hybrid (P/E) machine.
@@ -413,13 +452,14 @@ pub struct Resolved {
     pub why: String,
 }
 
-/// Turn every class's [`CoreSpec`] into CPUs on `topo`, in the order given.
-/// The rules are in the module documentation.
-pub fn resolve(
+/// Assigns every class its core set on `topo`: each class's [`CoreSpec`]
+/// becomes CPUs, in the order given. The rules are in the module
+/// documentation; [`check_intents`] runs first.
+pub fn assign_core_sets(
     classes: &[(String, CoreSpec)],
     topo: &Topology,
-) -> Result<Vec<Resolved>, TopologyError> {
-    validate(classes)?;
+) -> Result<Vec<Resolved>, CoreSetError> {
+    check_intents(classes)?;
     let online = members(&topo.online);
     let total = online.len();
     let all_online = |class: &str| Resolved {
@@ -432,21 +472,22 @@ pub fn resolve(
     };
     let mut out: Vec<Option<Resolved>> = vec![None; classes.len()];
 
-    // Explicit lists: independent of everyone else.
+    // Explicit lists: independent of everyone else, and only CPUs that
+    // exist here (an empty list cannot be written: `CoreSpec` refuses it).
     for (slot, (class, spec)) in out.iter_mut().zip(classes) {
         if let CoreSpec::List(requested) = spec {
-            let (cpus, note) = CpuList::resolve(requested, &topo.online);
-            let why = match note {
-                _ if requested.is_empty() => {
-                    format!("an empty list; all {total} online CPUs ({})", topo.online)
-                }
-                Some(note) => note,
-                None => format!("CPUs {cpus} as listed"),
-            };
+            if requested.intersect(&topo.online) != *requested {
+                return Err(CoreSetError::NotOnline {
+                    class: class.clone(),
+                    list: requested.clone(),
+                    online: topo.online.clone(),
+                    count: total,
+                });
+            }
             *slot = Some(Resolved {
                 class: class.clone(),
-                cpus,
-                why,
+                cpus: requested.clone(),
+                why: format!("CPUs {requested} as listed"),
             });
         }
     }
@@ -538,40 +579,17 @@ pub fn resolve(
         });
     }
 
-    // `with` classes copy their target, following chains.
-    let index: BTreeMap<&str, usize> = classes
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _))| (name.as_str(), i))
-        .collect();
+    // `with` classes copy their target, following chains (`check_intents`
+    // made sure every chain ends in a class resolved above).
+    let index = by_name(classes);
     for start in 0..classes.len() {
         let mut chain = vec![start];
-        let source = loop {
-            let current = chain[chain.len() - 1];
-            if out[current].is_some() {
-                break current;
-            }
-            let CoreSpec::Intent(Intent {
-                with: Some(with), ..
-            }) = &classes[current].1
-            else {
-                unreachable!("every class but `with` ones was resolved above");
-            };
-            let next = index[with.as_str()]; // `validate` checked the name.
-            if chain.contains(&next) {
-                let names: Vec<&str> = chain
-                    .iter()
-                    .skip_while(|&&i| i != next)
-                    .chain([&next])
-                    .map(|&i| classes[i].0.as_str())
-                    .collect();
-                return Err(TopologyError::CyclicWith {
-                    chain: names.join(" → "),
-                });
-            }
+        while out[chain[chain.len() - 1]].is_none() {
+            let next = with_target(classes, &index, chain[chain.len() - 1])
+                .expect("every class but `with` ones was resolved above");
             chain.push(next);
-        };
-        let cpus = out[source]
+        }
+        let cpus = out[chain[chain.len() - 1]]
             .as_ref()
             .map(|r| r.cpus.clone())
             .unwrap_or_default();
@@ -589,12 +607,15 @@ pub fn resolve(
     Ok(out.into_iter().flatten().collect())
 }
 
-/// Errors that do not depend on the machine.
-fn validate(classes: &[(String, CoreSpec)]) -> Result<(), TopologyError> {
+/// The errors that do not depend on the machine: a share outside (0, 1],
+/// `with` naming no class, mixed with `share`/`prefer`/`smt`, or going round
+/// in a circle, and a class listed twice. The policy runs this when it
+/// loads, so `corral policy check` catches them on any machine.
+pub fn check_intents(classes: &[(String, CoreSpec)]) -> Result<(), CoreSetError> {
     let mut seen = BTreeSet::new();
     for (class, _) in classes {
         if !seen.insert(class.as_str()) {
-            return Err(TopologyError::DuplicateClass {
+            return Err(CoreSetError::DuplicateClass {
                 class: class.clone(),
             });
         }
@@ -613,7 +634,7 @@ fn validate(classes: &[(String, CoreSpec)]) -> Result<(), TopologyError> {
             .filter_map(|(name, set)| set.then_some(name))
             .collect();
             if !fields.is_empty() {
-                return Err(TopologyError::WithConflict {
+                return Err(CoreSetError::WithConflict {
                     class: class.clone(),
                     with: with.clone(),
                     fields: fields.join(", "),
@@ -621,7 +642,7 @@ fn validate(classes: &[(String, CoreSpec)]) -> Result<(), TopologyError> {
             }
             if !seen.contains(with.as_str()) {
                 let known: Vec<&str> = seen.iter().copied().filter(|name| name != class).collect();
-                return Err(TopologyError::UnknownWith {
+                return Err(CoreSetError::UnknownWith {
                     class: class.clone(),
                     with: with.clone(),
                     known: if known.is_empty() {
@@ -635,13 +656,55 @@ fn validate(classes: &[(String, CoreSpec)]) -> Result<(), TopologyError> {
         if let Some(share) = intent.share
             && !(share > 0.0 && share <= 1.0)
         {
-            return Err(TopologyError::BadShare {
+            return Err(CoreSetError::BadShare {
                 class: class.clone(),
                 share,
             });
         }
     }
+    let index = by_name(classes);
+    for start in 0..classes.len() {
+        let mut chain = vec![start];
+        while let Some(next) = with_target(classes, &index, chain[chain.len() - 1]) {
+            if let Some(at) = chain.iter().position(|&i| i == next) {
+                let names: Vec<&str> = chain[at..]
+                    .iter()
+                    .chain([&next])
+                    .map(|&i| classes[i].0.as_str())
+                    .collect();
+                return Err(CoreSetError::CyclicWith {
+                    class: classes[next].0.clone(),
+                    chain: names.join(" → "),
+                });
+            }
+            chain.push(next);
+        }
+    }
     Ok(())
+}
+
+/// Each class's position in `classes`.
+fn by_name(classes: &[(String, CoreSpec)]) -> BTreeMap<&str, usize> {
+    classes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.as_str(), i))
+        .collect()
+}
+
+/// The position of the class that class `i` copies with `with`, if it does
+/// (and names a class that is there).
+fn with_target(
+    classes: &[(String, CoreSpec)],
+    index: &BTreeMap<&str, usize>,
+    i: usize,
+) -> Option<usize> {
+    match &classes[i].1 {
+        CoreSpec::Intent(Intent {
+            with: Some(with), ..
+        }) => index.get(with.as_str()).copied(),
+        _ => None,
+    }
 }
 
 /// Up to `want` CPUs from `pool` in `prefer` order; with `together`, whole
@@ -861,7 +924,7 @@ mod tests {
     #[test]
     fn hybrid_defaults() {
         let topo = fixture("hybrid-20");
-        let resolved = resolve(&defaults(default_game()), &topo).unwrap();
+        let resolved = assign_core_sets(&defaults(default_game()), &topo).unwrap();
         assert_eq!(
             summary(&resolved),
             ["game=0-7", "render=16-19", "dev=8-15", "ai=16-19"]
@@ -885,7 +948,7 @@ mod tests {
     fn x3d_game_gets_the_vcache_ccd() {
         let topo = fixture("x3d-7950");
         let game = intent(Some(0.25), Some(Prefer::Cache), None);
-        let resolved = resolve(&defaults(game), &topo).unwrap();
+        let resolved = assign_core_sets(&defaults(game), &topo).unwrap();
         // render: 6 of 32, slowest CCD (the V-cache one), highest numbers
         // first; dev: everything else.
         assert_eq!(
@@ -903,14 +966,14 @@ mod tests {
         );
         // With `performance`, the higher-clocked CCD wins instead; 0.4 of
         // 32 is 13, rounded up to 7 whole cores.
-        let resolved = resolve(&defaults(default_game()), &topo).unwrap();
+        let resolved = assign_core_sets(&defaults(default_game()), &topo).unwrap();
         assert_eq!(resolved[0].cpus.to_string(), "8-14,24-30");
     }
 
     #[test]
     fn laptop_keeps_smt_pairs_together() {
         let topo = fixture("laptop-4");
-        let resolved = resolve(&defaults(default_game()), &topo).unwrap();
+        let resolved = assign_core_sets(&defaults(default_game()), &topo).unwrap();
         // game wants round(1.6) = 2: core 0 (CPUs 0,2). render wants 1 and
         // gets the whole other core (1,3). Nothing is left for dev.
         assert_eq!(
@@ -934,7 +997,7 @@ mod tests {
             smt: Some(Smt::Any),
             with: None,
         });
-        let resolved = resolve(&classes, &topo).unwrap();
+        let resolved = assign_core_sets(&classes, &topo).unwrap();
         assert_eq!(
             summary(&resolved),
             ["game=0,2", "render=3", "dev=1", "ai=3"]
@@ -944,7 +1007,7 @@ mod tests {
     #[test]
     fn vm_gives_every_class_something() {
         let topo = fixture("vm-2");
-        let resolved = resolve(&defaults(default_game()), &topo).unwrap();
+        let resolved = assign_core_sets(&defaults(default_game()), &topo).unwrap();
         assert_eq!(
             summary(&resolved),
             ["game=0", "render=1", "dev=0-1", "ai=1"]
@@ -959,7 +1022,7 @@ mod tests {
             ("a".to_string(), intent(Some(1.0), None, None)),
             ("b".to_string(), intent(Some(0.1), None, None)),
         ];
-        let resolved = resolve(&classes, &topo).unwrap();
+        let resolved = assign_core_sets(&classes, &topo).unwrap();
         assert_eq!(summary(&resolved), ["a=0-1", "b=0-1"]);
         assert_eq!(
             resolved[1].why,
@@ -968,33 +1031,31 @@ mod tests {
     }
 
     #[test]
-    fn explicit_list_partly_off_machine_keeps_what_exists() {
+    fn explicit_list_on_the_machine_is_used_as_listed() {
         let topo = fixture("laptop-4");
         let classes = vec![
-            ("game".to_string(), CoreSpec::List(list("2-7"))),
+            ("game".to_string(), CoreSpec::List(list("2-3"))),
             ("dev".to_string(), intent(None, None, None)),
         ];
-        let resolved = resolve(&classes, &topo).unwrap();
+        let resolved = assign_core_sets(&classes, &topo).unwrap();
         // Lists do not take from the pool: dev still gets everything.
         assert_eq!(summary(&resolved), ["game=2-3", "dev=0-3"]);
-        assert!(
-            resolved[0].why.contains("only 2-3 exist"),
-            "{}",
-            resolved[0].why
-        );
+        assert_eq!(resolved[0].why, "CPUs 2-3 as listed");
     }
 
     #[test]
-    fn explicit_list_fully_off_machine_uses_all_online() {
+    fn explicit_list_partly_or_fully_off_machine_is_refused_naming_what_exists() {
         let topo = fixture("vm-2");
-        let classes = vec![("render".to_string(), CoreSpec::List(list("16-19")))];
-        let resolved = resolve(&classes, &topo).unwrap();
-        assert_eq!(summary(&resolved), ["render=0-1"]);
-        assert!(
-            resolved[0].why.contains("using all online CPUs"),
-            "{}",
-            resolved[0].why
-        );
+        for requested in ["1-7", "16-19"] {
+            let classes = vec![("render".to_string(), CoreSpec::List(list(requested)))];
+            let err = assign_core_sets(&classes, &topo).unwrap_err();
+            assert_eq!(err.class(), "render");
+            assert!(
+                matches!(&err, CoreSetError::NotOnline { online, count: 2, .. } if online.to_string() == "0-1"),
+                "{err}"
+            );
+            assert!(err.to_string().contains("it has 2 (online: 0-1)"), "{err}");
+        }
     }
 
     #[test]
@@ -1018,10 +1079,10 @@ mod tests {
             ("game".to_string(), default_game()),
             ("ai".to_string(), intent(None, None, Some("rendr"))),
         ];
-        let err = resolve(&classes, &topo).unwrap_err().to_string();
+        let err = assign_core_sets(&classes, &topo).unwrap_err().to_string();
         assert_eq!(
             err,
-            "class `ai`: cpus with = \"rendr\" names no class; use one of: game"
+            "class `ai`: cpus with = \"rendr\" names no class with cpus; use one of: game"
         );
     }
 
@@ -1033,7 +1094,7 @@ mod tests {
             ("b".to_string(), intent(None, None, Some("c"))),
             ("c".to_string(), CoreSpec::List(list("4-5"))),
         ];
-        let resolved = resolve(&classes, &topo).unwrap();
+        let resolved = assign_core_sets(&classes, &topo).unwrap();
         assert_eq!(summary(&resolved), ["a=4-5", "b=4-5", "c=4-5"]);
         assert_eq!(resolved[0].why, "same CPUs as b: 4-5");
 
@@ -1042,10 +1103,16 @@ mod tests {
             ("a".to_string(), intent(None, None, Some("b"))),
             ("b".to_string(), intent(None, None, Some("a"))),
         ];
-        let err = resolve(&classes, &topo).unwrap_err().to_string();
-        assert!(err.contains("(a → b → a)"), "{err}");
+        let err = assign_core_sets(&classes, &topo).unwrap_err();
+        assert_eq!(err.class(), "a");
+        assert!(err.to_string().contains("(a → b → a)"), "{err}");
+        // Found without a machine too, when the policy loads.
+        assert_eq!(check_intents(&classes), Err(err));
         let classes = vec![("a".to_string(), intent(None, None, Some("a")))];
-        assert!(resolve(&classes, &topo).is_err());
+        assert!(matches!(
+            check_intents(&classes),
+            Err(CoreSetError::CyclicWith { chain, .. }) if chain == "a → a"
+        ));
     }
 
     #[test]
@@ -1053,9 +1120,9 @@ mod tests {
         let topo = fixture("vm-2");
         for share in [0.0, -0.5, 1.5, f64::NAN] {
             let classes = vec![("game".to_string(), intent(Some(share), None, None))];
-            let err = resolve(&classes, &topo).unwrap_err();
+            let err = assign_core_sets(&classes, &topo).unwrap_err();
             assert!(
-                matches!(err, TopologyError::BadShare { .. }),
+                matches!(err, CoreSetError::BadShare { .. }),
                 "{share}: {err}"
             );
         }
@@ -1063,15 +1130,15 @@ mod tests {
             ("render".to_string(), intent(None, None, None)),
             ("ai".to_string(), intent(Some(0.5), None, Some("render"))),
         ];
-        let err = resolve(&classes, &topo).unwrap_err().to_string();
+        let err = assign_core_sets(&classes, &topo).unwrap_err().to_string();
         assert!(err.contains("so share would be ignored"), "{err}");
         let classes = vec![
             ("dev".to_string(), intent(None, None, None)),
             ("dev".to_string(), intent(None, None, None)),
         ];
         assert!(matches!(
-            resolve(&classes, &topo),
-            Err(TopologyError::DuplicateClass { .. })
+            assign_core_sets(&classes, &topo),
+            Err(CoreSetError::DuplicateClass { .. })
         ));
     }
 
@@ -1086,10 +1153,10 @@ mod tests {
                 intent(None, Some(Prefer::Performance), None),
             ),
         ];
-        let resolved = resolve(&classes, &topo).unwrap();
+        let resolved = assign_core_sets(&classes, &topo).unwrap();
         assert_eq!(summary(&resolved), ["dev=8-19", "game=0-7", "build=8-19"]);
         let alone = vec![("dev".to_string(), intent(None, None, None))];
-        let resolved = resolve(&alone, &topo).unwrap();
+        let resolved = assign_core_sets(&alone, &topo).unwrap();
         assert_eq!(resolved[0].cpus.to_string(), "0-19");
         assert_eq!(
             resolved[0].why,

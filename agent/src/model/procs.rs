@@ -8,7 +8,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::classify::Decision;
+use crate::model::classify::Decision;
 
 /// The facts classification looks at. Also the element of an offline
 /// classifier chain (`corral classify --procs`), hence the serde defaults.
@@ -88,12 +88,106 @@ pub enum ReadError {
     Other { pid: u32, source: procfs::ProcError },
 }
 
+/// One read of a process from /proc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcRead {
+    pub info: ProcInfo,
+    pub ppid: u32,
+    /// Start time in clock ticks since boot.
+    pub start_ticks: u64,
+}
+
+impl ProcRead {
+    /// A table entry, not yet classified or placed.
+    pub fn into_proc(self) -> Proc {
+        Proc::new(self.info, self.ppid, self.start_ticks)
+    }
+}
+
+/// Where the loop reads processes from: /proc ([`LiveProcs`]) or, in the
+/// loop's unit tests, a scripted set ([`ScriptedProcs`]).
+pub trait ProcSource {
+    fn read(&self, pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError>;
+    /// Every live pid (thread group ids).
+    fn pids(&self) -> Vec<u32>;
+    /// The real uid of a process.
+    fn owner(&self, pid: u32) -> Option<u32>;
+}
+
+/// The machine's /proc.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LiveProcs;
+
+impl ProcSource for LiveProcs {
+    fn read(&self, pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError> {
+        read_proc(pid, env_keys)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        procfs::process::all_processes()
+            .map(|all| all.filter_map(|p| p.ok()).map(|p| p.pid as u32).collect())
+            .unwrap_or_default()
+    }
+
+    fn owner(&self, pid: u32) -> Option<u32> {
+        owner(pid)
+    }
+}
+
+/// A scripted process set for tests: processes appear, change and vanish
+/// when the test says so. Clones share the same set.
+#[derive(Debug, Default, Clone)]
+pub struct ScriptedProcs {
+    procs: std::sync::Arc<std::sync::Mutex<BTreeMap<u32, (ProcRead, u32)>>>,
+}
+
+impl ScriptedProcs {
+    /// Adds or replaces process `pid`, owned by `uid`.
+    pub fn set(&self, read: ProcRead, uid: u32) {
+        let mut procs = self.procs.lock().expect("scripted procs lock");
+        procs.insert(read.info.pid, (read, uid));
+    }
+
+    pub fn remove(&self, pid: u32) {
+        self.procs.lock().expect("scripted procs lock").remove(&pid);
+    }
+}
+
+impl ProcSource for ScriptedProcs {
+    fn read(&self, pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError> {
+        let procs = self.procs.lock().expect("scripted procs lock");
+        let (read, _) = procs.get(&pid).ok_or(ReadError::Gone(pid))?;
+        let mut read = read.clone();
+        read.info
+            .env
+            .retain(|k, _| env_keys.contains(k) || ENV_ALWAYS.contains(&k.as_str()));
+        Ok(read)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.procs
+            .lock()
+            .expect("scripted procs lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    fn owner(&self, pid: u32) -> Option<u32> {
+        self.procs
+            .lock()
+            .expect("scripted procs lock")
+            .get(&pid)
+            .map(|(_, uid)| *uid)
+    }
+}
+
 /// Reads a process's facts from /proc, keeping the environment variables in
-/// `env_keys`. Returns the info, the parent pid and the start time.
+/// `env_keys`.
 ///
 /// This is on the exec path, so it reads the files directly (one read or
 /// readlink each) instead of through a general /proc library.
-pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<(ProcInfo, u32, u64), ReadError> {
+pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError> {
     let dir = format!("/proc/{pid}");
     let gone = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => ReadError::Gone(pid),
@@ -163,7 +257,11 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<(ProcInfo, u32
         cgroup,
         env,
     };
-    Ok((info, ppid, start_ticks))
+    Ok(ProcRead {
+        info,
+        ppid,
+        start_ticks,
+    })
 }
 
 /// comm, ppid and start time (clock ticks) from /proc/PID/stat. The comm
@@ -194,6 +292,8 @@ pub fn owner(pid: u32) -> Option<u32> {
 #[derive(Debug, Default)]
 pub struct Table {
     procs: HashMap<u32, Proc>,
+    /// Processes per class, kept with every insert, remove and decision.
+    by_class: HashMap<String, usize>,
 }
 
 /// How far `ancestors` walks before giving up (guards against loops from
@@ -203,13 +303,15 @@ const MAX_DEPTH: usize = 64;
 impl Table {
     /// Every process /proc shows now.
     pub fn snapshot(env_keys: &BTreeSet<String>) -> Self {
+        Self::read_all(&LiveProcs, env_keys)
+    }
+
+    /// Every process `source` shows now.
+    pub fn read_all(source: &dyn ProcSource, env_keys: &BTreeSet<String>) -> Self {
         let mut table = Table::default();
-        let pids: Vec<u32> = procfs::process::all_processes()
-            .map(|all| all.filter_map(|p| p.ok()).map(|p| p.pid as u32).collect())
-            .unwrap_or_default();
-        for pid in pids {
-            if let Ok((info, ppid, start_ticks)) = read_proc(pid, env_keys) {
-                table.insert(pid, Proc::new(info, ppid, start_ticks));
+        for pid in source.pids() {
+            if let Ok(read) = source.read(pid, env_keys) {
+                table.insert(pid, read.into_proc());
             }
         }
         table
@@ -230,16 +332,74 @@ impl Table {
         self.procs.get(&pid)
     }
 
+    /// A process to change in place. Its decision changes only through
+    /// [`Table::set_decision`], which keeps the per-class counts.
     pub fn get_mut(&mut self, pid: u32) -> Option<&mut Proc> {
         self.procs.get_mut(&pid)
     }
 
     pub fn insert(&mut self, pid: u32, proc: Proc) {
-        self.procs.insert(pid, proc);
+        *self
+            .by_class
+            .entry(proc.decision.class.clone())
+            .or_default() += 1;
+        if let Some(old) = self.procs.insert(pid, proc) {
+            self.uncount(&old.decision.class);
+        }
     }
 
     pub fn remove(&mut self, pid: u32) -> Option<Proc> {
-        self.procs.remove(&pid)
+        let old = self.procs.remove(&pid)?;
+        self.uncount(&old.decision.class);
+        Some(old)
+    }
+
+    /// Sets a process's decision; returns whether its class changed.
+    pub fn set_decision(&mut self, pid: u32, decision: Decision) -> bool {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return false;
+        };
+        let old = std::mem::replace(&mut p.decision, decision);
+        let new_class = p.decision.class.clone();
+        if old.class == new_class {
+            return false;
+        }
+        self.uncount(&old.class);
+        *self.by_class.entry(new_class).or_default() += 1;
+        true
+    }
+
+    fn uncount(&mut self, class: &str) {
+        if let Some(n) = self.by_class.get_mut(class) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_class.remove(class);
+            }
+        }
+    }
+
+    /// How many tracked processes are in `class`.
+    pub fn count(&self, class: &str) -> usize {
+        self.by_class.get(class).copied().unwrap_or(0)
+    }
+
+    /// Tracked processes per class.
+    pub fn counts(&self) -> &HashMap<String, usize> {
+        &self.by_class
+    }
+
+    /// Roots of `class`'s trees: processes of the class whose parent is
+    /// not of it (one per game launch, however many processes it forks).
+    pub fn roots_of(&self, class: &str) -> usize {
+        self.procs
+            .values()
+            .filter(|p| p.decision.class == class)
+            .filter(|p| {
+                self.procs
+                    .get(&p.ppid)
+                    .is_none_or(|parent| parent.decision.class != class)
+            })
+            .count()
     }
 
     pub fn len(&self) -> usize {
@@ -290,7 +450,11 @@ mod tests {
     #[test]
     fn reads_this_process_and_reports_a_missing_one_gone() {
         let keys = BTreeSet::from(["PATH".to_owned()]);
-        let (info, ppid, start) = read_proc(std::process::id(), &keys).unwrap();
+        let ProcRead {
+            info,
+            ppid,
+            start_ticks: start,
+        } = read_proc(std::process::id(), &keys).unwrap();
         assert_eq!(info.exe, std::env::current_exe().unwrap().to_string_lossy());
         assert_eq!(
             info.argv.first().map(String::as_str),

@@ -1,0 +1,4 @@
+//! The kernel side: loading and attaching the eBPF programs, reading their
+//! ring buffer and maps. Touches BPF, tracefs and the BPF maps; decides nothing.
+
+pub mod bpf;

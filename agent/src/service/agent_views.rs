@@ -1,0 +1,274 @@
+//! The agent's read models: the snapshots `corral status`, `explain`,
+//! `placements` and the metrics endpoint are built from. Reads state only.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::agent::Agent;
+use crate::{
+    actuate::cgroup::Groups,
+    kernel::bpf::{SchedStats, Tracer},
+    model::modes::Mode,
+    observe::metrics::{self, ClassMetrics, GpuMetrics, Histogram, Metrics},
+    service::control::{AncestorLine, ClassStatus, Explanation, Request, Response, Status},
+};
+
+impl Agent {
+    /// Tracked processes per class.
+    pub(super) fn processes_by_class(&self) -> BTreeMap<&str, u64> {
+        self.table
+            .counts()
+            .iter()
+            .map(|(class, n)| (class.as_str(), *n as u64))
+            .collect()
+    }
+
+    /// Everything the agent exports, as of now.
+    pub fn metrics(&self) -> Metrics {
+        let vram = self
+            .gpu
+            .last
+            .as_ref()
+            .map(|s| self.vram_by_class(s))
+            .unwrap_or_default();
+        let processes = self.processes_by_class();
+        let classes = self
+            .policy
+            .classes
+            .values()
+            .map(|class| {
+                let group = self.placer.layout().group(&class.name);
+                let sched = self.sched_stats(&class.name);
+                let mut m = ClassMetrics {
+                    processes: processes.get(class.name.as_str()).copied().unwrap_or(0),
+                    cpu_seconds: sched.as_ref().map_or(0.0, |s| s.oncpu_ns as f64 / 1e9),
+                    runqueue_latency: sched.as_ref().map_or_else(
+                        || Histogram::from_log2_us(&[]),
+                        |s| Histogram::from_log2_us(&s.runq_hist),
+                    ),
+                    placements: self
+                        .placements_by_class
+                        .get(&class.name)
+                        .copied()
+                        .unwrap_or(0),
+                    cpus: group.map_or(0, |g| g.cpus.len() as u64),
+                    ..Default::default()
+                };
+                if let Some(pressure) =
+                    group.and_then(|g| std::fs::read_to_string(g.path.join("cpu.pressure")).ok())
+                {
+                    m.set_cpu_pressure(&pressure);
+                }
+                if let Some(snapshot) = &self.gpu.last {
+                    m.vram_used_bytes = Some(vram.get(&class.name).copied().unwrap_or(0));
+                    let total = snapshot.devices.first().map_or(0, |d| d.total_bytes);
+                    m.vram_budget_bytes = self
+                        .policy
+                        .gpu
+                        .arbiter
+                        .classes
+                        .iter()
+                        .find(|b| b.class == class.name)
+                        .and_then(|b| b.max.or(b.reserve))
+                        .map(|a| a.bytes(total));
+                }
+                (class.name.clone(), m)
+            })
+            .collect();
+        let (rss, cpu) = metrics::read_self();
+        Metrics {
+            classes,
+            placement_latency: self.placement_latency.clone(),
+            events: metrics::EventCounts {
+                exec: self.counts.exec,
+                fork: self.counts.fork,
+                exit: self.counts.exit,
+            },
+            events_dropped_total: self.kernel.dropped,
+            events_vanished_total: self.counts.vanished,
+            move_errors_total: self.counts.move_errors,
+            policy_reloads: self.reloads,
+            gpus: self
+                .gpu
+                .last
+                .as_ref()
+                .map(|snapshot| {
+                    snapshot
+                        .devices
+                        .iter()
+                        .map(|d| GpuMetrics {
+                            index: d.index,
+                            name: d.name.clone(),
+                            utilization_ratio: d.utilization_gpu.map(|u| f64::from(u) / 100.0),
+                            temperature_celsius: d.temperature_c.map(f64::from),
+                            power_watts: d.power_mw.map(|mw| f64::from(mw) / 1000.0),
+                            memory_used_bytes: Some(d.used_bytes),
+                            memory_total_bytes: Some(d.total_bytes),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            agent_resident_memory_bytes: rss,
+            agent_cpu_seconds_total: cpu,
+            mode: self.modes.mode(),
+        }
+    }
+
+    /// Scheduling statistics of a class, when telemetry is on.
+    pub fn sched_stats(&self, class: &str) -> Option<SchedStats> {
+        let tracer = self.tracer.as_ref().filter(|t| t.telemetry_on())?;
+        Some(tracer.sched_stats(*self.slots.get(class)?))
+    }
+
+    /// A short line for systemd's STATUS=.
+    pub(super) fn one_line_status(&self) -> String {
+        let placed: u64 = self.placements_by_class.values().sum();
+        format!(
+            "{} processes tracked, {placed} placed, mode {}",
+            self.table.len(),
+            self.modes.mode()
+        )
+    }
+
+    pub fn answer(&self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Explain { pid } => match self.explain(pid) {
+                Some(e) => Response::Explain(Box::new(e)),
+                None => Response::Error {
+                    message: format!("process {pid} is not tracked (it may have exited)"),
+                },
+            },
+            Request::Placements => Response::Placements {
+                placements: self.placements.iter().cloned().collect(),
+            },
+            Request::Reload | Request::Enter { .. } => Response::Error {
+                message: "handled by the loop".into(),
+            },
+        }
+    }
+
+    pub(super) fn status(&self) -> Status {
+        let (rss, cpu) = metrics::read_self();
+        let processes = self.processes_by_class();
+        let classes = self
+            .policy
+            .classes
+            .values()
+            .map(|class| {
+                let group = self.placer.layout().group(&class.name);
+                ClassStatus {
+                    class: class.name.clone(),
+                    processes: processes.get(class.name.as_str()).copied().unwrap_or(0) as usize,
+                    cgroup: group.map(|g| g.path.display().to_string()),
+                    cpus: group.map(|g| g.cpus.to_string()),
+                    base_cpus: group.map(|g| g.base.to_string()),
+                    why: group.map(|g| g.why.clone()),
+                    cpu_weight: group.map(|g| g.cpu_weight),
+                    placements: self
+                        .placements_by_class
+                        .get(&class.name)
+                        .copied()
+                        .unwrap_or(0),
+                    note: group.and_then(|g| g.note.clone()),
+                    sched: self.sched_stats(&class.name),
+                }
+            })
+            .collect();
+        Status {
+            policy: self.policy.describe_files(),
+            policy_warnings: self.policy.warnings.clone(),
+            last_reload: self.last_reload.clone(),
+            mode: match self.modes.mode() {
+                Mode::Shared => "shared",
+                Mode::Protected => "protected",
+            }
+            .to_owned(),
+            mode_why: self.modes.why(),
+            cgroup_root: self.placer.layout().root.display().to_string(),
+            backend: self.placer.backend().to_owned(),
+            backend_notes: self.placer.notes(),
+            protected_class: self.protected().to_owned(),
+            protected_launches: self.protected_running(),
+            cpuset_enforced: self.placer.layout().cpuset,
+            dry_run: self.placer.layout().dry_run,
+            tracked: self.table.len(),
+            classes,
+            events: self.counts.clone(),
+            kernel: self.kernel,
+            bpf_programs: self
+                .tracer
+                .as_ref()
+                .map(Tracer::program_stats)
+                .unwrap_or_default(),
+            metrics_addr: self.metrics_bound.map(|a| a.to_string()),
+            gpu: self.gpu_status(),
+            agent_rss_bytes: rss,
+            agent_cpu_seconds: cpu,
+        }
+    }
+
+    pub(super) fn explain(&self, pid: u32) -> Option<Explanation> {
+        let process = self.table.get(pid)?;
+        let group = self.placer.layout().group(&process.decision.class);
+        let ancestry = self
+            .table
+            .ancestors(pid)
+            .iter()
+            .filter_map(|a| self.table.get(*a).map(|p| (a, p)))
+            .map(|(a, p)| AncestorLine {
+                pid: *a,
+                comm: p.info.comm.clone(),
+                class: p.decision.class.clone(),
+                rule: p.decision.rule.clone(),
+            })
+            .collect();
+        let cgroup_now = self
+            .procs
+            .read(pid, &BTreeSet::new())
+            .map(|read| read.info.cgroup)
+            .unwrap_or_default();
+        Some(Explanation {
+            pid,
+            comm: process.info.comm.clone(),
+            exe: process.info.exe.clone(),
+            argv: process.info.argv.clone(),
+            decision: process.decision.clone(),
+            group: group.map(|g| g.path.display().to_string()),
+            class_cpus: group.map(|g| g.cpus.to_string()),
+            cgroup_now,
+            cpus_allowed: cpus_allowed(pid).unwrap_or_default(),
+            ancestry,
+            vram_bytes: self.gpu.last.as_ref().and_then(|s| {
+                s.devices
+                    .iter()
+                    .flat_map(|d| &d.processes)
+                    .filter(|p| p.pid == pid)
+                    .filter_map(|p| p.used_bytes)
+                    .reduce(|a, b| a + b)
+            }),
+            gpu_actions: self
+                .gpu
+                .actions
+                .iter()
+                .filter(|a| a.class == process.decision.class)
+                .cloned()
+                .collect(),
+            backend: self.placer.backend().to_owned(),
+            placement: self.placer.describe(pid),
+        })
+    }
+
+    /// The class layout of the placement backend.
+    pub fn layout(&self) -> &Groups {
+        self.placer.layout()
+    }
+}
+
+/// `Cpus_allowed_list` of a process.
+pub fn cpus_allowed(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+}

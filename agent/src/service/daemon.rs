@@ -1,0 +1,303 @@
+//! The runner: sets the machine up, turns every source (ring buffer,
+//! timers, signals, control socket, policy files, the NVML poller) into an
+//! [`Event`] for [`Agent::handle`], and carries out the [`Effect`]s it
+//! returns (sd_notify, metrics rendering, leaving the loop).
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+use tracing::{info, warn};
+
+pub use super::agent::{Agent, Effect, Event, Notice, ReloadCause, core_sets_here, load_ananicy};
+pub use super::agent_views::cpus_allowed;
+use crate::{
+    actuate::{Placer, cgroup::Groups, systemd::SystemdPlacer},
+    kernel::bpf::{self, Tracer},
+    model::{policy::PolicySource, procs::LiveProcs},
+    observe::metrics,
+    service::control,
+};
+
+/// How long file events are collected before one reload: editors write a
+/// file in several steps.
+const RELOAD_SETTLE: Duration = Duration::from_millis(20);
+
+pub struct Options {
+    pub source: PolicySource,
+    pub sysfs_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub socket: PathBuf,
+    pub dry_run: bool,
+    pub ring_bytes: u32,
+    /// How often /proc is swept for processes whose events were missed.
+    pub sweep_interval: Duration,
+    /// How processes are placed: through systemd, or corral's own cgroupfs
+    /// subtree.
+    pub backend: Backend,
+}
+
+/// The placement backend `corral run` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// systemd when it is the service manager (/run/systemd/system), else
+    /// cgroupfs.
+    Auto,
+    /// Through systemd's managers: units, slices, runtime properties.
+    Systemd,
+    /// corral's own subtree of the cgroup2 hierarchy (hosts without
+    /// systemd: OpenRC, runit, containers).
+    Cgroupfs,
+}
+
+impl Backend {
+    /// The backend this host gets.
+    pub fn resolve(self) -> Backend {
+        match self {
+            Backend::Auto if crate::actuate::systemd::systemd_booted() => Backend::Systemd,
+            Backend::Auto => Backend::Cgroupfs,
+            chosen => chosen,
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Watches the directories of the policy files; sends `Event::Reload`-worthy
+/// notifications on `tx` when one of the files is written, moved in or
+/// removed.
+fn watch_policy(files: Vec<PathBuf>, tx: mpsc::Sender<()>) -> anyhow::Result<()> {
+    use inotify::{Inotify, WatchMask};
+    use tokio_stream_shim::next_event;
+    let inotify = Inotify::init().context("inotify")?;
+    let mut dirs = BTreeSet::new();
+    for file in &files {
+        if let Some(dir) = file.parent().filter(|d| d.is_dir()) {
+            dirs.insert(dir.to_owned());
+        } else {
+            info!(file = %file.display(), "its directory does not exist yet: create it, then `corral reload`");
+        }
+    }
+    let mask = WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MOVED_FROM;
+    for dir in &dirs {
+        inotify
+            .watches()
+            .add(dir, mask)
+            .with_context(|| format!("watching {}", dir.display()))?;
+    }
+    let names: BTreeSet<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(Into::into))
+        .collect();
+    let mut stream = inotify.into_event_stream(vec![0u8; 4096])?;
+    tokio::spawn(async move {
+        while let Some(name) = next_event(&mut stream).await {
+            if name.as_ref().is_some_and(|n| names.contains(n)) && tx.send(()).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The one place that touches inotify's stream type.
+mod tokio_stream_shim {
+    use std::ffi::OsString;
+
+    use inotify::EventStream;
+
+    /// The name in the next event (None for events without one); None at the end.
+    pub async fn next_event(stream: &mut EventStream<Vec<u8>>) -> Option<Option<OsString>> {
+        std::future::poll_fn(|cx| {
+            use futures_core::Stream as _;
+            std::pin::Pin::new(&mut *stream).poll_next(cx)
+        })
+        .await
+        .and_then(Result::ok)
+        .map(|event| event.name)
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM: turns every source into an
+/// [`Event`], lets [`Agent::handle`] decide, and carries out the effects.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let policy = options.source.load()?;
+    for w in &policy.warnings {
+        warn!("{w}");
+    }
+    let (resolved, online) = core_sets_here(&policy, &options.sysfs_root)?;
+    let placer: Box<dyn Placer> = match options.backend.resolve() {
+        Backend::Systemd if !options.dry_run => {
+            info!("systemd is the service manager: placing through its units and slices");
+            let log = PathBuf::from(crate::actuate::systemd::RESTORE_LOG);
+            if let Some(dir) = log.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            Box::new(SystemdPlacer::start(&policy, &resolved, online, log)?)
+        }
+        _ => {
+            let mut groups = Groups::setup(
+                &options.cgroup_root,
+                &policy,
+                &resolved,
+                online,
+                options.dry_run,
+            )?;
+            // A crashed agent may have left a group frozen or narrowed:
+            // never keep it so.
+            groups.release_all();
+            Box::new(groups)
+        }
+    };
+    // Attach before seeding, so nothing started in between is missed.
+    let (tracer, events) = Tracer::load(options.ring_bytes)?;
+    let watched = options.source.watched_files();
+    let gpu_config = policy.gpu.clone();
+    let metrics_addr = policy.telemetry.metrics_addr;
+    let mut agent = Agent::new(
+        options.source,
+        options.sysfs_root,
+        policy,
+        placer,
+        Box::new(LiveProcs),
+        Some(tracer),
+    );
+    let (gpu_tx, mut gpu_rx) = mpsc::channel(8);
+    let _poller = gpu_config.enabled.then(|| {
+        crate::gpu::nvml::spawn_poller(gpu_config.library.clone(), gpu_config.poll_interval, gpu_tx)
+    });
+    let (control_tx, mut control_rx) = mpsc::channel(64);
+    let server = control::serve(&options.socket, control_tx)?;
+    let (file_tx, mut file_rx) = mpsc::channel(16);
+    if let Err(e) = watch_policy(watched, file_tx) {
+        warn!("policy files are not watched ({e:#}); reload with SIGHUP or `corral reload`");
+    }
+    // SAFETY: the ring buffer owns its fd and outlives the registration
+    // (both live until this function returns).
+    let mut events = unsafe { AsyncFd::register(events) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    // The metrics endpoint serves the latest rendering, refreshed by the
+    // loop (scrapes never touch the agent's state).
+    let rendered = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let metrics_server = match metrics_addr {
+        Some(addr) => {
+            let shared = rendered.clone();
+            match metrics::serve(addr, move || {
+                shared.lock().map(|t| t.clone()).unwrap_or_default()
+            })
+            .await
+            {
+                Ok((bound, handle)) => {
+                    info!(%bound, "metrics at http://{bound}/metrics");
+                    agent.metrics_bound = Some(bound);
+                    Some(handle)
+                }
+                Err(e) => {
+                    warn!("metrics endpoint off: {e:#}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let notifier = crate::service::notify::Notifier::from_env();
+    let carry_out = |effects: Vec<Effect>, agent: &Agent| -> bool {
+        let mut go_on = true;
+        for effect in effects {
+            match effect {
+                Effect::Notify(Notice::Ready { status }) => notifier.ready(&status),
+                Effect::Notify(Notice::Reloading) => notifier.reloading(),
+                Effect::Notify(Notice::Watchdog) => notifier.watchdog(),
+                Effect::Notify(Notice::Stopping) => notifier.stopping(),
+                // Rendering is only worth it when something can scrape it.
+                Effect::RenderMetrics if metrics_server.is_some() => {
+                    let text = agent.metrics().render();
+                    if let Ok(mut shared) = rendered.lock() {
+                        *shared = text;
+                    }
+                }
+                Effect::RenderMetrics => {}
+                Effect::Exit => go_on = false,
+            }
+        }
+        go_on
+    };
+    let effects = agent.handle(Event::Seed);
+    carry_out(effects, &agent);
+    let mut counters = tokio::time::interval(Duration::from_secs(1));
+    let mut sweeps = tokio::time::interval(options.sweep_interval);
+    sweeps.tick().await;
+    // Fed from the loop itself, so a stuck loop stops feeding it.
+    let mut watchdog =
+        tokio::time::interval(notifier.watchdog_every.unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    info!(
+        socket = %options.socket.display(),
+        root = %agent.layout().root.display(),
+        dry_run = options.dry_run,
+        "corral is running"
+    );
+    loop {
+        let deadline = agent.mode_deadline();
+        let effects = tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if let Some(event) = bpf::decode(&item) {
+                        drop(item);
+                        agent.handle(Event::Kernel(event));
+                    }
+                }
+                guard.clear_ready();
+                agent.handle(Event::KernelBatchDone)
+            }
+            Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
+            Some(incoming) = control_rx.recv() => agent.handle(Event::Control(incoming)),
+            Some(()) = file_rx.recv() => {
+                // Let the editor finish, then reload once for the burst.
+                tokio::time::sleep(RELOAD_SETTLE).await;
+                while file_rx.try_recv().is_ok() {}
+                agent.handle(Event::Reload(ReloadCause::FileChanged))
+            }
+            _ = sighup.recv() => agent.handle(Event::Reload(ReloadCause::Signal)),
+            _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()).await },
+                if deadline.is_some() => agent.handle(Event::ModeTimer),
+            _ = watchdog.tick() => agent.handle(Event::WatchdogTick),
+            _ = sweeps.tick() => agent.handle(Event::SweepTick),
+            _ = counters.tick() => agent.handle(Event::CountersTick),
+            _ = sigterm.recv() => agent.handle(Event::Stop),
+            _ = sigint.recv() => agent.handle(Event::Stop),
+        };
+        if !carry_out(effects, &agent) {
+            break;
+        }
+    }
+    server.abort();
+    if let Some(handle) = metrics_server {
+        handle.abort();
+    }
+    let _ = std::fs::remove_file(&options.socket);
+    Ok(())
+}
