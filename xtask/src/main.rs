@@ -94,8 +94,9 @@ fn main() -> anyhow::Result<()> {
             setup::ebpf_toolchain()?;
             setup::clippy()?;
             // `corral top` is tested in a tmux pseudo-terminal; the overhead
-            // bench uses perf.
-            setup::apt(&["tmux", "util-linux"])?;
+            // bench uses perf; the systemd D-Bus client is tested against a fake
+            // manager on a private dbus-daemon.
+            setup::apt(&["tmux", "util-linux", "dbus-daemon"])?;
             setup::tracefs()?;
             cargo(&["build", "-p", "corral"])?;
             cargo(&[
