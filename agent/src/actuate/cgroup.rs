@@ -318,6 +318,16 @@ impl Groups {
     }
 }
 
+impl Groups {
+    /// Names where each class lives for status (a slice, for backends
+    /// that do not use corral's own subtree).
+    pub fn relabel(&mut self, path_of: impl Fn(&str) -> PathBuf) {
+        for group in self.groups.values_mut() {
+            group.path = path_of(&group.class);
+        }
+    }
+}
+
 /// The cgroupfs backend: corral's own subtree (`corral/<class>`) on hosts
 /// where no service manager owns the cgroup tree.
 impl crate::actuate::Placer for Groups {

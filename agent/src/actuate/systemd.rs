@@ -232,7 +232,7 @@ impl SystemdPlacer {
         online: CpuList,
         restore_log: PathBuf,
     ) -> anyhow::Result<Self> {
-        let layout = Groups::planned(Path::new("/"), policy, resolved, online.clone(), |_| 0);
+        let layout = planned(policy, resolved, online.clone());
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (jobs, rx) = tokio::sync::mpsc::unbounded_channel();
         let worker = Worker {
@@ -281,6 +281,16 @@ impl SystemdPlacer {
     pub fn fence_of(&self, pid: u32) -> Option<Fence> {
         self.shared.lock().ok()?.fences.get(&pid).cloned()
     }
+}
+
+/// The class layout: core sets and weights, each class living in its slice.
+fn planned(policy: &Policy, resolved: &[Resolved], online: CpuList) -> Groups {
+    let mut layout = Groups::planned(Path::new("/"), policy, resolved, online, |_| 0);
+    layout.relabel(|class| PathBuf::from(class_slice(class)));
+    // Planned means "writes no cgroup file", not a dry run: the managers
+    // carry it out.
+    layout.dry_run = false;
+    layout
 }
 
 /// Sets the CPU affinity of every thread of `pid`; returns how many.
@@ -345,13 +355,7 @@ impl Placer for SystemdPlacer {
     }
 
     fn reconfigure(&mut self, policy: &Policy, resolved: &[Resolved]) -> anyhow::Result<()> {
-        self.layout = Groups::planned(
-            Path::new("/"),
-            policy,
-            resolved,
-            self.layout.online.clone(),
-            |_| 0,
-        );
+        self.layout = planned(policy, resolved, self.layout.online.clone());
         self.send_class_props();
         Ok(())
     }

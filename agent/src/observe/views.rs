@@ -26,6 +26,10 @@ fn text(lines: Vec<String>) -> String {
 pub fn render_status(s: &Status) -> String {
     let mut lines = vec![
         format!("policy  {}", s.policy),
+        match s.backend.as_str() {
+            "systemd" => "backend systemd: each process stays in its own manager, in its class's slice corral-<class>.slice".to_owned(),
+            other => format!("backend {other}"),
+        },
         format!(
             "cgroups {}  (core sets {}){}",
             s.cgroup_root,
@@ -56,6 +60,9 @@ pub fn render_status(s: &Status) -> String {
         if let Some(note) = &c.note {
             lines.push(format!("{:<8} note: {note}", ""));
         }
+    }
+    for note in &s.backend_notes {
+        lines.push(format!("note    {note}"));
     }
     lines.push(format!("mode    {} ({})", s.mode, s.mode_why));
     match (&s.gpu.on, &s.gpu.off_reason) {
@@ -121,6 +128,9 @@ pub fn render_explanation(e: &Explanation) -> String {
         format!("  cgroup    {} (now)", e.cgroup_now),
         format!("  cpus      {} (Cpus_allowed_list now)", e.cpus_allowed),
     ];
+    if let Some(placement) = &e.placement {
+        lines.push(format!("  unit      {placement}"));
+    }
     if let Some(bytes) = e.vram_bytes {
         lines.push(format!("  vram      {} MiB", bytes >> 20));
     }
@@ -401,6 +411,16 @@ mod tests {
     }
 
     #[test]
+    fn status_under_systemd_names_the_backend_and_what_it_cannot_do() {
+        let mut s = status();
+        s.backend = "systemd".into();
+        s.backend_notes = vec!["user 1000's manager unreachable (no socket): affinity fence only".into()];
+        let text = render_status(&s);
+        assert!(text.contains("backend systemd: each process stays in its own manager"), "{text}");
+        assert!(text.contains("note    user 1000's manager unreachable"), "{text}");
+    }
+
+    #[test]
     fn status_shows_a_row_per_class_the_mode_and_the_counters() {
         let text = render_status(&status());
         let lines: Vec<&str> = text.lines().collect();
@@ -408,6 +428,7 @@ mod tests {
             lines,
             [
                 "policy  /etc/corral/policy.toml",
+                "backend cgroupfs",
                 "cgroups /sys/fs/cgroup/corral  (core sets enforced)",
                 "class     procs       cpus   weight  placed  cgroup",
                 "game          3        0-7     1000      12  /corral/game",

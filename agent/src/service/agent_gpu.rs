@@ -258,7 +258,12 @@ impl Agent {
     /// VRAM region: `dmem.low` for the game's reserve and `dmem.max` for the
     /// other classes' budgets, on the first region. Absent: said in status.
     pub fn apply_dmem(&mut self) {
-        if !self.policy.gpu.enabled || self.placer.layout().dry_run {
+        // dmem files live in corral's own groups; under systemd there are
+        // none to write (systemd has no dmem properties yet).
+        if !self.policy.gpu.enabled
+            || self.placer.layout().dry_run
+            || self.placer.backend() != "cgroupfs"
+        {
             return;
         }
         let cgroupfs::DmemSupport::Present { regions } =
