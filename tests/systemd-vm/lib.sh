@@ -130,6 +130,12 @@ cgroup_of() { sed -n 's/^0:://p' "/proc/$1/cgroup" 2>/dev/null; }
 cpus_allowed() { awk '/^Cpus_allowed_list:/ {print $2}' "/proc/$1/status" 2>/dev/null; }
 comm_of() { cat "/proc/$1/comm" 2>/dev/null; }
 exe_of() { readlink "/proc/$1/exe" 2>/dev/null; }
+# all_gone PID...: none of them runs any more.
+all_gone() {
+    local pid
+    for pid; do alive "$pid" && return 1; done
+    return 0
+}
 alive() { [[ -d /proc/$1 ]] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
 gone() { ! alive "$1"; }
 # children_of PID: its child pids, one a line.
@@ -234,19 +240,19 @@ artifact() {
     { "$@"; echo "(exit $?)"; } > "$ARTIFACTS/$name" 2>&1
 }
 
-# journal_mark: remembers where the journal is now; journal_since_mark NAME
-# [JOURNALCTL ARGS] saves what was logged since then.
-JOURNAL_CURSOR=
-journal_mark() {
-    JOURNAL_CURSOR=$(journalctl -n 0 --show-cursor -q 2>/dev/null | sed -n 's/^-- cursor: //p')
+# journal_cursor: where the journal is now (for journal_since).
+journal_cursor() {
+    journalctl -n 0 --show-cursor -q 2>/dev/null | sed -n 's/^-- cursor: //p'
 }
-journal_since_mark() {
-    local name=$1
+# journal_since CURSOR [JOURNALCTL ARGS]: what was logged after CURSOR (the
+# whole boot if it is empty).
+journal_since() {
+    local cursor=$1
     shift
-    if [[ -n $JOURNAL_CURSOR ]]; then
-        journalctl --no-pager -o short-monotonic --after-cursor="$JOURNAL_CURSOR" "$@" > "$ARTIFACTS/$name" 2>&1
+    if [[ -n $cursor ]]; then
+        journalctl --no-pager -o short-monotonic --after-cursor="$cursor" "$@"
     else
-        journalctl --no-pager -o short-monotonic -b "$@" > "$ARTIFACTS/$name" 2>&1
+        journalctl --no-pager -o short-monotonic -b "$@"
     fi
 }
 

@@ -1,7 +1,8 @@
 # service: the packaged unit, started the way a user would. Must pass today.
 
 scenario_service() {
-    journal_mark
+    local since
+    since=$(journal_cursor)
     check "service: systemctl enable --now corral" \
         timed service_enable_now systemctl enable --now corral.service
     check_eq "service: corral.service is active" active "$(systemctl is-active corral.service)"
@@ -29,5 +30,5 @@ scenario_service() {
 
     check "service: systemctl reload corral" systemctl reload corral.service
     check_eq "service: active after reload" active "$(systemctl is-active corral.service)"
-    journal_since_mark journal-service.txt -u corral.service
+    journal_since "$since" -u corral.service > "$ARTIFACTS/journal-service.txt"
 }

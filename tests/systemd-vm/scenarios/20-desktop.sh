@@ -31,7 +31,8 @@ scenario_desktop() {
     check "desktop: alice's manager (user@$ALICE_UID.service) is up" wait_user_manager 120
     check "desktop: stand-in shell runs in alice's session.slice" desktop_shell_start
     debug_logging on
-    journal_mark
+    local since
+    since=$(journal_cursor)
 
     # --- launch ---------------------------------------------------------
     local steam reaper game nvim analyzer blender
@@ -89,12 +90,13 @@ scenario_desktop() {
 
     # PID 1 re-applies its cgroup settings on daemon-reload; cgroups made
     # beside its own show up as controller conflicts (logged at debug).
-    journal_mark
+    local before_reload
+    before_reload=$(journal_cursor)
     systemctl daemon-reload
     sleep 2
     check_absent "desktop: daemon-reload logs no cgroup controller conflict" \
         'Failed to (disable|enable) controller|controller.*busy' \
-        "$(journalctl --no-pager -q --after-cursor="$JOURNAL_CURSOR" _PID=1)"
+        "$(journal_since "$before_reload" -q _PID=1)"
 
     # Closing the app: stopping its scope ends it (and its children).
     user_systemctl stop "$GAME_SCOPE" 2>/dev/null
@@ -102,15 +104,14 @@ scenario_desktop() {
         wait_for 10 gone "$game"
     # Logging out: stopping alice's manager ends her apps.
     systemctl stop "user@$ALICE_UID.service"
+    wait_for 10 all_gone "$nvim" "$analyzer" "$blender"
     for label in nvim:$nvim rust-analyzer:$analyzer blender:$blender; do
-        pid=${label#*:}
-        check "desktop: logging out (stop user@$ALICE_UID) ends ${label%%:*}" \
-            wait_for 10 gone "$pid"
+        check "desktop: logging out (stop user@$ALICE_UID) ends ${label%%:*}" gone "${label#*:}"
     done
     TODO=
 
     debug_logging off
-    journal_since_mark journal-desktop.txt
+    journal_since "$since" > "$ARTIFACTS/journal-desktop.txt"
     # Leave the machine as found: no leftovers, alice's manager back.
     for pid in "$game" "$reaper" "$steam" "$analyzer" "$nvim" "$blender"; do
         [[ -n $pid ]] && kill -9 "$pid" 2>/dev/null
