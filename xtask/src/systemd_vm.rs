@@ -51,7 +51,13 @@ const KERNEL_CMDLINE: &str = "root=/dev/vda rw console=ttyS0,115200 \
 /// the host's, for a guest that hangs before or after that.
 const RUN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Guest files copied into the share (besides `scenarios/`).
-const GUEST_FILES: &[&str] = &["run-tests.sh", "lib.sh", "desktop-shell.sh"];
+const GUEST_FILES: &[&str] = &[
+    "run-tests.sh",
+    "lib.sh",
+    "desktop-shell.sh",
+    "spawner.py",
+    "latency.py",
+];
 
 /// What `cargo xtask systemd-vm` was asked for.
 #[derive(Default)]

@@ -90,6 +90,9 @@ pub struct Groups {
     pub cpu: bool,
     pub online: CpuList,
     pub dry_run: bool,
+    /// Whether this layout is carried out by writing cgroup files (false for
+    /// a plan another backend carries out, or a dry run).
+    writes_files: bool,
     groups: BTreeMap<String, Group>,
 }
 
@@ -118,6 +121,7 @@ impl Groups {
             cpu: false,
             online,
             dry_run,
+            writes_files: !dry_run,
             groups: BTreeMap::new(),
         };
         if !dry_run {
@@ -156,7 +160,7 @@ impl Groups {
                 note: None,
             };
             info!(class = %r.class, cpus = %r.cpus, "{}", r.why);
-            if !self.dry_run {
+            if self.writes_files {
                 let unchanged = previous
                     .as_ref()
                     .is_some_and(|p| p.cpus == group.cpus && p.cpu_weight == group.cpu_weight);
@@ -175,7 +179,7 @@ impl Groups {
             .collect();
         for class in gone {
             if let Some(group) = self.groups.remove(&class)
-                && !self.dry_run
+                && self.writes_files
             {
                 // Fails while processes remain; they are moved out by the
                 // reload's re-placement, and the empty group goes next time.
@@ -193,7 +197,7 @@ impl Groups {
         cpus: CpuList,
         note: Option<String>,
     ) -> anyhow::Result<bool> {
-        let cpuset = self.cpuset && !self.dry_run;
+        let cpuset = self.cpuset && self.writes_files;
         let Some(group) = self.groups.get_mut(class) else {
             return Ok(false);
         };
@@ -260,7 +264,7 @@ impl Groups {
     }
 
     fn move_to(&self, dir: &Path, pid: u32) -> Result<(), MoveError> {
-        if self.dry_run {
+        if !self.writes_files {
             return Ok(());
         }
         let path = dir.join("cgroup.procs");
@@ -279,7 +283,7 @@ impl Groups {
     /// Fail-safe on stop: every managed group gets every online CPU, so no
     /// process stays confined to a small core set once corral is gone.
     pub fn widen_all(&self) {
-        if self.dry_run || !self.cpuset {
+        if !self.writes_files || !self.cpuset {
             return;
         }
         for group in self.groups.values() {
@@ -307,6 +311,7 @@ impl Groups {
             cpu: true,
             online,
             dry_run: true,
+            writes_files: false,
             groups: BTreeMap::new(),
         };
         // A dry run writes nothing, so this cannot fail.

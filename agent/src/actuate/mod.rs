@@ -87,6 +87,11 @@ pub trait Placer {
     fn describe(&self, _pid: u32) -> Option<String> {
         None
     }
+    /// When `pid` was in its unit (CLOCK_MONOTONIC ns), for backends that
+    /// place asynchronously.
+    fn joined_ns(&self, _pid: u32) -> Option<u64> {
+        None
+    }
     /// What the backend cannot do now and why, for status.
     fn notes(&self) -> Vec<String> {
         Vec::new()

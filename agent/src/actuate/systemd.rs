@@ -26,10 +26,11 @@
 //!   before the change; stop, `corral recover` and the next start put them
 //!   back. All changes are runtime ones: nothing survives a reboot.
 //!
-//! Each user's manager is reached on its private socket
-//! (`/run/user/UID/systemd/private`), which systemd opens to root and the
-//! user; without one (no user session) the affinity fence stays, and status
-//! and explain say so.
+//! Each user's manager is reached by the root agent itself on that user's
+//! session bus (`/run/user/UID/bus`, connected with the user's credentials:
+//! see [`ManagerClient::user_bus_as`]), so no per-user agent is needed;
+//! without one (no user session) the affinity fence stays, and status and
+//! explain say so.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -127,6 +128,10 @@ pub struct Fence {
     pub slice: Option<String>,
     /// What keeps it on its class's CPUs, in words.
     pub fenced_by: String,
+    /// When it was in its unit (CLOCK_MONOTONIC ns); None while fenced by
+    /// affinity alone.
+    #[serde(default)]
+    pub joined_ns: Option<u64>,
 }
 
 /// What the worker learned, shared with the loop.
@@ -497,6 +502,10 @@ impl Placer for SystemdPlacer {
         }
     }
 
+    fn joined_ns(&self, pid: u32) -> Option<u64> {
+        self.fence_of(pid)?.joined_ns
+    }
+
     fn describe(&self, pid: u32) -> Option<String> {
         let fence = self.fence_of(pid)?;
         Some(format!(
@@ -553,6 +562,9 @@ impl Worker {
             restore(&leftover, &self.online).await;
             self.restore = RestoreLog::default();
             self.restore.write(&self.restore_path);
+            // The system manager always: system.slice and init.scope follow
+            // the dynamic mode even when no system process is placed.
+            let _ = self.client(Manager::System).await;
             while let Some(job) = rx.recv().await {
                 self.handle(job).await;
             }
@@ -565,7 +577,7 @@ impl Worker {
         }
         let connected = match manager {
             Manager::System => ManagerClient::system().await,
-            Manager::User(uid) => ManagerClient::at_peer_socket(&user_private_socket(uid)).await,
+            Manager::User(uid) => ManagerClient::user_bus_as(uid).await,
         };
         match connected {
             Ok(client) => {
@@ -767,6 +779,7 @@ impl Worker {
             unit: None,
             slice: Some(slice.clone()),
             fenced_by: format!("affinity ({why})"),
+            joined_ns: None,
         };
         let Some(client) = self.client(manager).await else {
             let why = format!("{} is not reachable", manager.describe());
@@ -775,8 +788,24 @@ impl Worker {
             self.restore.write(&self.restore_path);
             return;
         };
-        let info = match client.unit_of_pid(pid).await {
-            Ok(info) => info,
+        let (client, info) = match client.unit_of_pid(pid).await {
+            Ok(info) => (client, info),
+            // A manager that restarted (logout and login, daemon-reexec)
+            // left a dead connection: reconnect once.
+            Err(e) if e.dbus_name().is_none() => {
+                debug!("{}: {e}; reconnecting", manager.describe());
+                self.clients.remove(&manager);
+                let Some(client) = self.client(manager).await else {
+                    return;
+                };
+                match client.unit_of_pid(pid).await {
+                    Ok(info) => (client, info),
+                    Err(e) => {
+                        debug!(pid, "unit not found ({e}); gone?");
+                        return;
+                    }
+                }
+            }
             Err(e) => {
                 debug!(pid, "unit not found ({e}); gone?");
                 return;
@@ -860,6 +889,7 @@ impl Worker {
         delegated: bool,
         cpus: &[u32],
     ) {
+        let joined_ns = crate::service::daemon::monotonic_ns();
         if start_ticks != 0 && current_start_ticks(pid) != Some(start_ticks) {
             return; // exited, and maybe a new process has the pid: hands off
         }
@@ -916,6 +946,7 @@ impl Worker {
                 unit: Some(unit.to_owned()),
                 slice: Some(slice),
                 fenced_by,
+                joined_ns: Some(joined_ns),
             },
         );
     }
@@ -970,11 +1001,6 @@ fn merge(old: Option<&CgroupProps>, new: &CgroupProps) -> CgroupProps {
     merged
 }
 
-/// The private socket of `uid`'s manager.
-pub fn user_private_socket(uid: u32) -> PathBuf {
-    PathBuf::from(format!("/run/user/{uid}/systemd/private"))
-}
-
 /// Puts back everything in `log`: original unit properties, class slices
 /// widened to every online CPU, affinity-only fences lifted. Used on stop,
 /// at start after a crash, and by `corral recover`. Returns what it did.
@@ -992,7 +1018,7 @@ pub async fn restore(log: &RestoreLog, online: &[u32]) -> Vec<String> {
     for m in managers {
         let client = match m {
             Manager::System => ManagerClient::system().await,
-            Manager::User(uid) => ManagerClient::at_peer_socket(&user_private_socket(uid)).await,
+            Manager::User(uid) => ManagerClient::user_bus_as(uid).await,
         };
         match client {
             Ok(c) => {

@@ -348,6 +348,30 @@ impl ManagerClient {
         Self::new(conn, true).await
     }
 
+    /// User `uid`'s manager, for a root caller: its session bus
+    /// (`/run/user/UID/bus`), connected with `uid`'s credentials, because
+    /// dbus-daemon lets only the bus's user in. (The manager's private
+    /// socket takes root too, but systemd stamps its messages there with a
+    /// well-known sender name that zbus cannot parse and panics on.)
+    pub async fn user_bus_as(uid: u32) -> Result<Self, Error> {
+        let path = PathBuf::from(format!("/run/user/{uid}/bus"));
+        let connect_error = |e: std::io::Error| Error::Connect {
+            tried: format!("{} as uid {uid}: {e}", path.display()),
+        };
+        let stream = connect_as(uid, &path).map_err(connect_error)?;
+        stream.set_nonblocking(true).map_err(connect_error)?;
+        let stream = tokio::net::UnixStream::from_std(stream).map_err(connect_error)?;
+        let conn = zbus::connection::Builder::unix_stream(stream)
+            .user_id(uid)
+            .method_timeout(METHOD_TIMEOUT)
+            .build()
+            .await
+            .map_err(|e| Error::Connect {
+                tried: format!("{} as uid {uid}: {e}", path.display()),
+            })?;
+        Self::new(conn, true).await
+    }
+
     /// A manager on its private socket at `path`, peer to peer.
     pub async fn at_peer_socket(path: &Path) -> Result<Self, Error> {
         let conn = peer_connection(path).await.map_err(|e| Error::Connect {
@@ -742,6 +766,27 @@ async fn connect_bus_with_systemd(address: &str) -> zbus::Result<Connection> {
             "no {SYSTEMD_SERVICE} on this bus (the user manager is not connected to it)"
         )))
     }
+}
+
+/// Connects to the Unix socket at `path` with this thread's effective uid
+/// switched to `uid` for the `connect()` alone, so the peer's SO_PEERCRED
+/// says `uid`. The raw syscall changes only the calling thread (glibc's
+/// seteuid would change every thread of the agent); the uid is switched
+/// back before returning, whatever happened. Needs CAP_SETUID.
+fn connect_as(uid: u32, path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    // SAFETY: setresuid on this thread only; -1 keeps real and saved uid 0.
+    let switch = |to: u32| unsafe {
+        libc::syscall(libc::SYS_setresuid, -1i64, i64::from(to), -1i64)
+    };
+    if switch(uid) != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let result = std::os::unix::net::UnixStream::connect(path);
+    if switch(0) != 0 {
+        // Cannot happen with saved uid 0; never go on as another user.
+        panic!("could not switch back to uid 0 after connecting to {}", path.display());
+    }
+    result
 }
 
 /// A peer-to-peer connection to a manager's private socket.

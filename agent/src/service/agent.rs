@@ -585,6 +585,7 @@ impl Agent {
                         exec_ns,
                         handled_ns,
                         placed_ns,
+                        joined_ns: None,
                     });
                 }
                 if let Some(p) = self.table.get_mut(pid) {

@@ -139,7 +139,15 @@ impl Agent {
                 },
             },
             Request::Placements => Response::Placements {
-                placements: self.placements.iter().cloned().collect(),
+                placements: self
+                    .placements
+                    .iter()
+                    .cloned()
+                    .map(|mut p| {
+                        p.joined_ns = self.placer.joined_ns(p.pid);
+                        p
+                    })
+                    .collect(),
             },
             Request::Reload | Request::Enter { .. } => Response::Error {
                 message: "handled by the loop".into(),

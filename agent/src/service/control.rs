@@ -219,8 +219,12 @@ pub struct Placement {
     pub exec_ns: u64,
     /// When the agent began handling the exec, CLOCK_MONOTONIC ns.
     pub handled_ns: u64,
-    /// When the cgroup write returned, CLOCK_MONOTONIC ns.
+    /// When the placement returned, CLOCK_MONOTONIC ns: the cgroup write
+    /// (cgroupfs), or the affinity fence (systemd).
     pub placed_ns: u64,
+    /// systemd backend: when the process was in its unit, CLOCK_MONOTONIC ns.
+    #[serde(default)]
+    pub joined_ns: Option<u64>,
 }
 
 /// A request on its way to the daemon loop, with where to send the answer.

@@ -3,9 +3,11 @@
 # session.slice): a Steam game (steam -> reaper SteamLaunch -> game.x86_64),
 # an editor with a language server (nvim -> rust-analyzer) and a batch
 # render (blender -b). Records where corral puts each process and what
-# systemd makes of it. The placement checks describe the systemd placement
-# backend (STYLE.md 17: keep a user's processes in that user's manager) and
-# are TODO until it exists: delete the TODO= line to make them hard checks.
+# systemd makes of it: each placed process stays in alice's manager
+# (STYLE.md 17), in a scope that keeps its app's id (app-steam-corralPID,
+# app-nvim-corralPID), and closing the app or logging out ends it. The
+# app's first scope is left to systemd: steam's lives on with steam in it,
+# nvim's and blender's are collected once their only process has moved.
 
 GAME_SCOPE=app-steam-1001.scope
 DEV_SCOPE=app-nvim-1002.scope
@@ -74,8 +76,7 @@ scenario_desktop() {
     artifact desktop-loginctl.txt loginctl user-status "$ALICE" --no-pager
     artifact desktop-user-units.txt user_systemctl list-units --no-pager --all 'app-*'
 
-    # --- what the systemd backend must do (TODO until it exists) ---------
-    TODO="systemd placement backend: apps stay in alice's manager"
+    # --- what the systemd backend must do --------------------------------
     for label in reaper:$reaper game.x86_64:$game nvim:$nvim \
                  rust-analyzer:$analyzer blender:$blender; do
         pid=${label#*:}
@@ -84,9 +85,11 @@ scenario_desktop() {
         check_match "desktop: systemctl --user status of ${label%%:*} names its scope" \
             "*.scope*" "$(user_status_line "$pid")"
     done
-    for unit in "$GAME_SCOPE" "$DEV_SCOPE" "$RENDER_SCOPE"; do
-        check "desktop: $unit survives placement" scope_active "$unit"
-    done
+    check "desktop: $GAME_SCOPE survives placement (steam is still in it)" scope_active "$GAME_SCOPE"
+    check_match "desktop: nvim's new scope keeps its app id" \
+        "*/app-nvim-corral$nvim.scope" "$(cgroup_of "$nvim")"
+    check_match "desktop: blender's new scope keeps its app id" \
+        "*/app-blender-corral$blender.scope" "$(cgroup_of "$blender")"
 
     # PID 1 re-applies its cgroup settings on daemon-reload; cgroups made
     # beside its own show up as controller conflicts (logged at debug).
@@ -98,9 +101,12 @@ scenario_desktop() {
         'Failed to (disable|enable) controller|controller.*busy' \
         "$(journal_since "$before_reload" -q _PID=1)"
 
-    # Closing the app: stopping its scope ends it (and its children).
-    user_systemctl stop "$GAME_SCOPE" 2>/dev/null
-    check "desktop: stopping $GAME_SCOPE ends game.x86_64" \
+    # Closing the app: stopping the unit the game is in ends it (and the
+    # reaper with it).
+    local game_unit
+    game_unit=$(basename "$(cgroup_of "$game")")
+    user_systemctl stop "$game_unit" 2>/dev/null
+    check "desktop: stopping the game's unit $game_unit ends game.x86_64" \
         wait_for 10 gone "$game"
     # Logging out: stopping alice's manager ends her apps.
     systemctl stop "user@$ALICE_UID.service"
@@ -108,7 +114,6 @@ scenario_desktop() {
     for label in nvim:$nvim rust-analyzer:$analyzer blender:$blender; do
         check "desktop: logging out (stop user@$ALICE_UID) ends ${label%%:*}" gone "${label#*:}"
     done
-    TODO=
 
     debug_logging off
     journal_since "$since" > "$ARTIFACTS/journal-desktop.txt"
