@@ -215,7 +215,11 @@ fn scenarios(wanted: Option<&str>) -> anyhow::Result<Vec<String>> {
 /// `bash -n` on every guest script: a typo found here costs no boot.
 fn check_guest_scripts() -> anyhow::Result<()> {
     let src = guest_src();
-    let mut scripts: Vec<PathBuf> = GUEST_FILES.iter().map(|f| src.join(f)).collect();
+    let mut scripts: Vec<PathBuf> = GUEST_FILES
+        .iter()
+        .filter(|f| f.ends_with(".sh"))
+        .map(|f| src.join(f))
+        .collect();
     scripts.push(src.join("image-setup.sh"));
     for entry in fs::read_dir(src.join("scenarios"))?.flatten() {
         scripts.push(entry.path());
