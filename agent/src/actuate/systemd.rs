@@ -300,23 +300,10 @@ fn planned(policy: &Policy, resolved: &[Resolved], online: CpuList) -> Groups {
 
 /// Sets the CPU affinity of every thread of `pid`; returns how many.
 pub fn set_affinity(pid: u32, cpus: &[u32]) -> io::Result<usize> {
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for cpu in cpus {
-        // SAFETY: CPU_SET on a zeroed set, cpu checked against its size.
-        if (*cpu as usize) < libc::CPU_SETSIZE as usize {
-            unsafe { libc::CPU_SET(*cpu as usize, &mut set) };
-        }
-    }
-    let mut done = 0;
-    for tid in threads(pid)? {
-        // SAFETY: a valid cpu_set_t of the size given.
-        let rc = unsafe {
-            libc::sched_setaffinity(tid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set)
-        };
-        if rc == 0 {
-            done += 1;
-        }
-    }
+    let done = threads(pid)?
+        .into_iter()
+        .filter(|tid| set_affinity_one(*tid, cpus).is_ok())
+        .count();
     if done == 0 {
         return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
