@@ -279,19 +279,6 @@ impl Groups {
             Err(source) => Err(MoveError::Io { pid, path, source }),
         }
     }
-
-    /// Fail-safe on stop: every managed group gets every online CPU, so no
-    /// process stays confined to a small core set once corral is gone.
-    pub fn widen_all(&self) {
-        if !self.writes_files || !self.cpuset {
-            return;
-        }
-        for group in self.groups.values() {
-            if let Err(e) = write_file(&group.path.join("cpuset.cpus"), &self.online.to_string()) {
-                warn!(group = %group.path.display(), "could not widen core set on stop: {e:#}");
-            }
-        }
-    }
 }
 
 impl Groups {
@@ -379,13 +366,20 @@ impl crate::actuate::Placer for Groups {
         kill_group(&group.path)
     }
 
+    /// The same release as `corral recover`: thaw, then widen.
     fn release_all(&mut self) {
-        match thaw_all_under(&self.root) {
-            Ok(0) => {}
-            Ok(n) => info!(groups = n, "thawed frozen groups"),
-            Err(e) => warn!("could not thaw every group: {e}"),
+        if !self.writes_files {
+            return;
         }
-        self.widen_all();
+        let report = release_all(&self.root, &self.online);
+        info!(
+            thawed = report.thawed,
+            widened = report.widened,
+            "released every group"
+        );
+        for e in &report.errors {
+            warn!("could not release every group: {e}");
+        }
     }
 }
 
