@@ -1,6 +1,8 @@
 //! Every cgroupfs file operation corral does: the class groups under its own
 //! root (create, core sets, weights, moving processes in and back), freezing,
 //! thawing and killing a group, and dmem (device memory) limits.
+//!
+//! Length: every cgroupfs file operation lives here on purpose (one module for them); the tests are the last 30 lines.
 
 use std::{
     collections::BTreeMap,

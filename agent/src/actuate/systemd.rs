@@ -31,6 +31,8 @@
 //! see [`ManagerClient::user_bus_as`]), so no per-user agent is needed;
 //! without one (no user session) the affinity fence stays, and status and
 //! explain say so.
+//!
+//! Length: the backend and its manager thread belong together (the thread is the backend's only way to act); about 100 lines are tests.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -24,6 +24,8 @@
 //! `AllowedCPUs` is `ay`, a little-endian CPU bitmask (byte `i`, bit `j` is CPU
 //! `8i+j`; `cpu_set_to_dbus`), an empty array meaning "unset"; `CPUWeight` is
 //! `t` in 1..=10000, `u64::MAX` meaning "unset" (the default).
+//!
+//! Length: one client of one D-Bus interface, with its wire-format tests (about 180 lines).
 
 use std::{
     future::poll_fn,

@@ -43,6 +43,8 @@
 //!
 //! The caller must carry out a Thaw for every class still frozen when it
 //! stops; [`Arbiter::release_all`] lists them.
+//!
+//! Length: about half of it is simulated timelines (the tests).
 
 use std::{collections::BTreeMap, fmt, str::FromStr, time::Duration};
 

@@ -19,6 +19,8 @@
 //! wanted mode as soon as the dwell allows. So a game that starts and exits
 //! during a deferral still earns the hold-down afterwards, exactly as if it
 //! had been protected.
+//!
+//! Length: more than half is the hysteresis timelines (tests).
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -3,6 +3,8 @@
 //! optional ananicy-cpp rule source. Parsing, layering (shipped default,
 //! then the user's override, key by key) and validation; matching lives in
 //! `classify`, core-set resolution in `topology`.
+//!
+//! Length: the policy's whole schema with spanned validation, one type per section; its tests are in policy/tests.rs.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -1,6 +1,8 @@
 //! The text views of the `corral` command as pure functions of what they
 //! show: `render_*(&T) -> String`. main.rs fetches or computes `T` and
 //! prints the String; nothing here reads, writes or prints anything.
+//!
+//! Length: more than half is golden tests of the views.
 
 use std::path::Path;
 

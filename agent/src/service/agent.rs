@@ -3,6 +3,8 @@
 //! what the runner ([`super::daemon::run`]) must do next ([`Effect`]).
 //! Placement goes through the [`Placer`] port, /proc through [`ProcSource`],
 //! so the unit tests in `agent_tests.rs` drive it with a recording backend.
+//!
+//! Length: the loop's decisions only; GPU coordination, read models and tests are in agent_gpu.rs, agent_views.rs and agent_tests.rs.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet, VecDeque},

@@ -1,6 +1,8 @@
 //! The loop's decisions, driven without root: scripted /proc, a recording
 //! placer and a hand-driven clock. Each test feeds events and checks what
 //! the agent asked the placer to do.
+//!
+//! Length: 33 scenario tests of the loop, one per behaviour.
 
 use std::{
     path::{Path, PathBuf},
