@@ -836,10 +836,22 @@ impl Worker {
                     } else {
                         scope.to_owned()
                     };
-                    match client
-                        .start_scope(&name, &slice, &[pid], &CgroupProps::default())
-                        .await
-                    {
+                    // Children forked before the move are still beside it
+                    // in the old unit: they go into the new scope with it
+                    // (systemd's AttachProcessesToUnit takes only delegated
+                    // units). If one exits meanwhile systemd refuses the
+                    // whole list: then the process alone.
+                    let mut pids = vec![pid];
+                    pids.extend(descendants_in(pid, &info.control_group));
+                    let mut started = client
+                        .start_scope(&name, &slice, &pids, &CgroupProps::default())
+                        .await;
+                    if started.is_err() && pids.len() > 1 {
+                        started = client
+                            .start_scope(&name, &slice, &[pid], &CgroupProps::default())
+                            .await;
+                    }
+                    match started {
                         Ok(unit) => unit,
                         Err(e) => {
                             if current_start_ticks(pid).is_some() {
@@ -939,6 +951,37 @@ impl Worker {
             },
         );
     }
+}
+
+/// Descendants of `pid` still in the cgroup `control_group` (relative to the
+/// manager's root, as systemd's ControlGroup property says; compared by
+/// suffix with /proc/PID/cgroup).
+fn descendants_in(pid: u32, control_group: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(p) = queue.pop() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                if found.len() >= 1024 || found.contains(&child) {
+                    continue;
+                }
+                let cgroup = fs::read_to_string(format!("/proc/{child}/cgroup")).unwrap_or_default();
+                if cgroup
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("0::"))
+                    .any(|c| c.ends_with(control_group))
+                {
+                    found.push(child);
+                    queue.push(child);
+                }
+            }
+        }
+    }
+    found
 }
 
 /// Resets to all online CPUs the threads in cgroup `dir` whose affinity is
@@ -1137,6 +1180,24 @@ mod tests {
             RestoreLog::read(&dir.join("missing.json")),
             RestoreLog::default()
         );
+    }
+
+    #[test]
+    fn children_still_beside_a_process_go_with_it() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let me = std::process::id();
+        let cgroup = fs::read_to_string(format!("/proc/{me}/cgroup")).unwrap();
+        let mine = cgroup
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap()
+            .to_owned();
+        let found = descendants_in(me, &mine);
+        let elsewhere = descendants_in(me, "/no/such/unit.scope");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(found.contains(&child.id()), "{found:?}");
+        assert!(!elsewhere.contains(&child.id()));
     }
 
     #[test]
