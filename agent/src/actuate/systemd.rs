@@ -386,19 +386,15 @@ impl Placer for SystemdPlacer {
             .group(class)
             .ok_or_else(|| MoveError::Unmanaged(class.to_owned()))?;
         let cpus: Vec<u32> = group.cpus.iter().collect();
-        // The fast fence, before anything asks a manager.
-        match set_affinity(target.pid, &cpus) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+        // The fast fence, before anything asks a manager. It can fail for a
+        // live process: while a game runs, app.slice may not have the game's
+        // CPUs, so a game launched from it cannot be given them until it is
+        // in its slice. Then the unit alone fences it, a moment later.
+        if let Err(e) = set_affinity(target.pid, &cpus) {
+            if !Path::new(&format!("/proc/{}", target.pid)).exists() {
                 return Err(MoveError::Gone(target.pid));
             }
-            Err(e) => {
-                return Err(MoveError::Io {
-                    pid: target.pid,
-                    path: PathBuf::from(format!("/proc/{}/task", target.pid)),
-                    source: e,
-                });
-            }
+            debug!(pid = target.pid, "affinity fence refused ({e}); the unit fences it");
         }
         let manager = Manager::of_cgroup(target.cgroup);
         self.used.insert(manager);
@@ -615,6 +611,13 @@ impl Worker {
                     self.restore.slices.push((manager, slice));
                     self.restore.write(&self.restore_path);
                 }
+            }
+            Err(e) if e.dbus_name().is_none() => {
+                // A manager that went away (logout): forget the connection;
+                // the next placement for it reconnects and re-creates the
+                // slices.
+                debug!("{}: {e}; dropping the connection", manager.describe());
+                self.clients.remove(&manager);
             }
             Err(e) => warn!("{}: class slice {slice}: {e}", manager.describe()),
         }
