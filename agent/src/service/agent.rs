@@ -29,7 +29,7 @@ use crate::{
         cpus::CpuList,
         modes::{self, Mode, ModeSwitch},
         policy::{Policy, PolicySource},
-        procs::{Proc, ProcInfo, ProcRead, ProcSource, ReadError, Table},
+        procs::{Proc, ProcRead, ProcSource, ReadError, Table},
         topology::{Resolved, Topology},
     },
     observe::metrics::{Histogram, ReloadCounts},
@@ -303,8 +303,9 @@ impl Agent {
     /// group (an agent restart) is adopted, not moved.
     pub(super) fn seed(&mut self) {
         self.table = Table::read_all(self.procs.as_ref(), &self.env_keys);
+        // The same walk as `corral policy test`.
+        classify::classify_table(&self.policy, self.ananicy.as_ref(), &mut self.table);
         for pid in self.table.parents_first() {
-            self.decide(pid);
             self.adopt_if_placed(pid);
             self.place(pid, None);
         }
@@ -520,26 +521,8 @@ impl Agent {
     /// Classifies `pid` from its table entry and its ancestors' decisions.
     /// Returns whether the class changed.
     pub(super) fn decide(&mut self, pid: u32) -> bool {
-        let ancestors = self.table.ancestors(pid);
-        let Some(process) = self.table.get(pid) else {
-            return false;
-        };
-        let infos: Vec<&ProcInfo> = ancestors
-            .iter()
-            .filter_map(|a| self.table.get(*a).map(|p| &p.info))
-            .collect();
-        let parent_decision = ancestors
-            .last()
-            .and_then(|a| self.table.get(*a))
-            .map(|p| &p.decision);
-        let decision = classify::classify_one(
-            &self.policy,
-            self.ananicy.as_ref(),
-            &process.info,
-            &infos,
-            parent_decision,
-        );
-        self.table.set_decision(pid, decision)
+        classify::classify_in_table(&self.policy, self.ananicy.as_ref(), &self.table, pid)
+            .is_some_and(|decision| self.table.set_decision(pid, decision))
     }
 
     /// Moves `pid` into its class's group unless it is there already or
