@@ -154,16 +154,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             Box::new(SystemdPlacer::start(&policy, &resolved, online, log)?)
         }
         _ => {
-            let mut groups = Groups::setup(
+            let groups = Groups::setup(
                 &options.cgroup_root,
                 &policy,
                 &resolved,
                 online,
                 options.dry_run,
             )?;
-            // A crashed agent may have left a group frozen or narrowed:
-            // never keep it so.
-            groups.release_all();
+            // A crashed agent may have left a group frozen: never keep it
+            // so. (Core sets were just written by setup; widening here
+            // would undo them behind the layout's back.)
+            if !options.dry_run {
+                match crate::actuate::cgroup::thaw_all_under(&options.cgroup_root) {
+                    Ok(0) => {}
+                    Ok(n) => info!(groups = n, "thawed groups a crashed agent left frozen"),
+                    Err(e) => warn!("could not thaw every group: {e}"),
+                }
+            }
             Box::new(groups)
         }
     };
