@@ -333,12 +333,6 @@ fn threads(pid: u32) -> io::Result<Vec<u32>> {
         .collect())
 }
 
-fn current_start_ticks(pid: u32) -> Option<u64> {
-    crate::model::procs::read_proc(pid, &Default::default())
-        .ok()
-        .map(|r| r.start_ticks)
-}
-
 impl Placer for SystemdPlacer {
     fn backend(&self) -> &'static str {
         "systemd"
@@ -394,7 +388,10 @@ impl Placer for SystemdPlacer {
             if !Path::new(&format!("/proc/{}", target.pid)).exists() {
                 return Err(MoveError::Gone(target.pid));
             }
-            debug!(pid = target.pid, "affinity fence refused ({e}); the unit fences it");
+            debug!(
+                pid = target.pid,
+                "affinity fence refused ({e}); the unit fences it"
+            );
         }
         let manager = Manager::of_cgroup(target.cgroup);
         self.used.insert(manager);
@@ -857,7 +854,7 @@ impl Worker {
                     match started {
                         Ok(unit) => unit,
                         Err(e) => {
-                            if current_start_ticks(pid).is_some() {
+                            if crate::model::procs::start_ticks(pid).is_some() {
                                 warn!(
                                     pid,
                                     "{}: starting {name}: {e}; affinity fence only",
@@ -894,12 +891,10 @@ impl Worker {
         cpus: &[u32],
     ) {
         let joined_ns = crate::service::daemon::monotonic_ns();
-        if start_ticks != 0 && current_start_ticks(pid) != Some(start_ticks) {
+        if start_ticks != 0 && crate::model::procs::start_ticks(pid) != Some(start_ticks) {
             return; // exited, and maybe a new process has the pid: hands off
         }
-        let cgroup = crate::model::procs::read_proc(pid, &Default::default())
-            .map(|r| r.info.cgroup)
-            .unwrap_or_default();
+        let cgroup = crate::model::procs::cgroup_of(pid).unwrap_or_default();
         let Some(mount) = crate::actuate::cgroup::cgroup2_mount() else {
             return;
         };
@@ -968,15 +963,14 @@ fn descendants_in(pid: u32, control_group: &str) -> Vec<u32> {
         };
         for task in tasks.flatten() {
             let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
                 if found.len() >= 1024 || found.contains(&child) {
                     continue;
                 }
-                let cgroup = fs::read_to_string(format!("/proc/{child}/cgroup")).unwrap_or_default();
-                if cgroup
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("0::"))
-                    .any(|c| c.ends_with(control_group))
+                if crate::model::procs::cgroup_of(child).is_some_and(|c| c.ends_with(control_group))
                 {
                     found.push(child);
                     queue.push(child);
@@ -1085,7 +1079,9 @@ pub async fn restore(log: &RestoreLog, online: &[u32]) -> Vec<String> {
         }
     }
     for (pid, ticks) in &log.affinity {
-        if current_start_ticks(*pid) == Some(*ticks) && set_affinity(*pid, online).is_ok() {
+        if crate::model::procs::start_ticks(*pid) == Some(*ticks)
+            && set_affinity(*pid, online).is_ok()
+        {
             done.push(format!("process {pid}: affinity widened"));
         }
     }
@@ -1187,7 +1183,10 @@ mod tests {
 
     #[test]
     fn children_still_beside_a_process_go_with_it() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let me = std::process::id();
         let cgroup = fs::read_to_string(format!("/proc/{me}/cgroup")).unwrap();
         let mine = cgroup

@@ -777,16 +777,18 @@ async fn connect_bus_with_systemd(address: &str) -> zbus::Result<Connection> {
 /// back before returning, whatever happened. Needs CAP_SETUID.
 fn connect_as(uid: u32, path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
     // SAFETY: setresuid on this thread only; -1 keeps real and saved uid 0.
-    let switch = |to: u32| unsafe {
-        libc::syscall(libc::SYS_setresuid, -1i64, i64::from(to), -1i64)
-    };
+    let switch =
+        |to: u32| unsafe { libc::syscall(libc::SYS_setresuid, -1i64, i64::from(to), -1i64) };
     if switch(uid) != 0 {
         return Err(std::io::Error::last_os_error());
     }
     let result = std::os::unix::net::UnixStream::connect(path);
     if switch(0) != 0 {
         // Cannot happen with saved uid 0; never go on as another user.
-        panic!("could not switch back to uid 0 after connecting to {}", path.display());
+        panic!(
+            "could not switch back to uid 0 after connecting to {}",
+            path.display()
+        );
     }
     result
 }

@@ -112,6 +112,10 @@ pub trait ProcSource {
     fn pids(&self) -> Vec<u32>;
     /// The real uid of a process.
     fn owner(&self, pid: u32) -> Option<u32>;
+    /// Its start time, for pid-reuse checks (a full read by default).
+    fn start_ticks(&self, pid: u32) -> Option<u64> {
+        self.read(pid, &BTreeSet::new()).ok().map(|r| r.start_ticks)
+    }
 }
 
 /// The machine's /proc.
@@ -131,6 +135,10 @@ impl ProcSource for LiveProcs {
 
     fn owner(&self, pid: u32) -> Option<u32> {
         owner(pid)
+    }
+
+    fn start_ticks(&self, pid: u32) -> Option<u64> {
+        start_ticks(pid)
     }
 }
 
@@ -219,14 +227,7 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, Read
                 .collect()
         })
         .unwrap_or_default();
-    let cgroup = std::fs::read_to_string(format!("{dir}/cgroup"))
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("0::"))
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let cgroup = cgroup_of(pid).unwrap_or_default();
     let env = std::fs::read(format!("{dir}/environ"))
         .map(|raw| {
             raw.split(|b| *b == 0)
@@ -276,6 +277,23 @@ fn parse_stat(stat: &[u8]) -> Option<(String, u32, u64)> {
     let ppid = fields.get(1)?.parse().ok()?;
     let start = fields.get(19)?.parse().ok()?;
     Some((comm, ppid, start))
+}
+
+/// A process's start time (clock ticks since boot) from /proc/PID/stat
+/// alone: with the pid, who it is, for pid-reuse checks.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat).map(|(_, _, start)| start)
+}
+
+/// A process's cgroup (relative to the cgroup2 mount) from /proc/PID/cgroup
+/// alone.
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
 }
 
 /// The real uid of a process, from /proc/PID/status.

@@ -416,10 +416,17 @@ mod tests {
     fn status_under_systemd_names_the_backend_and_what_it_cannot_do() {
         let mut s = status();
         s.backend = "systemd".into();
-        s.backend_notes = vec!["user 1000's manager unreachable (no socket): affinity fence only".into()];
+        s.backend_notes =
+            vec!["user 1000's manager unreachable (no socket): affinity fence only".into()];
         let text = render_status(&s);
-        assert!(text.contains("backend systemd: each process stays in its own manager"), "{text}");
-        assert!(text.contains("note    user 1000's manager unreachable"), "{text}");
+        assert!(
+            text.contains("backend systemd: each process stays in its own manager"),
+            "{text}"
+        );
+        assert!(
+            text.contains("note    user 1000's manager unreachable"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -158,7 +158,10 @@ pub fn load_ananicy(policy: &Policy) -> Option<AnanicyRules> {
 }
 
 /// Reads the topology and resolves the policy's core sets on it.
-pub fn core_sets_here(policy: &Policy, sysfs_root: &Path) -> anyhow::Result<(Vec<Resolved>, CpuList)> {
+pub fn core_sets_here(
+    policy: &Policy,
+    sysfs_root: &Path,
+) -> anyhow::Result<(Vec<Resolved>, CpuList)> {
     let topology = Topology::read(sysfs_root)?;
     let resolved = policy.resolve_cpus(&topology)?;
     Ok((resolved, topology.online().clone()))
@@ -972,9 +975,7 @@ impl Agent {
         else {
             return true;
         };
-        self.procs
-            .read(pid, &BTreeSet::new())
-            .is_ok_and(|read| read.start_ticks == known)
+        self.procs.start_ticks(pid) == Some(known)
     }
 
     /// When the loop must wake for the dynamic mode even without events.
