@@ -401,11 +401,6 @@ impl Table {
         self.by_class.get(class).copied().unwrap_or(0)
     }
 
-    /// Tracked processes per class.
-    pub fn counts(&self) -> &HashMap<String, usize> {
-        &self.by_class
-    }
-
     /// Roots of `class`'s trees: processes of the class whose parent is
     /// not of it (one per game launch, however many processes it forks).
     pub fn roots_of(&self, class: &str) -> usize {

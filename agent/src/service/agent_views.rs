@@ -1,7 +1,7 @@
 //! The agent's read models: the snapshots `corral status`, `explain`,
 //! `placements` and the metrics endpoint are built from. Reads state only.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::agent::Agent;
 use crate::{
@@ -13,15 +13,6 @@ use crate::{
 };
 
 impl Agent {
-    /// Tracked processes per class.
-    pub(super) fn processes_by_class(&self) -> BTreeMap<&str, u64> {
-        self.table
-            .counts()
-            .iter()
-            .map(|(class, n)| (class.as_str(), *n as u64))
-            .collect()
-    }
-
     /// Everything the agent exports, as of now.
     pub fn metrics(&self) -> Metrics {
         let vram = self
@@ -30,7 +21,6 @@ impl Agent {
             .as_ref()
             .map(|s| self.vram_by_class(s))
             .unwrap_or_default();
-        let processes = self.processes_by_class();
         let classes = self
             .policy
             .classes
@@ -39,7 +29,7 @@ impl Agent {
                 let group = self.placer.layout().group(&class.name);
                 let sched = self.sched_stats(&class.name);
                 let mut m = ClassMetrics {
-                    processes: processes.get(class.name.as_str()).copied().unwrap_or(0),
+                    processes: self.table.count(&class.name) as u64,
                     cpu_seconds: sched.as_ref().map_or(0.0, |s| s.oncpu_ns as f64 / 1e9),
                     runqueue_latency: sched.as_ref().map_or_else(
                         || Histogram::from_log2_us(&[]),
@@ -157,7 +147,6 @@ impl Agent {
 
     pub(super) fn status(&self) -> Status {
         let (rss, cpu) = metrics::read_self();
-        let processes = self.processes_by_class();
         let classes = self
             .policy
             .classes
@@ -166,7 +155,7 @@ impl Agent {
                 let group = self.placer.layout().group(&class.name);
                 ClassStatus {
                     class: class.name.clone(),
-                    processes: processes.get(class.name.as_str()).copied().unwrap_or(0) as usize,
+                    processes: self.table.count(&class.name),
                     cgroup: group.map(|g| g.path.display().to_string()),
                     cpus: group.map(|g| g.cpus.to_string()),
                     base_cpus: group.map(|g| g.base.to_string()),
