@@ -166,7 +166,10 @@ fn run(options: &Options) -> anyhow::Result<()> {
             image.base.display()
         );
     }
-    println!("systemd VM: artifacts in {}", share.join("artifacts").display());
+    println!(
+        "systemd VM: artifacts in {}",
+        share.join("artifacts").display()
+    );
     report
 }
 
@@ -259,7 +262,13 @@ fn ensure_tools() -> anyhow::Result<()> {
     println!("qemu-system-x86_64 is not Debian 12's 7.2; installing that one");
     run_cmd(
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "--allow-downgrades"])
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "--allow-downgrades",
+            ])
             .args(["-t", SUITE])
             .args(["qemu-system-x86", "qemu-system-common", "qemu-system-data"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
@@ -295,7 +304,11 @@ fn lock(path: &Path) -> anyhow::Result<Lock> {
         println!("systemd VM: another run holds {}; waiting", path.display());
         // SAFETY: as above.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            bail!("locking {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(Lock(file))
@@ -510,7 +523,10 @@ fn prepare_share(share: &Path, deb: &Path, scenario: Option<&str>) -> anyhow::Re
             .with_context(|| format!("copying tests/systemd-vm/{file}"))?;
     }
     for entry in fs::read_dir(src.join("scenarios"))?.flatten() {
-        fs::copy(entry.path(), share.join("scenarios").join(entry.file_name()))?;
+        fs::copy(
+            entry.path(),
+            share.join("scenarios").join(entry.file_name()),
+        )?;
     }
     run_cmd(
         Command::new("gcc")
@@ -536,25 +552,42 @@ struct Boot {
 fn boot(image: &Image, overlay: &Path, share: &Path, last: &Path) -> anyhow::Result<Boot> {
     let console = last.join("console.log");
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2048"])
-        .arg("-kernel")
-        .arg(&image.kernel)
-        .arg("-initrd")
-        .arg(&image.initrd)
-        .args(["-append", KERNEL_CMDLINE])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=qcow2,if=virtio,cache=unsafe",
-            overlay.display()
-        ))
-        .arg("-virtfs")
-        .arg(format!(
-            "local,path={},mount_tag=host,security_model=none,id=host",
-            share.display()
-        ))
-        .args(["-nic", "none", "-display", "none", "-monitor", "none", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()));
+    qemu.args([
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "2048",
+    ])
+    .arg("-kernel")
+    .arg(&image.kernel)
+    .arg("-initrd")
+    .arg(&image.initrd)
+    .args(["-append", KERNEL_CMDLINE])
+    .arg("-drive")
+    .arg(format!(
+        "file={},format=qcow2,if=virtio,cache=unsafe",
+        overlay.display()
+    ))
+    .arg("-virtfs")
+    .arg(format!(
+        "local,path={},mount_tag=host,security_model=none,id=host",
+        share.display()
+    ))
+    .args([
+        "-nic",
+        "none",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()));
     fs::write(last.join("qemu-cmdline.txt"), format!("{qemu:?}\n"))?;
     let qemu_log = last.join("qemu.log");
     let log = fs::File::create(&qemu_log)?;

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use tracing::{debug, info, warn};
 
-use crate::{model::cpus::CpuList, model::policy::Policy, model::topology::Resolved};
+use crate::{model::coresets::Resolved, model::cpus::CpuList, model::policy::Policy};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -333,17 +333,12 @@ impl crate::actuate::Placer for Groups {
         self
     }
 
-    fn reconfigure(&mut self, policy: &Policy, resolved: &[Resolved]) -> anyhow::Result<()> {
-        Groups::reconfigure(self, policy, resolved)
+    fn layout_mut(&mut self) -> &mut Groups {
+        self
     }
 
-    fn set_cpus(
-        &mut self,
-        class: &str,
-        cpus: CpuList,
-        note: Option<String>,
-    ) -> anyhow::Result<bool> {
-        Groups::set_cpus(self, class, cpus, note)
+    fn reconfigure(&mut self, policy: &Policy, resolved: &[Resolved]) -> anyhow::Result<()> {
+        Groups::reconfigure(self, policy, resolved)
     }
 
     fn place(&mut self, class: &str, target: crate::actuate::Target<'_>) -> Result<(), MoveError> {

@@ -13,7 +13,7 @@ use std::io;
 
 use crate::{
     actuate::cgroup::{Groups, MoveError},
-    model::{cpus::CpuList, policy::Policy, topology::Resolved},
+    model::{coresets::Resolved, cpus::CpuList, policy::Policy},
 };
 
 /// What a backend needs to know about the process it places.
@@ -39,6 +39,7 @@ pub trait Placer {
     fn backend(&self) -> &'static str;
     /// The classes this backend places, their core sets and weights now.
     fn layout(&self) -> &Groups;
+    fn layout_mut(&mut self) -> &mut Groups;
     /// Brings the layout in line with a (new) policy.
     fn reconfigure(&mut self, policy: &Policy, resolved: &[Resolved]) -> anyhow::Result<()>;
     /// Sets a class's current CPUs (the dynamic mode, the thermal guard).
@@ -48,7 +49,16 @@ pub trait Placer {
         class: &str,
         cpus: CpuList,
         note: Option<String>,
-    ) -> anyhow::Result<bool>;
+    ) -> anyhow::Result<bool> {
+        let changed = self.layout_mut().set_cpus(class, cpus.clone(), note)?;
+        if changed {
+            self.cpus_changed(class, &cpus);
+        }
+        Ok(changed)
+    }
+    /// A class's CPUs changed in the layout: carry it out where the layout
+    /// itself does not (a manager's unit property, a test's record).
+    fn cpus_changed(&mut self, _class: &str, _cpus: &CpuList) {}
     /// Puts the whole process (all threads) into `class`.
     fn place(&mut self, class: &str, target: Target<'_>) -> Result<(), MoveError>;
     /// Sends a process the policy no longer manages back to `origin` (a

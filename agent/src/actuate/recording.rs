@@ -13,7 +13,7 @@ use crate::{
         Placer, Target,
         cgroup::{Groups, MoveError},
     },
-    model::{cpus::CpuList, policy::Policy, topology::Resolved},
+    model::{coresets::Resolved, cpus::CpuList, policy::Policy},
 };
 
 /// One call the loop made.
@@ -107,6 +107,10 @@ impl Placer for RecordingPlacer {
         &self.layout
     }
 
+    fn layout_mut(&mut self) -> &mut Groups {
+        &mut self.layout
+    }
+
     fn reconfigure(&mut self, policy: &Policy, resolved: &[Resolved]) -> anyhow::Result<()> {
         self.layout = Groups::planned(
             &self.layout.root,
@@ -118,21 +122,11 @@ impl Placer for RecordingPlacer {
         Ok(())
     }
 
-    fn set_cpus(
-        &mut self,
-        class: &str,
-        cpus: CpuList,
-        note: Option<String>,
-    ) -> anyhow::Result<bool> {
-        let text = cpus.to_string();
-        let changed = self.layout.set_cpus(class, cpus, note)?;
-        if changed {
-            self.log(Call::SetCpus {
-                class: class.to_owned(),
-                cpus: text,
-            });
-        }
-        Ok(changed)
+    fn cpus_changed(&mut self, class: &str, cpus: &CpuList) {
+        self.log(Call::SetCpus {
+            class: class.to_owned(),
+            cpus: cpus.to_string(),
+        });
     }
 
     fn place(&mut self, class: &str, target: Target<'_>) -> Result<(), MoveError> {

@@ -52,7 +52,7 @@ use crate::{
         cgroup::{Groups, MoveError},
         systemd_bus::{CgroupProps, ManagerClient, Setting, UnitInfo, xdg_scope_name},
     },
-    model::{cpus::CpuList, policy::Policy, topology::Resolved},
+    model::{coresets::Resolved, cpus::CpuList, policy::Policy},
 };
 
 /// Where the restore log lives (tmpfs: gone at reboot, like the runtime
@@ -342,30 +342,24 @@ impl Placer for SystemdPlacer {
         &self.layout
     }
 
+    fn layout_mut(&mut self) -> &mut Groups {
+        &mut self.layout
+    }
+
     fn reconfigure(&mut self, policy: &Policy, resolved: &[Resolved]) -> anyhow::Result<()> {
         self.layout = planned(policy, resolved, self.layout.online.clone());
         self.send_class_props();
         Ok(())
     }
 
-    fn set_cpus(
-        &mut self,
-        class: &str,
-        cpus: CpuList,
-        note: Option<String>,
-    ) -> anyhow::Result<bool> {
-        let list: Vec<u32> = cpus.iter().collect();
-        let changed = self.layout.set_cpus(class, cpus, note)?;
-        if changed {
-            self.send(Job::Class {
-                class: class.to_owned(),
-                props: CgroupProps {
-                    allowed_cpus: Setting::Set(list),
-                    cpu_weight: Setting::Keep,
-                },
-            });
-        }
-        Ok(changed)
+    fn cpus_changed(&mut self, class: &str, cpus: &CpuList) {
+        self.send(Job::Class {
+            class: class.to_owned(),
+            props: CgroupProps {
+                allowed_cpus: Setting::Set(cpus.iter().collect()),
+                cpu_weight: Setting::Keep,
+            },
+        });
     }
 
     fn set_others(&mut self, cpus: Option<CpuList>) {

@@ -519,43 +519,42 @@ format:
         Ok(())
     }
 
+    impl Telemetry<&'static str> {
+        /// `set` with the fake attach (failing for `missing`) and detach.
+        fn switch(
+            &mut self,
+            on: bool,
+            tracefs: &Path,
+            calls: &mut Calls,
+            missing: &'static str,
+        ) -> Result<Option<String>, String> {
+            self.set(
+                on,
+                TELEMETRY,
+                tracefs,
+                calls,
+                attach_unless(missing),
+                detach,
+            )
+        }
+    }
+
     #[test]
     fn telemetry_attaches_all_and_detaches_all() {
         let tracefs = fake_tracefs("all", &["sched_wakeup", "sched_wakeup_new", "sched_switch"]);
         let mut telemetry = Telemetry::default();
         let mut calls = Calls::new();
         let warning = telemetry
-            .set(
-                true,
-                TELEMETRY,
-                &tracefs,
-                &mut calls,
-                attach_unless("none"),
-                detach,
-            )
+            .switch(true, &tracefs, &mut calls, "none")
             .unwrap();
         assert_eq!(warning, None);
         assert!(telemetry.is_on() && telemetry.is_attached("sched_switch"));
         // Already on: nothing is attached twice.
         telemetry
-            .set(
-                true,
-                TELEMETRY,
-                &tracefs,
-                &mut calls,
-                attach_unless("none"),
-                detach,
-            )
+            .switch(true, &tracefs, &mut calls, "none")
             .unwrap();
         telemetry
-            .set(
-                false,
-                TELEMETRY,
-                &tracefs,
-                &mut calls,
-                attach_unless("none"),
-                detach,
-            )
+            .switch(false, &tracefs, &mut calls, "none")
             .unwrap();
         assert!(!telemetry.is_on());
         assert_eq!(telemetry.off_reason(), None);
@@ -596,14 +595,7 @@ format:
         let mut telemetry = Telemetry::default();
         let mut calls = Calls::new();
         let warning = telemetry
-            .set(
-                true,
-                TELEMETRY,
-                &tracefs,
-                &mut calls,
-                attach_unless("sched_switch"),
-                detach,
-            )
+            .switch(true, &tracefs, &mut calls, "sched_switch")
             .unwrap()
             .expect("a warning the first time");
         assert!(
@@ -624,14 +616,7 @@ format:
         );
         for on in [true, false, true] {
             let again = telemetry
-                .set(
-                    on,
-                    TELEMETRY,
-                    &tracefs,
-                    &mut calls,
-                    attach_unless("sched_switch"),
-                    detach,
-                )
+                .switch(on, &tracefs, &mut calls, "sched_switch")
                 .unwrap();
             assert_eq!(again, None);
         }
@@ -648,14 +633,7 @@ format:
         );
         let mut telemetry = Telemetry::default();
         let warning = telemetry
-            .set(
-                true,
-                TELEMETRY,
-                &tracefs,
-                &mut Calls::new(),
-                attach_unless("sched_wakeup_new"),
-                detach,
-            )
+            .switch(true, &tracefs, &mut Calls::new(), "sched_wakeup_new")
             .unwrap()
             .unwrap();
         assert!(

@@ -1,6 +1,6 @@
 //! CPU lists in the kernel's format ("0-3,8,10-11"): parsing, printing, the
 //! online CPUs, and set operations. Which list a class gets on this machine
-//! is `topology::assign_core_sets`'s business.
+//! is `coresets::assign_core_sets`'s business.
 
 use std::{collections::BTreeSet, fmt, path::Path};
 

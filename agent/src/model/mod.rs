@@ -1,10 +1,11 @@
 //! What corral knows and decides, as pure logic: the process table, the
-//! policy, classification, CPU lists, topology and core sets, the dynamic
+//! policy, classification, CPU lists, topology, core sets, the dynamic
 //! modes. Reads files it is pointed at (/proc, sysfs, policy files); writes
 //! nothing.
 
 pub mod ananicy;
 pub mod classify;
+pub mod coresets;
 pub mod cpus;
 pub mod modes;
 pub mod policy;

@@ -267,7 +267,7 @@ fn games(n: usize) -> String {
 ///
 /// Without `game_class` in `base` there is nothing to protect: every class
 /// keeps its base set in both modes. Base sets are expected to be non-empty
-/// (as `topology::assign_core_sets` returns them); then no class is ever empty.
+/// (as `coresets::assign_core_sets` returns them); then no class is ever empty.
 pub fn layout(
     mode: Mode,
     base: &BTreeMap<String, CpuList>,

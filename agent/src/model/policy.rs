@@ -2,7 +2,7 @@
 //! which processes belong to which class, dynamic-mode timing and the
 //! optional ananicy-cpp rule source. Parsing, layering (shipped default,
 //! then the user's override, key by key) and validation; matching lives in
-//! `classify`, core-set resolution in `topology`.
+//! `classify`, core-set resolution in `coresets`.
 //!
 //! Length: the policy's whole schema with spanned validation, one type per section; its tests are in policy/tests.rs.
 
@@ -22,7 +22,10 @@ use crate::{
     gpu::askers,
     gpu::thermal::ThermalConfig,
     model::modes::ModeConfig,
-    model::topology::{self, CoreSetError, CoreSpec, Resolved, Topology},
+    model::{
+        coresets::{self, CoreSetError, CoreSpec, Resolved},
+        topology::Topology,
+    },
 };
 
 /// The class every process has when no rule claims it. Never moved.
@@ -504,7 +507,7 @@ impl Policy {
         // Core-set intents that no machine could serve (a share outside
         // (0, 1], `with` naming no class or going round in a circle) are
         // refused now, at the class that asked.
-        topology::check_intents(&core_specs(&classes)).map_err(|e| core_set_error(&classes, &e))?;
+        coresets::check_intents(&core_specs(&classes)).map_err(|e| core_set_error(&classes, &e))?;
 
         // Rules: an override's rule replaces the shipped one of the same
         // name in place (or drops it with `disabled = true`); new rules go
@@ -776,7 +779,7 @@ impl Policy {
     /// have is refused, with the position of the class and the CPUs that
     /// exist.
     pub fn resolve_cpus(&self, topology: &Topology) -> Result<Vec<Resolved>, PolicyError> {
-        topology::assign_core_sets(&core_specs(&self.classes), topology)
+        coresets::assign_core_sets(&core_specs(&self.classes), topology)
             .map_err(|e| core_set_error(&self.classes, &e))
     }
 

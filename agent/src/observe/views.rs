@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     actuate::cgroup::ReleaseReport,
     model::classify::Decision,
+    model::coresets::Resolved,
     model::cpus::CpuList,
     model::policy::Policy,
     model::procs::Table,
-    model::topology::Resolved,
     service::control::{Explanation, ReloadStatus, Status},
 };
 

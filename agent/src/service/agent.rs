@@ -26,11 +26,12 @@ use crate::{
     model::{
         ananicy::AnanicyRules,
         classify,
+        coresets::Resolved,
         cpus::CpuList,
         modes::{self, Mode, ModeSwitch},
         policy::{Policy, PolicySource},
         procs::{Proc, ProcRead, ProcSource, ReadError, Table},
-        topology::{Resolved, Topology},
+        topology::Topology,
     },
     observe::metrics::{Histogram, ReloadCounts},
     service::control::{self, EventCounts, Peer, Placement, ReloadStatus, Request, Response},

@@ -5,14 +5,38 @@ use std::collections::BTreeSet;
 
 use super::agent::Agent;
 use crate::{
-    actuate::cgroup::Groups,
+    actuate::cgroup::{Group, Groups},
     kernel::bpf::{SchedStats, Tracer},
     model::modes::Mode,
     observe::metrics::{self, ClassMetrics, GpuMetrics, Histogram, Metrics},
     service::control::{AncestorLine, ClassStatus, Explanation, Request, Response, Status},
 };
 
+/// One class of the policy as it stands, for the read models.
+struct ClassNow<'a> {
+    name: &'a str,
+    group: Option<&'a Group>,
+    processes: usize,
+    placements: u64,
+    sched: Option<SchedStats>,
+}
+
 impl Agent {
+    /// Each class of the policy, in policy order, with its group and counts.
+    fn classes_now(&self) -> impl Iterator<Item = ClassNow<'_>> {
+        self.policy.classes.values().map(|class| ClassNow {
+            name: &class.name,
+            group: self.placer.layout().group(&class.name),
+            processes: self.table.count(&class.name),
+            placements: self
+                .placements_by_class
+                .get(&class.name)
+                .copied()
+                .unwrap_or(0),
+            sched: self.sched_stats(&class.name),
+        })
+    }
+
     /// Everything the agent exports, as of now.
     pub fn metrics(&self) -> Metrics {
         let vram = self
@@ -22,47 +46,47 @@ impl Agent {
             .map(|s| self.vram_by_class(s))
             .unwrap_or_default();
         let classes = self
-            .policy
-            .classes
-            .values()
-            .map(|class| {
-                let group = self.placer.layout().group(&class.name);
-                let sched = self.sched_stats(&class.name);
-                let mut m = ClassMetrics {
-                    processes: self.table.count(&class.name) as u64,
-                    cpu_seconds: sched.as_ref().map_or(0.0, |s| s.oncpu_ns as f64 / 1e9),
-                    runqueue_latency: sched.as_ref().map_or_else(
-                        || Histogram::from_log2_us(&[]),
-                        |s| Histogram::from_log2_us(&s.runq_hist),
-                    ),
-                    placements: self
-                        .placements_by_class
-                        .get(&class.name)
-                        .copied()
-                        .unwrap_or(0),
-                    cpus: group.map_or(0, |g| g.cpus.len() as u64),
-                    ..Default::default()
-                };
-                if let Some(pressure) =
-                    group.and_then(|g| std::fs::read_to_string(g.path.join("cpu.pressure")).ok())
-                {
-                    m.set_cpu_pressure(&pressure);
-                }
-                if let Some(snapshot) = &self.gpu.last {
-                    m.vram_used_bytes = Some(vram.get(&class.name).copied().unwrap_or(0));
-                    let total = snapshot.devices.first().map_or(0, |d| d.total_bytes);
-                    m.vram_budget_bytes = self
-                        .policy
-                        .gpu
-                        .arbiter
-                        .classes
-                        .iter()
-                        .find(|b| b.class == class.name)
-                        .and_then(|b| b.max.or(b.reserve))
-                        .map(|a| a.bytes(total));
-                }
-                (class.name.clone(), m)
-            })
+            .classes_now()
+            .map(
+                |ClassNow {
+                     name,
+                     group,
+                     processes,
+                     placements,
+                     sched,
+                 }| {
+                    let mut m = ClassMetrics {
+                        processes: processes as u64,
+                        cpu_seconds: sched.as_ref().map_or(0.0, |s| s.oncpu_ns as f64 / 1e9),
+                        runqueue_latency: sched.as_ref().map_or_else(
+                            || Histogram::from_log2_us(&[]),
+                            |s| Histogram::from_log2_us(&s.runq_hist),
+                        ),
+                        placements,
+                        cpus: group.map_or(0, |g| g.cpus.len() as u64),
+                        ..Default::default()
+                    };
+                    if let Some(pressure) = group
+                        .and_then(|g| std::fs::read_to_string(g.path.join("cpu.pressure")).ok())
+                    {
+                        m.set_cpu_pressure(&pressure);
+                    }
+                    if let Some(snapshot) = &self.gpu.last {
+                        m.vram_used_bytes = Some(vram.get(name).copied().unwrap_or(0));
+                        let total = snapshot.devices.first().map_or(0, |d| d.total_bytes);
+                        m.vram_budget_bytes = self
+                            .policy
+                            .gpu
+                            .arbiter
+                            .classes
+                            .iter()
+                            .find(|b| b.class == name)
+                            .and_then(|b| b.max.or(b.reserve))
+                            .map(|a| a.bytes(total));
+                    }
+                    (name.to_owned(), m)
+                },
+            )
             .collect();
         let (rss, cpu) = metrics::read_self();
         Metrics {
@@ -148,28 +172,27 @@ impl Agent {
     pub(super) fn status(&self) -> Status {
         let (rss, cpu) = metrics::read_self();
         let classes = self
-            .policy
-            .classes
-            .values()
-            .map(|class| {
-                let group = self.placer.layout().group(&class.name);
-                ClassStatus {
-                    class: class.name.clone(),
-                    processes: self.table.count(&class.name),
+            .classes_now()
+            .map(
+                |ClassNow {
+                     name,
+                     group,
+                     processes,
+                     placements,
+                     sched,
+                 }| ClassStatus {
+                    class: name.to_owned(),
+                    processes,
                     cgroup: group.map(|g| g.path.display().to_string()),
                     cpus: group.map(|g| g.cpus.to_string()),
                     base_cpus: group.map(|g| g.base.to_string()),
                     why: group.map(|g| g.why.clone()),
                     cpu_weight: group.map(|g| g.cpu_weight),
-                    placements: self
-                        .placements_by_class
-                        .get(&class.name)
-                        .copied()
-                        .unwrap_or(0),
+                    placements,
                     note: group.and_then(|g| g.note.clone()),
-                    sched: self.sched_stats(&class.name),
-                }
-            })
+                    sched,
+                },
+            )
             .collect();
         Status {
             policy: self.policy.describe_files(),
