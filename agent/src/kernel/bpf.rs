@@ -106,22 +106,10 @@ impl Tracer {
                 .attach(category, name)
                 .with_context(|| format!("attaching to tracepoint {category}/{name}"))?;
         }
-        let events = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .ok_or_else(|| anyhow!("EVENTS map missing"))?,
-        )?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map("COUNTERS")
-                .ok_or_else(|| anyhow!("COUNTERS map missing"))?,
-        )?;
-        let class_of = BpfHashMap::try_from(
-            ebpf.take_map("CLASS_OF")
-                .ok_or_else(|| anyhow!("CLASS_OF map missing"))?,
-        )?;
-        let class_stats = PerCpuArray::try_from(
-            ebpf.take_map("CLASS_STATS")
-                .ok_or_else(|| anyhow!("CLASS_STATS map missing"))?,
-        )?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?)?;
+        let class_of = BpfHashMap::try_from(take_map(&mut ebpf, "CLASS_OF")?)?;
+        let class_stats = PerCpuArray::try_from(take_map(&mut ebpf, "CLASS_STATS")?)?;
         if telemetry.off_reason().is_none() {
             for (_, name) in TELEMETRY {
                 if let Err(e) = tracepoint(&mut ebpf, name)?.load() {
@@ -260,6 +248,12 @@ impl Tracer {
 }
 
 /// One of the loaded programs, as a tracepoint program.
+/// A map of the object, by name.
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("{name} map missing from the eBPF object"))
+}
+
 fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut TracePoint> {
     Ok(ebpf
         .program_mut(name)

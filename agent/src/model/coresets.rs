@@ -41,6 +41,7 @@
 //!
 //! No class is ever given an empty set: the worst case is "all online CPUs",
 //! which is what the class would have had without corral.
+//! Length: the rules above and their helpers; about 310 lines are fixture tests.
 
 use std::{
     cmp::Reverse,

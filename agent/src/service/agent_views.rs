@@ -47,46 +47,39 @@ impl Agent {
             .unwrap_or_default();
         let classes = self
             .classes_now()
-            .map(
-                |ClassNow {
-                     name,
-                     group,
-                     processes,
-                     placements,
-                     sched,
-                 }| {
-                    let mut m = ClassMetrics {
-                        processes: processes as u64,
-                        cpu_seconds: sched.as_ref().map_or(0.0, |s| s.oncpu_ns as f64 / 1e9),
-                        runqueue_latency: sched.as_ref().map_or_else(
-                            || Histogram::from_log2_us(&[]),
-                            |s| Histogram::from_log2_us(&s.runq_hist),
-                        ),
-                        placements,
-                        cpus: group.map_or(0, |g| g.cpus.len() as u64),
-                        ..Default::default()
-                    };
-                    if let Some(pressure) = group
-                        .and_then(|g| std::fs::read_to_string(g.path.join("cpu.pressure")).ok())
-                    {
-                        m.set_cpu_pressure(&pressure);
-                    }
-                    if let Some(snapshot) = &self.gpu.last {
-                        m.vram_used_bytes = Some(vram.get(name).copied().unwrap_or(0));
-                        let total = snapshot.devices.first().map_or(0, |d| d.total_bytes);
-                        m.vram_budget_bytes = self
-                            .policy
-                            .gpu
-                            .arbiter
-                            .classes
-                            .iter()
-                            .find(|b| b.class == name)
-                            .and_then(|b| b.max.or(b.reserve))
-                            .map(|a| a.bytes(total));
-                    }
-                    (name.to_owned(), m)
-                },
-            )
+            .map(|c| {
+                let mut m = ClassMetrics {
+                    processes: c.processes as u64,
+                    cpu_seconds: c.sched.as_ref().map_or(0.0, |s| s.oncpu_ns as f64 / 1e9),
+                    runqueue_latency: c.sched.as_ref().map_or_else(
+                        || Histogram::from_log2_us(&[]),
+                        |s| Histogram::from_log2_us(&s.runq_hist),
+                    ),
+                    placements: c.placements,
+                    cpus: c.group.map_or(0, |g| g.cpus.len() as u64),
+                    ..Default::default()
+                };
+                if let Some(pressure) = c
+                    .group
+                    .and_then(|g| std::fs::read_to_string(g.path.join("cpu.pressure")).ok())
+                {
+                    m.set_cpu_pressure(&pressure);
+                }
+                if let Some(snapshot) = &self.gpu.last {
+                    m.vram_used_bytes = Some(vram.get(c.name).copied().unwrap_or(0));
+                    let total = snapshot.devices.first().map_or(0, |d| d.total_bytes);
+                    m.vram_budget_bytes = self
+                        .policy
+                        .gpu
+                        .arbiter
+                        .classes
+                        .iter()
+                        .find(|b| b.class == c.name)
+                        .and_then(|b| b.max.or(b.reserve))
+                        .map(|a| a.bytes(total));
+                }
+                (c.name.to_owned(), m)
+            })
             .collect();
         let (rss, cpu) = metrics::read_self();
         Metrics {
@@ -173,26 +166,18 @@ impl Agent {
         let (rss, cpu) = metrics::read_self();
         let classes = self
             .classes_now()
-            .map(
-                |ClassNow {
-                     name,
-                     group,
-                     processes,
-                     placements,
-                     sched,
-                 }| ClassStatus {
-                    class: name.to_owned(),
-                    processes,
-                    cgroup: group.map(|g| g.path.display().to_string()),
-                    cpus: group.map(|g| g.cpus.to_string()),
-                    base_cpus: group.map(|g| g.base.to_string()),
-                    why: group.map(|g| g.why.clone()),
-                    cpu_weight: group.map(|g| g.cpu_weight),
-                    placements,
-                    note: group.and_then(|g| g.note.clone()),
-                    sched,
-                },
-            )
+            .map(|c| ClassStatus {
+                class: c.name.to_owned(),
+                processes: c.processes,
+                cgroup: c.group.map(|g| g.path.display().to_string()),
+                cpus: c.group.map(|g| g.cpus.to_string()),
+                base_cpus: c.group.map(|g| g.base.to_string()),
+                why: c.group.map(|g| g.why.clone()),
+                cpu_weight: c.group.map(|g| g.cpu_weight),
+                placements: c.placements,
+                note: c.group.and_then(|g| g.note.clone()),
+                sched: c.sched,
+            })
             .collect();
         Status {
             policy: self.policy.describe_files(),
