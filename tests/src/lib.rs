@@ -174,6 +174,11 @@ impl Agent {
 
     /// The scratch directory the agent for `name` uses, so a test can put
     /// files there before the agent starts.
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn dir_for(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("corral-test-{name}-{}", std::process::id()))
     }

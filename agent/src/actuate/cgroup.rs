@@ -16,7 +16,9 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use tracing::{debug, info, warn};
 
-use crate::{model::coresets::Resolved, model::cpus::CpuList, model::policy::Policy};
+use crate::{
+    model::coresets::Resolved, model::cpus::CpuList, model::pidref::PidRef, model::policy::Policy,
+};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -505,8 +507,9 @@ pub fn wait_frozen(group: &Path, frozen: bool, timeout: Duration) -> io::Result<
 
 /// SIGKILL every process in `group`: through `cgroup.kill` when the kernel
 /// has it (5.14+), which also catches processes forking meanwhile, else one
-/// `kill(2)` per pid in `cgroup.procs`. Returns how many processes were
-/// listed in `cgroup.procs` before the kill.
+/// signal per pid in `cgroup.procs`, each through a pidfd taken and checked
+/// to be in `group` first, so a pid reused after the listing is never hit.
+/// Returns how many processes were listed in `cgroup.procs` before the kill.
 pub fn kill_group(group: &Path) -> io::Result<usize> {
     let procs_path = group.join("cgroup.procs");
     let pids = parse_pids(&read_control(&procs_path)?, &procs_path)?;
@@ -514,21 +517,60 @@ pub fn kill_group(group: &Path) -> io::Result<usize> {
     if kill_file.exists() {
         write_control(&kill_file, "1")?;
     } else {
+        let mount = cgroup2_mount_of(group);
+        let relative = Path::new("/").join(group.strip_prefix(&mount).unwrap_or(group));
         for &pid in &pids {
-            // SAFETY: kill(2) takes plain integers; a stale pid fails with ESRCH.
-            if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ESRCH) {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("sending SIGKILL to pid {pid} of {}: {e}", group.display()),
-                    ));
-                }
+            let Ok(process) = PidRef::open(pid as u32) else {
+                continue;
+            };
+            // With the pidfd held the pid cannot change hands: check that it
+            // is still ours, then signal that very process.
+            if crate::model::procs::cgroup_of(pid as u32).as_deref()
+                != Some(&*relative.to_string_lossy())
+            {
+                continue;
+            }
+            if let Err(e) = signal(&process, libc::SIGKILL)
+                && e.raw_os_error() != Some(libc::ESRCH)
+            {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("sending SIGKILL to pid {pid} of {}: {e}", group.display()),
+                ));
             }
         }
     }
     debug!(group = %group.display(), count = pids.len(), "killed group");
     Ok(pids.len())
+}
+
+/// Sends `signal` to the very process `process` was taken for (never to a
+/// newcomer with its pid); `ESRCH` when it is gone.
+pub fn signal(process: &PidRef, signal: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let result = match process.fd() {
+        // SAFETY: pidfd_send_signal with a null siginfo acts as kill(2).
+        Some(fd) => unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        },
+        // SAFETY: kill(2) takes plain integers; without pidfds (< 5.3) the
+        // start-time check just made is the best there is.
+        None if process.is_same() => unsafe {
+            libc::c_long::from(libc::kill(process.pid() as libc::pid_t, signal))
+        },
+        None => return Err(io::Error::from_raw_os_error(libc::ESRCH)),
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn parse_pids(text: &str, path: &Path) -> io::Result<Vec<libc::pid_t>> {

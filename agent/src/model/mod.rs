@@ -8,6 +8,7 @@ pub mod classify;
 pub mod coresets;
 pub mod cpus;
 pub mod modes;
+pub mod pidref;
 pub mod policy;
 pub mod procs;
 pub mod topology;

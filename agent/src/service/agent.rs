@@ -364,7 +364,7 @@ impl Agent {
             }
             Event::Control((request, peer, reply)) => {
                 let mut effects = Vec::new();
-                let response = match self.refusal(&request, peer) {
+                let response = match self.refusal(&request, &peer) {
                     Some(message) => {
                         warn!(?request, uid = ?peer.uid, "refused: {message}");
                         Response::Error { message }
@@ -375,7 +375,7 @@ impl Agent {
                             effects = notices;
                             Response::Reloaded(status)
                         }
-                        Request::Enter { class } => self.enter(&class, peer),
+                        Request::Enter { class } => self.enter(&class, &peer),
                         other => {
                             self.read_kernel_counters();
                             self.answer(other)
@@ -792,7 +792,7 @@ impl Agent {
     /// every local user (explain only for their own processes); changing
     /// anything is for root, except `corral run --class` into classes the
     /// policy opens to users (`user_run = true`).
-    pub(super) fn refusal(&self, request: &Request, peer: Peer) -> Option<String> {
+    pub(super) fn refusal(&self, request: &Request, peer: &Peer) -> Option<String> {
         let Some(uid) = peer.uid else {
             // Fail closed: a peer whose credentials could not be read is no
             // one, and may read nothing and change nothing.
@@ -826,12 +826,23 @@ impl Agent {
     /// `corral run --class CLASS`: moves the asking process into the class's
     /// group before it execs the program, so there is no exec race, and
     /// pins the class across that exec.
-    pub(super) fn enter(&mut self, class: &str, peer: Peer) -> Response {
+    pub(super) fn enter(&mut self, class: &str, peer: &Peer) -> Response {
         let Some(pid) = peer.pid else {
             return Response::Error {
                 message: "cannot tell which process is asking (no SO_PEERCRED)".into(),
             };
         };
+        // The asking process itself, not whoever has its pid by now.
+        let gone = || Response::Error {
+            message: format!(
+                "process {pid} exited before it could be moved; nothing was moved (its pid may \
+                 belong to another process by now)"
+            ),
+        };
+        let still_there = || peer.process.as_ref().is_some_and(|p| p.is_same());
+        if !still_there() {
+            return gone();
+        }
         let Some(group) = self.placer.layout().group(class) else {
             let managed: Vec<String> = self
                 .placer
@@ -869,12 +880,25 @@ impl Agent {
         if let Some(p) = self.table.get_mut(pid) {
             p.pinned = true;
         }
+        if !still_there() {
+            self.forget_pid(pid);
+            return gone();
+        }
         if !self.place(pid, None)
             && self.table.get(pid).and_then(|p| p.placed_class.as_deref()) != Some(class)
         {
             return Response::Error {
                 message: format!("could not move process {pid} into {group_path}"),
             };
+        }
+        if !still_there() {
+            // It exited while being moved: whoever reuses the pid next
+            // starts from its own parent's cgroup, not ours.
+            warn!(
+                pid,
+                class, "corral run --class: the asking process exited during the move"
+            );
+            return gone();
         }
         info!(pid, class, uid = ?peer.uid, "corral run --class");
         let env = self

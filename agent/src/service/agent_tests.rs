@@ -2,7 +2,7 @@
 //! placer and a hand-driven clock. Each test feeds events and checks what
 //! the agent asked the placer to do.
 //!
-//! Length: 33 scenario tests of the loop, one per behaviour.
+//! Length: 34 scenario tests of the loop, one per behaviour.
 
 use std::{
     path::{Path, PathBuf},
@@ -20,6 +20,7 @@ use crate::{
     actuate::recording::{Call, Record, RecordingPlacer, group_id},
     model::{
         modes::Mode,
+        pidref::PidRef,
         policy::DefaultPolicy,
         procs::{ProcInfo, ProcRead, ScriptedProcs},
         topology::Topology,
@@ -193,13 +194,26 @@ impl Rig {
             .unwrap_or_default()
     }
 
+    /// Asks as pid 4242; its process handle is one on this test process,
+    /// which stays alive, so 4242 counts as not reused.
     fn ask(&mut self, request: Request, uid: Option<u32>) -> (Response, Vec<Effect>) {
+        let me = PidRef::open(std::process::id()).expect("a handle on this test");
+        self.ask_as(request, uid, Some(Arc::new(me)))
+    }
+
+    fn ask_as(
+        &mut self,
+        request: Request,
+        uid: Option<u32>,
+        process: Option<Arc<PidRef>>,
+    ) -> (Response, Vec<Effect>) {
         let (tx, rx) = oneshot::channel();
         let effects = self.agent.handle(Event::Control((
             request,
             Peer {
                 pid: Some(4242),
                 uid,
+                process,
             },
             tx,
         )));
@@ -717,6 +731,44 @@ fn corral_run_class_pins_the_class_across_exec() {
     rig.exec(1, plain(4242, "python3"));
     assert_eq!(rig.class_of(4242).as_deref(), Some("ai"));
     assert_eq!(rig.placed("ai"), vec![4242]);
+}
+
+/// Regression (issue 12): `corral run --class` moved the SO_PEERCRED pid;
+/// had the asker exited and its pid been reused, the newcomer was moved.
+#[test]
+fn corral_run_class_never_moves_a_pid_whose_asker_is_gone() {
+    let mut rig = rig("");
+    rig.agent.handle(Event::Seed);
+    // Pid 4242 is alive (a newcomer), but the process that asked is gone.
+    rig.script(1, plain(4242, "sh"), 0);
+    let mut asker = std::process::Command::new("true").spawn().unwrap();
+    let handle = PidRef::open(asker.id()).unwrap();
+    asker.wait().unwrap();
+    let (response, _) = rig.ask_as(
+        Request::Enter {
+            class: "ai".to_owned(),
+        },
+        Some(1000),
+        Some(Arc::new(handle)),
+    );
+    let Response::Error { message } = response else {
+        panic!("entered: {response:?}");
+    };
+    assert!(
+        message.contains("exited before it could be moved"),
+        "{message}"
+    );
+    assert!(rig.moves().is_empty(), "moved: {:?}", rig.moves());
+    // Without any handle (the kernel could not give one): refused as well.
+    let (response, _) = rig.ask_as(
+        Request::Enter {
+            class: "ai".to_owned(),
+        },
+        Some(1000),
+        None,
+    );
+    assert!(matches!(response, Response::Error { .. }), "{response:?}");
+    assert!(rig.moves().is_empty());
 }
 
 #[test]

@@ -2,7 +2,13 @@
 //! The server side hands requests to the daemon loop; the client side is
 //! what `corral status` and `corral explain` use.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, anyhow};
 use serde::{Deserialize, Serialize};
@@ -11,13 +17,13 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{
     gpu::arbiter::ArbiterState,
     gpu::nvml::GpuSnapshot,
     kernel::bpf::{KernelCounters, ProgramStats, SchedStats},
-    model::classify::Decision,
+    model::{classify::Decision, pidref::PidRef},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/corral/control.sock";
@@ -230,17 +236,165 @@ pub struct Placement {
 /// A request on its way to the daemon loop, with where to send the answer.
 pub type Incoming = (Request, Peer, oneshot::Sender<Response>);
 
-/// Who is asking, from the socket's SO_PEERCRED.
-#[derive(Debug, Clone, Copy, Default)]
+/// Who is asking, from the socket's SO_PEERCRED, and a handle on that very
+/// process (SO_PEERPIDFD), so a pid reused before the request is carried
+/// out is never acted on.
+#[derive(Debug, Clone, Default)]
 pub struct Peer {
     pub pid: Option<u32>,
     pub uid: Option<u32>,
+    pub process: Option<Arc<PidRef>>,
+}
+
+/// What one local user may hold of the control socket. Root has its own
+/// allowance, so no other user's flood can lock root out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Connections open at once, all non-root users together.
+    pub total: usize,
+    /// Connections open at once per non-root uid.
+    pub per_uid: usize,
+    /// Connections open at once for root.
+    pub root: usize,
+    /// Requests per second a non-root uid may make (the bucket holds two
+    /// seconds' worth).
+    pub per_uid_rate: f64,
+    /// The time a client has to send its request line, and to read the answer.
+    pub deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            total: 64,
+            per_uid: 8,
+            root: 16,
+            per_uid_rate: 100.0,
+            deadline: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Who holds how many connections, and each non-root uid's request budget.
+/// Pure bookkeeping: [`Admission::admit`] decides, the server acts.
+#[derive(Debug, Default)]
+pub struct Admission {
+    limits: Limits,
+    open: HashMap<u32, usize>,
+    non_root_open: usize,
+    /// uid -> (tokens, when last refilled).
+    budget: HashMap<u32, (f64, Instant)>,
+}
+
+/// Why a connection was turned away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Turned {
+    TooManyConnections { uid: u32, limit: usize },
+    AllBusy { limit: usize },
+    TooFast { uid: u32 },
+}
+
+impl fmt::Display for Turned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Turned::TooManyConnections { uid, limit } => write!(
+                f,
+                "uid {uid} already holds {limit} connections to the control socket; close some and try again"
+            ),
+            Turned::AllBusy { limit } => write!(
+                f,
+                "the control socket holds {limit} connections of other users; try again in a second"
+            ),
+            Turned::TooFast { uid } => write!(
+                f,
+                "uid {uid} sends requests faster than the agent answers them; wait a second"
+            ),
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(limits: Limits) -> Self {
+        Admission {
+            limits,
+            ..Admission::default()
+        }
+    }
+
+    /// Whether a new connection of `uid` may be served now; if so it is
+    /// counted until [`Admission::release`].
+    pub fn admit(&mut self, uid: u32, now: Instant) -> Result<(), Turned> {
+        let open = self.open.get(&uid).copied().unwrap_or(0);
+        if uid == 0 {
+            if open >= self.limits.root {
+                return Err(Turned::TooManyConnections {
+                    uid,
+                    limit: self.limits.root,
+                });
+            }
+        } else {
+            if open >= self.limits.per_uid {
+                return Err(Turned::TooManyConnections {
+                    uid,
+                    limit: self.limits.per_uid,
+                });
+            }
+            if self.non_root_open >= self.limits.total {
+                return Err(Turned::AllBusy {
+                    limit: self.limits.total,
+                });
+            }
+            let rate = self.limits.per_uid_rate;
+            let (tokens, last) = self.budget.entry(uid).or_insert((2.0 * rate, now));
+            *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate)
+                .min(2.0 * rate);
+            *last = now;
+            if *tokens < 1.0 {
+                return Err(Turned::TooFast { uid });
+            }
+            *tokens -= 1.0;
+            self.non_root_open += 1;
+        }
+        *self.open.entry(uid).or_default() += 1;
+        Ok(())
+    }
+
+    /// A connection of `uid` that [`Admission::admit`] let in is closed.
+    pub fn release(&mut self, uid: u32) {
+        if let Some(open) = self.open.get_mut(&uid) {
+            *open -= 1;
+            if *open == 0 {
+                self.open.remove(&uid);
+            }
+            if uid != 0 {
+                self.non_root_open -= 1;
+            }
+        }
+    }
+
+    /// Connections open now, all users together.
+    pub fn open(&self) -> usize {
+        self.open.values().sum()
+    }
+}
+
+/// How long to wait before accepting again after `error`: running out of
+/// descriptors or memory clears only when connections close, so retrying at
+/// once would spin a core.
+pub fn accept_backoff(error: &std::io::Error, streak: u32) -> Duration {
+    let exhausted = matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    let base = if exhausted { 50 } else { 5 };
+    Duration::from_millis((base << streak.min(5)).min(1000))
 }
 
 /// Binds the socket (replacing a stale one) and forwards requests to `tx`.
 pub fn serve(
     path: &Path,
     tx: mpsc::Sender<Incoming>,
+    limits: Limits,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -253,33 +407,81 @@ pub fn serve(
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .with_context(|| format!("opening {} to local users", path.display()))?;
+    let admission = Arc::new(Mutex::new(Admission::new(limits)));
     Ok(tokio::spawn(async move {
+        let mut streak = 0;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => {
+                    streak = 0;
+                    stream
+                }
+                Err(e) => {
+                    let wait = accept_backoff(&e, streak);
+                    if streak == 0 {
+                        warn!("control socket: accept failed ({e}); retrying in {wait:?}");
+                    }
+                    streak += 1;
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            // A peer whose credentials cannot be read gets nothing.
+            let Ok(cred) = stream.peer_cred() else {
                 continue;
             };
+            let uid = cred.uid();
+            if let Err(turned) = admission
+                .lock()
+                .expect("admission lock")
+                .admit(uid, Instant::now())
+            {
+                debug!("control socket: {turned}");
+                // Best effort, never waiting: the answer fits the socket
+                // buffer of a fresh connection.
+                let text = serde_json::to_string(&Response::Error {
+                    message: turned.to_string(),
+                })
+                .unwrap_or_default();
+                let _ = stream.try_write(format!("{text}\n").as_bytes());
+                continue;
+            }
+            let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
+            let process = pid.and_then(|pid| {
+                use std::os::fd::AsFd as _;
+                PidRef::of_socket_peer(stream.as_fd(), pid)
+                    .ok()
+                    .map(Arc::new)
+            });
+            let peer = Peer {
+                pid,
+                uid: Some(uid),
+                process,
+            };
             let tx = tx.clone();
+            let admission = Arc::clone(&admission);
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, tx).await {
-                    debug!("control connection: {e:#}");
+                if let Err(e) = answer(stream, peer, tx, limits.deadline).await {
+                    debug!(uid, "control connection: {e:#}");
                 }
+                admission.lock().expect("admission lock").release(uid);
             });
         }
     }))
 }
 
-async fn answer(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> anyhow::Result<()> {
-    let peer = stream
-        .peer_cred()
-        .map(|c| Peer {
-            pid: c.pid().and_then(|p| u32::try_from(p).ok()),
-            uid: Some(c.uid()),
-        })
-        .unwrap_or_default();
+async fn answer(
+    stream: UnixStream,
+    peer: Peer,
+    tx: mpsc::Sender<Incoming>,
+    deadline: Duration,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64 + 1));
-    reader.read_until(b'\n', &mut line).await?;
+    tokio::time::timeout(deadline, reader.read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| anyhow!("no request line within {deadline:?}"))??;
     let response = match parse_request(&line) {
         Ok(request) => {
             let (reply_tx, reply_rx) = oneshot::channel();
@@ -292,7 +494,9 @@ async fn answer(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> anyhow::Resul
     };
     let mut text = serde_json::to_string(&response)?;
     text.push('\n');
-    write.write_all(text.as_bytes()).await?;
+    tokio::time::timeout(deadline, write.write_all(text.as_bytes()))
+        .await
+        .map_err(|_| anyhow!("the client did not read its answer within {deadline:?}"))??;
     Ok(())
 }
 
@@ -350,6 +554,79 @@ mod tests {
             let parsed = matches!(parse_request(text.as_bytes()), Ok(Request::Explain { pid: p }) if p == pid);
             prop_assert!(parsed, "{} did not round-trip", text);
         }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            total: 4,
+            per_uid: 2,
+            root: 3,
+            per_uid_rate: 10.0,
+            deadline: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn one_user_holds_at_most_its_share_and_never_locks_out_root() {
+        let mut admission = Admission::new(limits());
+        let now = Instant::now();
+        assert_eq!(admission.admit(65534, now), Ok(()));
+        assert_eq!(admission.admit(65534, now), Ok(()));
+        assert_eq!(
+            admission.admit(65534, now),
+            Err(Turned::TooManyConnections {
+                uid: 65534,
+                limit: 2
+            })
+        );
+        assert_eq!(admission.admit(1000, now), Ok(()));
+        assert_eq!(admission.admit(1001, now), Ok(()));
+        assert_eq!(
+            admission.admit(1002, now),
+            Err(Turned::AllBusy { limit: 4 })
+        );
+        // Root has its own allowance.
+        for _ in 0..3 {
+            assert_eq!(admission.admit(0, now), Ok(()));
+        }
+        assert!(admission.admit(0, now).is_err());
+        assert_eq!(admission.open(), 7);
+        admission.release(65534);
+        assert_eq!(admission.admit(1002, now), Ok(()));
+        admission.release(0);
+        assert_eq!(admission.admit(0, now), Ok(()));
+    }
+
+    #[test]
+    fn a_user_faster_than_its_rate_is_turned_away_until_the_bucket_refills() {
+        let mut admission = Admission::new(limits());
+        let start = Instant::now();
+        // The bucket holds two seconds' worth: 20 requests.
+        for _ in 0..20 {
+            assert_eq!(admission.admit(1000, start), Ok(()));
+            admission.release(1000);
+        }
+        assert_eq!(
+            admission.admit(1000, start),
+            Err(Turned::TooFast { uid: 1000 })
+        );
+        // Another user is not affected, nor is root.
+        assert_eq!(admission.admit(1001, start), Ok(()));
+        assert_eq!(admission.admit(0, start), Ok(()));
+        // A tenth of a second later, one more.
+        let later = start + Duration::from_millis(100);
+        assert_eq!(admission.admit(1000, later), Ok(()));
+        assert!(admission.admit(1000, later).is_err());
+    }
+
+    #[test]
+    fn accept_backs_off_when_descriptors_run_out() {
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert_eq!(accept_backoff(&emfile, 0), Duration::from_millis(50));
+        assert_eq!(accept_backoff(&emfile, 3), Duration::from_millis(400));
+        assert_eq!(accept_backoff(&emfile, 30), Duration::from_secs(1));
+        let other = std::io::Error::from_raw_os_error(libc::ECONNABORTED);
+        assert_eq!(accept_backoff(&other, 0), Duration::from_millis(5));
     }
 
     #[test]

@@ -138,6 +138,7 @@ mod tokio_stream_shim {
 /// Runs the agent until SIGINT or SIGTERM: turns every source into an
 /// [`Event`], lets [`Agent::handle`] decide, and carries out the effects.
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    raise_descriptor_limit();
     let policy = options.source.load()?;
     for w in &policy.warnings {
         warn!("{w}");
@@ -192,7 +193,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         crate::gpu::nvml::spawn_poller(gpu_config.library.clone(), gpu_config.poll_interval, gpu_tx)
     });
     let (control_tx, mut control_rx) = mpsc::channel(64);
-    let server = control::serve(&options.socket, control_tx)?;
+    let server = control::serve(&options.socket, control_tx, control::Limits::default())?;
     let (file_tx, mut file_rx) = mpsc::channel(16);
     if let Err(e) = watch_policy(watched, file_tx) {
         warn!("policy files are not watched ({e:#}); reload with SIGHUP or `corral reload`");
@@ -307,4 +308,34 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&options.socket);
     Ok(())
+}
+
+/// Descriptors the agent wants: the control socket takes at most
+/// [`control::Limits`]' connections (96 by default), the rest is for /proc,
+/// cgroup files and manager connections.
+const WANTED_DESCRIPTORS: libc::rlim_t = 65536;
+
+/// Raises the soft descriptor limit towards the hard one (systemd's default
+/// soft limit is 1024; the unit sets LimitNOFILE too, for runs outside it).
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let wanted = WANTED_DESCRIPTORS.min(limit.rlim_max);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                warn!(
+                    "could not raise the descriptor limit to {wanted}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
 }
