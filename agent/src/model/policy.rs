@@ -129,22 +129,14 @@ struct RuleSpec {
     inherit: bool,
     #[serde(default)]
     ignore_case: bool,
-    #[serde(default)]
-    exe: Vec<String>,
-    #[serde(default)]
-    comm: Vec<String>,
-    #[serde(default)]
-    argv: Vec<String>,
-    #[serde(default)]
-    cwd: Vec<String>,
-    #[serde(default)]
-    cgroup: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
+    /// The rule's own matchers: the same keys as `ancestor` and `unless`.
+    #[serde(flatten)]
+    matcher: MatcherSpec,
     ancestor: Option<MatcherSpec>,
     unless: Option<MatcherSpec>,
 }
 
+/// The matcher keys, at a rule's top level and in `ancestor`/`unless`.
 #[derive(Debug, Clone, Default, Deserialize)]
 struct MatcherSpec {
     #[serde(default)]
@@ -159,6 +151,9 @@ struct MatcherSpec {
     cgroup: Vec<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// A Steam AppId: the short form of the env/argv matchers Steam's
+    /// launch sets (see [`STEAM_APP_ENV`]).
+    steam_app: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -201,10 +196,17 @@ const RULE_KEYS: &[&str] = &[
     "cwd",
     "cgroup",
     "env",
+    "steam_app",
     "ancestor",
     "unless",
 ];
-const MATCHER_KEYS: &[&str] = &["exe", "comm", "argv", "cwd", "cgroup", "env"];
+const MATCHER_KEYS: &[&str] = &["exe", "comm", "argv", "cwd", "cgroup", "env", "steam_app"];
+
+/// The environment variables Steam sets to a game's AppId on everything it
+/// launches (umu-launcher sets them too); `steam_app = N` matches a process
+/// where any of them is N, or whose argv holds `AppId=N` (the reaper's
+/// `SteamLaunch AppId=N`).
+pub const STEAM_APP_ENV: &[&str] = &["SteamAppId", "SteamGameId", "STEAM_COMPAT_APP_ID"];
 const MODES_KEYS: &[&str] = &["hold_down_ms", "min_dwell_ms", "protected_class"];
 const ANANICY_KEYS: &[&str] = &["enabled", "dirs", "types"];
 
@@ -258,6 +260,17 @@ pub struct Matcher {
     pub cwd: Vec<GlobMatcher>,
     pub cgroup: Vec<GlobMatcher>,
     pub env: Vec<(String, GlobMatcher)>,
+    /// `steam_app = N`, with what it expands to.
+    pub steam_app: Option<SteamApp>,
+}
+
+/// `steam_app = N` expanded: the process matches when any one of
+/// `expands_to` does (env `SteamAppId`, `SteamGameId` or
+/// `STEAM_COMPAT_APP_ID` = N, or an argument `AppId=N`).
+#[derive(Debug)]
+pub struct SteamApp {
+    pub id: u64,
+    pub expands_to: Vec<Matcher>,
 }
 
 #[derive(Debug)]
@@ -811,7 +824,7 @@ impl Policy {
             .into_iter()
             .flatten()
             {
-                keys.extend(m.env.iter().map(|(k, _)| k.clone()));
+                keys.extend(m.env_keys().map(str::to_owned));
             }
         }
         keys
@@ -996,16 +1009,8 @@ fn build_rule(
             known.join(", ")
         )));
     }
-    let own = MatcherSpec {
-        exe: spec.exe.clone(),
-        comm: spec.comm.clone(),
-        argv: spec.argv.clone(),
-        cwd: spec.cwd.clone(),
-        cgroup: spec.cgroup.clone(),
-        env: spec.env.clone(),
-    };
     let compile = |m: &MatcherSpec| compile_matcher(m, spec.ignore_case).map_err(&fail);
-    let matcher = compile(&own)?;
+    let matcher = compile(&spec.matcher)?;
     let ancestor = spec.ancestor.as_ref().map(compile).transpose()?;
     let unless = spec.unless.as_ref().map(compile).transpose()?;
     if matcher.is_empty() && ancestor.as_ref().is_none_or(Matcher::is_empty) {
@@ -1032,6 +1037,16 @@ impl Matcher {
             && self.cwd.is_empty()
             && self.cgroup.is_empty()
             && self.env.is_empty()
+            && self.steam_app.is_none()
+    }
+
+    /// The environment variables this matcher reads.
+    pub fn env_keys(&self) -> impl Iterator<Item = &str> {
+        let expanded = self.steam_app.iter().flat_map(|app| &app.expands_to);
+        self.env
+            .iter()
+            .chain(expanded.flat_map(|m| &m.env))
+            .map(|(key, _)| key.as_str())
     }
 }
 
@@ -1050,7 +1065,28 @@ fn compile_matcher(spec: &MatcherSpec, ignore_case: bool) -> Result<Matcher, Str
             .iter()
             .map(|(k, v)| Ok((k.clone(), glob("env", v, ignore_case)?)))
             .collect::<Result<_, String>>()?,
+        steam_app: spec.steam_app.map(steam_app).transpose()?,
     })
+}
+
+/// What `steam_app = id` stands for: one matcher per place Steam puts the
+/// id, any one of which is enough.
+fn steam_app(id: u64) -> Result<SteamApp, String> {
+    let exact = |field: &str, value: String| glob(field, &value, false);
+    let mut expands_to = STEAM_APP_ENV
+        .iter()
+        .map(|key| {
+            Ok(Matcher {
+                env: vec![((*key).to_owned(), exact("env", id.to_string())?)],
+                ..Matcher::default()
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    expands_to.push(Matcher {
+        argv: vec![exact("argv", format!("AppId={id}"))?],
+        ..Matcher::default()
+    });
+    Ok(SteamApp { id, expands_to })
 }
 
 fn glob(field: &str, pattern: &str, ignore_case: bool) -> Result<GlobMatcher, String> {

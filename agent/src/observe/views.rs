@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     actuate::cgroup::ReleaseReport,
-    model::classify::Decision,
+    model::classify::{Decision, RuleVerdict},
     model::cpus::CpuList,
     model::policy::Policy,
     model::procs::Table,
@@ -151,6 +151,52 @@ pub fn render_explanation(e: &Explanation) -> String {
             ));
         }
     }
+    if !e.rules.is_empty() {
+        lines.push("  rules     (in order; the first that matches decides)".into());
+        lines.extend(rule_lines(&e.rules));
+    }
+    text(lines)
+}
+
+/// `--rules`: one line per rule, with the first matcher that failed.
+fn rule_lines(rules: &[RuleVerdict]) -> Vec<String> {
+    let mut decided = false;
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let verdict = match &r.failed {
+                Some(why) => why.clone(),
+                None if decided => "matches, but a rule above decided".to_owned(),
+                None => {
+                    decided = true;
+                    "MATCHES, decides".to_owned()
+                }
+            };
+            format!("    {:>3}. {} -> {} ({}): {verdict}", i + 1, r.rule, r.class, r.source)
+        })
+        .collect()
+}
+
+/// `corral classify --explain`: the chain's class, then every rule against
+/// its last process.
+pub fn render_chain_explained(
+    id: &serde_json::Value,
+    decision: &Decision,
+    rules: &[RuleVerdict],
+) -> String {
+    let from = decision
+        .inherited_from
+        .as_ref()
+        .map(|a| format!(", inherited from {} (depth {})", a.comm, a.depth))
+        .unwrap_or_default();
+    let mut lines = vec![format!(
+        "{}: {} by {}{from}",
+        chain_id(id),
+        decision.class,
+        decision.rule
+    )];
+    lines.extend(rule_lines(rules));
     text(lines)
 }
 
@@ -532,6 +578,7 @@ mod tests {
             cpus_allowed: "0-7".into(),
             backend: "cgroupfs".into(),
             placement: None,
+            rules: Vec::new(),
             ancestry: vec![
                 AncestorLine {
                     pid: 1,
