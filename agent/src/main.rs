@@ -358,16 +358,14 @@ fn main() -> anyhow::Result<()> {
             socket,
             json,
             rules,
-        } => {
-            match control::request(&socket, &Request::Explain { pid, rules })? {
-                Response::Explain(e) if json => print_json(&e),
-                Response::Explain(e) => {
-                    print!("{}", views::render_explanation(&e));
-                    Ok(())
-                }
-                other => reply_error(other),
+        } => match control::request(&socket, &Request::Explain { pid, rules })? {
+            Response::Explain(e) if json => print_json(&e),
+            Response::Explain(e) => {
+                print!("{}", views::render_explanation(&e));
+                Ok(())
             }
-        }
+            other => reply_error(other),
+        },
         Command::Status { socket, json } => match control::request(&socket, &Request::Status)? {
             Response::Status(s) if json => print_json(&s),
             Response::Status(s) => {

@@ -227,10 +227,22 @@ fn per_game_class_takes_the_vcache_ccd_and_leaves_the_rest_alone() {
         env: [("SteamAppId".to_owned(), app.to_owned())].into(),
         ..Default::default()
     };
-    let dota = [reaper("570"), game("570", "/home/u/.local/share/Steam/steamapps/common/dota 2 beta/game/bin/linuxsteamrt64/dota2")];
+    let dota = [
+        reaper("570"),
+        game(
+            "570",
+            "/home/u/.local/share/Steam/steamapps/common/dota 2 beta/game/bin/linuxsteamrt64/dota2",
+        ),
+    ];
     let d = classify_chain(&policy, None, &dota);
     assert_eq!((d.class.as_str(), d.rule.as_str()), ("game-cache", "dota2"));
-    let other = [reaper("730"), game("730", "/home/u/.local/share/Steam/steamapps/common/cs2/game/bin/linuxsteamrt64/cs2")];
+    let other = [
+        reaper("730"),
+        game(
+            "730",
+            "/home/u/.local/share/Steam/steamapps/common/cs2/game/bin/linuxsteamrt64/cs2",
+        ),
+    ];
     assert_eq!(classify_chain(&policy, None, &other).class, "game");
     // And the shipped default alone has no such class.
     assert!(!self::policy().classes.contains_key("game-cache"));

@@ -58,3 +58,76 @@ fn offline_classifier_rejects_bad_input_with_the_line_number() {
     // The good line before it was still answered.
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"id\":\"ok\""));
 }
+
+/// `corral classify --explain`: every rule, in order, with the first matcher
+/// that failed; golden on a chain a rule matches and on a near miss (the
+/// Blender rule, against Blender's own Python started by hand).
+#[test]
+fn classify_explain_lists_each_rule_and_the_first_matcher_that_failed() {
+    let dir = std::env::temp_dir().join(format!("corral-classify-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        r#"[classes.game]
+cpus = "0"
+[classes.render]
+cpus = "0"
+
+[[rules]]
+name = "steam-reaper"
+class = "game"
+inherit = true
+exe = ["*/reaper"]
+argv = ["SteamLaunch"]
+
+[[rules]]
+name = "blender"
+class = "render"
+inherit = true
+exe = ["*/blender"]
+
+[[rules]]
+name = "dota2"
+class = "game"
+steam_app = 570
+"#,
+    )
+    .unwrap();
+    let input = dir.join("chains.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"id": "reaper", "chain": [{"exe": "/s/ubuntu12_32/reaper", "comm": "reaper", "argv": ["reaper", "SteamLaunch", "AppId=440", "--"], "env": {"SteamAppId": "440"}}]}"#,
+            "\n",
+            r#"{"id": "blender-python", "chain": [{"exe": "/usr/bin/bash", "comm": "bash", "argv": ["bash"]}, {"exe": "/usr/bin/python3.11", "comm": "python3.11", "argv": ["/opt/blender/4.2/python/bin/python3.11", "-m", "pip"]}]}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let output = Command::new(corral_bin())
+        .args(["classify", "--explain", "--no-override", "--procs"])
+        .arg(&input)
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let p = policy.display();
+    let want = format!(
+        "reaper: game by steam-reaper
+      1. steam-reaper -> game ({p}:6): MATCHES, decides
+      2. blender -> render ({p}:13): exe */blender: no, exe is /s/ubuntu12_32/reaper
+      3. dota2 -> game ({p}:19): steam_app 570: no, SteamAppId is 440 and no argument is AppId=570
+blender-python: system by default
+      1. steam-reaper -> game ({p}:6): exe */reaper: no, exe is /usr/bin/python3.11
+      2. blender -> render ({p}:13): exe */blender: no, exe is /usr/bin/python3.11
+      3. dota2 -> game ({p}:19): steam_app 570: no, SteamAppId, SteamGameId, STEAM_COMPAT_APP_ID are unset and no argument is AppId=570
+"
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), want);
+}

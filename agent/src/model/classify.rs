@@ -293,7 +293,11 @@ enum Miss<'m> {
     SteamApp(u64),
 }
 
-fn rule_miss<'m>(rule: &'m Rule, process: &ProcInfo, ancestors: &[&ProcInfo]) -> Option<RuleMiss<'m>> {
+fn rule_miss<'m>(
+    rule: &'m Rule,
+    process: &ProcInfo,
+    ancestors: &[&ProcInfo],
+) -> Option<RuleMiss<'m>> {
     if let Some(miss) = first_miss(&rule.matcher, process) {
         return Some(RuleMiss::Own(miss));
     }
@@ -323,7 +327,11 @@ fn first_miss<'m>(m: &'m Matcher, p: &ProcInfo) -> Option<Miss<'m>> {
             return Some(Miss::Value(field, globs));
         }
     }
-    if let Some(g) = m.argv.iter().find(|g| !p.argv.iter().any(|a| g.is_match(a))) {
+    if let Some(g) = m
+        .argv
+        .iter()
+        .find(|g| !p.argv.iter().any(|a| g.is_match(a)))
+    {
         return Some(Miss::Argv(g));
     }
     if let Some((key, g)) = m
@@ -356,7 +364,11 @@ pub struct RuleVerdict {
 
 /// Every rule of `policy`, in order, against `process` (whose ancestors are
 /// `ancestors`, outermost first): whether it matched, and if not, why not.
-pub fn explain_rules(policy: &Policy, process: &ProcInfo, ancestors: &[&ProcInfo]) -> Vec<RuleVerdict> {
+pub fn explain_rules(
+    policy: &Policy,
+    process: &ProcInfo,
+    ancestors: &[&ProcInfo],
+) -> Vec<RuleVerdict> {
     policy
         .rules
         .iter()
@@ -364,7 +376,8 @@ pub fn explain_rules(policy: &Policy, process: &ProcInfo, ancestors: &[&ProcInfo
             rule: rule.name.clone(),
             class: rule.class.clone(),
             source: rule.source.to_string(),
-            failed: rule_miss(rule, process, ancestors).map(|miss| describe_rule_miss(&miss, process, ancestors.len())),
+            failed: rule_miss(rule, process, ancestors)
+                .map(|miss| describe_rule_miss(&miss, process, ancestors.len())),
         })
         .collect()
 }
@@ -405,7 +418,11 @@ fn describe_miss(miss: &Miss<'_>, p: &ProcInfo) -> String {
                 "cwd" => &p.cwd,
                 _ => &p.cgroup,
             };
-            format!("{field} {}: no, {field} is {}", patterns(globs), shown(value))
+            format!(
+                "{field} {}: no, {field} is {}",
+                patterns(globs),
+                shown(value)
+            )
         }
         Miss::Argv(g) => format!(
             "argv {}: no, no argument matches (argv is {})",
@@ -621,9 +638,17 @@ rules = [
         let game = p("dota2", "/g/dota2", &["dota2"]);
         for env in ["SteamAppId", "SteamGameId", "STEAM_COMPAT_APP_ID"] {
             let chain = [with_env(game.clone(), &[(env, "570")])];
-            assert_eq!(classify_chain(&policy(), None, &chain).rule, "dota", "{env}");
+            assert_eq!(
+                classify_chain(&policy(), None, &chain).rule,
+                "dota",
+                "{env}"
+            );
         }
-        let reaper = p("r", "/s/r", &["r", "SteamLaunch", "AppId=570"]);
+        let reaper = p(
+            "reaper",
+            "/s/reaper",
+            &["reaper", "SteamLaunch", "AppId=570"],
+        );
         assert_eq!(classify_chain(&policy(), None, &[reaper]).rule, "game-tree");
         let other = p("r", "/s/r", &["r", "AppId=570"]);
         assert_eq!(classify_chain(&policy(), None, &[other]).rule, "dota");
@@ -661,7 +686,10 @@ rules = [
             verdicts[2].failed.as_deref(),
             Some("unless argv --headless-probe: yes, so the rule does not apply")
         );
-        let term = with_env(p("zsh", "/usr/bin/zsh", &["zsh"]), &[("TERM", "xterm-256color")]);
+        let term = with_env(
+            p("zsh", "/usr/bin/zsh", &["zsh"]),
+            &[("TERM", "xterm-256color")],
+        );
         let verdicts = explain_chain(&policy, &[p("bash", "/bin/bash", &["bash"]), term]);
         assert_eq!(
             verdicts[4].failed.as_deref(),

@@ -173,7 +173,13 @@ fn rule_lines(rules: &[RuleVerdict]) -> Vec<String> {
                     "MATCHES, decides".to_owned()
                 }
             };
-            format!("    {:>3}. {} -> {} ({}): {verdict}", i + 1, r.rule, r.class, r.source)
+            format!(
+                "    {:>3}. {} -> {} ({}): {verdict}",
+                i + 1,
+                r.rule,
+                r.class,
+                r.source
+            )
         })
         .collect()
 }
@@ -617,6 +623,33 @@ mod tests {
                 "       4100 reaper           game     steam-reaper",
             ]
         );
+    }
+
+    #[test]
+    fn explain_with_rules_lists_them_in_order_and_marks_the_one_that_decides() {
+        let mut e = explanation();
+        let verdict = |rule: &str, failed: Option<&str>| RuleVerdict {
+            rule: rule.into(),
+            class: "game".into(),
+            source: format!("p.toml:{}", rule.len()),
+            failed: failed.map(str::to_owned),
+        };
+        e.rules = vec![
+            verdict("a", Some("exe */a: no, exe is /b")),
+            verdict("bb", None),
+            verdict("ccc", None),
+        ];
+        let text = render_explanation(&e);
+        let rules = text.split("  rules ").nth(1).unwrap();
+        assert_eq!(
+            rules,
+            "    (in order; the first that matches decides)
+      1. a -> game (p.toml:1): exe */a: no, exe is /b
+      2. bb -> game (p.toml:2): MATCHES, decides
+      3. ccc -> game (p.toml:3): matches, but a rule above decided
+"
+        );
+        assert!(!render_explanation(&explanation()).contains("  rules "));
     }
 
     #[test]
