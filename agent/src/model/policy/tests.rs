@@ -2,6 +2,7 @@
 //! text a user sees).
 
 use super::*;
+use crate::gpu::arbiter::{Amount, Step};
 
 fn parse(text: &str) -> Result<Policy, PolicyError> {
     Policy::parse(Path::new("test.toml"), text)
