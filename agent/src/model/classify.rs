@@ -273,8 +273,8 @@ pub fn matches(m: &Matcher, p: &ProcInfo) -> bool {
 }
 
 /// Why a rule does not match a process: the first of its parts that fails.
-enum RuleMiss<'m> {
-    Own(Miss<'m>),
+enum RuleMiss<'m, 'p> {
+    Own(Miss<'m, 'p>),
     /// `ancestor`: no ancestor matches it.
     Ancestor(&'m Matcher),
     /// `unless`: the process matches it.
@@ -283,9 +283,9 @@ enum RuleMiss<'m> {
 
 /// The first field of a matcher that a process fails, in the order exe,
 /// comm, cwd, cgroup, argv, env, steam_app.
-enum Miss<'m> {
-    /// exe, comm, cwd or cgroup: no glob of the list matches.
-    Value(&'static str, &'m [GlobMatcher]),
+enum Miss<'m, 'p> {
+    /// exe, comm, cwd or cgroup: no glob of the list matches the value.
+    Value(&'static str, &'m [GlobMatcher], &'p str),
     /// This argv glob matches no argument.
     Argv(&'m GlobMatcher),
     /// This env key is unset or set to something else.
@@ -293,11 +293,11 @@ enum Miss<'m> {
     SteamApp(u64),
 }
 
-fn rule_miss<'m>(
+fn rule_miss<'m, 'p>(
     rule: &'m Rule,
-    process: &ProcInfo,
+    process: &'p ProcInfo,
     ancestors: &[&ProcInfo],
-) -> Option<RuleMiss<'m>> {
+) -> Option<RuleMiss<'m, 'p>> {
     if let Some(miss) = first_miss(&rule.matcher, process) {
         return Some(RuleMiss::Own(miss));
     }
@@ -315,7 +315,7 @@ fn rule_miss<'m>(
 }
 
 /// The one matching walk: [`matches`] and `--rules` both read it.
-fn first_miss<'m>(m: &'m Matcher, p: &ProcInfo) -> Option<Miss<'m>> {
+fn first_miss<'m, 'p>(m: &'m Matcher, p: &'p ProcInfo) -> Option<Miss<'m, 'p>> {
     let values = [
         ("exe", &m.exe, &p.exe),
         ("comm", &m.comm, &p.comm),
@@ -324,7 +324,7 @@ fn first_miss<'m>(m: &'m Matcher, p: &ProcInfo) -> Option<Miss<'m>> {
     ];
     for (field, globs, value) in values {
         if !globs.is_empty() && !globs.iter().any(|g| g.is_match(value)) {
-            return Some(Miss::Value(field, globs));
+            return Some(Miss::Value(field, globs, value));
         }
     }
     if let Some(g) = m
@@ -391,7 +391,7 @@ pub fn explain_chain(policy: &Policy, chain: &[ProcInfo]) -> Vec<RuleVerdict> {
     explain_rules(policy, process, &refs)
 }
 
-fn describe_rule_miss(miss: &RuleMiss<'_>, p: &ProcInfo, ancestors: usize) -> String {
+fn describe_rule_miss(miss: &RuleMiss<'_, '_>, p: &ProcInfo, ancestors: usize) -> String {
     match miss {
         RuleMiss::Own(miss) => describe_miss(miss, p),
         RuleMiss::Ancestor(m) => format!(
@@ -402,7 +402,7 @@ fn describe_rule_miss(miss: &RuleMiss<'_>, p: &ProcInfo, ancestors: usize) -> St
     }
 }
 
-fn describe_miss(miss: &Miss<'_>, p: &ProcInfo) -> String {
+fn describe_miss(miss: &Miss<'_, '_>, p: &ProcInfo) -> String {
     let shown = |value: &str| {
         if value.is_empty() {
             "empty".to_owned()
@@ -411,13 +411,7 @@ fn describe_miss(miss: &Miss<'_>, p: &ProcInfo) -> String {
         }
     };
     match miss {
-        Miss::Value(field, globs) => {
-            let value = match *field {
-                "exe" => &p.exe,
-                "comm" => &p.comm,
-                "cwd" => &p.cwd,
-                _ => &p.cgroup,
-            };
+        Miss::Value(field, globs, value) => {
             format!(
                 "{field} {}: no, {field} is {}",
                 patterns(globs),
