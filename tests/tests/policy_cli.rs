@@ -134,6 +134,8 @@ fn policy_show_prints_a_per_game_class_from_the_override() {
     assert!(cache.contains("cpus 0-3,16-19 "), "{cache}\n{text}");
     assert!(text.contains("largest L3 cache first"), "{text}");
     assert!(line("game").contains("cpus 8-14,24-30 "), "{text}");
+    // One column for the class names, however long.
+    assert!(line("system").starts_with("  system     cpus "), "{text}");
     assert!(text.contains(&over.display().to_string()), "{text}");
 }
 

@@ -245,17 +245,25 @@ pub fn render_policy_show(policy: &Policy, resolved: &[Resolved], online: &CpuLi
         policy.describe_files(),
         online.len()
     )];
+    // A per-game class (`game-cache`) may be longer than the shipped names.
+    let w = policy
+        .classes
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max(8);
     for class in policy.classes.values() {
         lines.push(match resolved.iter().find(|r| r.class == class.name) {
             Some(r) => format!(
-                "  {:<8} cpus {:<12} weight {:<5} {}",
+                "  {:<w$} cpus {:<12} weight {:<5} {}",
                 r.class,
                 r.cpus.to_string(),
                 class.cpu_weight,
                 r.why
             ),
             None => format!(
-                "  {:<8} cpus {:<12} left alone: the kernel schedules it",
+                "  {:<w$} cpus {:<12} left alone: the kernel schedules it",
                 class.name, "dynamic"
             ),
         });
