@@ -415,16 +415,11 @@ impl Policy {
                 if let Some(class) = &m.protected_class {
                     let name = class.get_ref();
                     if name == SYSTEM || !classes.contains_key(name) {
-                        let known: Vec<&str> = classes
-                            .keys()
-                            .map(String::as_str)
-                            .filter(|c| *c != SYSTEM)
-                            .collect();
                         return Err(layer.invalid(
                             class.span().start,
                             format!(
                                 "[modes] protected_class: `{name}` is not a class corral places; use one of: {}",
-                                known.join(", ")
+                                class_names(&classes, |c| c.name != SYSTEM)
                             ),
                         ));
                     }
@@ -632,6 +627,16 @@ fn built_in() -> Source {
         line: 0,
         column: 0,
     }
+}
+
+/// The names of the classes `keep` keeps, in policy order, for messages.
+fn class_names(classes: &IndexMap<String, Class>, keep: impl Fn(&Class) -> bool) -> String {
+    classes
+        .values()
+        .filter(|c| keep(c))
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Every managed class's core-set request, in policy order.

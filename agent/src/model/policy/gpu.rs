@@ -10,7 +10,9 @@ use std::{
 use indexmap::IndexMap;
 use serde::Deserialize;
 
-use super::{COOLED_BY_DEFAULT, Class, GAME, Layer, PolicyError, find_key, invalid_at};
+use super::{
+    COOLED_BY_DEFAULT, Class, GAME, Layer, PolicyError, class_names, find_key, invalid_at,
+};
 use crate::gpu::{
     arbiter::{Amount, ArbiterConfig, ClassBudget, Step},
     thermal::ThermalConfig,
@@ -220,16 +222,11 @@ fn check_cooled(
 ) -> Result<(), PolicyError> {
     for class in cooled.get_ref() {
         if !classes.get(class).is_some_and(Class::is_managed) {
-            let managed: Vec<&str> = classes
-                .values()
-                .filter(|c| c.is_managed())
-                .map(|c| c.name.as_str())
-                .collect();
             return Err(layer.invalid(
                 cooled.span().start,
                 format!(
                     "[gpu.thermal] classes: `{class}` is not a class with cpus, so the thermal guard has no cores of it to halve; use some of: {}",
-                    managed.join(", ")
+                    class_names(classes, Class::is_managed)
                 ),
             ));
         }
