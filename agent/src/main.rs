@@ -107,6 +107,10 @@ enum Command {
         procs: PathBuf,
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Instead of JSON lines: each chain's class, then every rule in
+        /// order against its last process, and the first matcher that failed.
+        #[arg(long)]
+        explain: bool,
     },
     /// Ask the running agent to re-read its policy now (also: SIGHUP; the
     /// agent also reloads by itself when the files change).
@@ -126,6 +130,10 @@ enum Command {
         socket: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Also list every rule in order: whether it matched, and the first
+        /// matcher that failed ("why is it not where I expected?").
+        #[arg(long)]
+        rules: bool,
     },
     /// Per class: processes, group, CPUs, placements; event counters.
     Status {
@@ -309,12 +317,21 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(daemon::run(options))
         }
-        Command::Classify { procs, policy } => {
+        Command::Classify {
+            procs,
+            policy,
+            explain,
+        } => {
             let policy = policy.source().load()?;
             let ananicy = daemon::load_ananicy(&policy);
             answer_chains(&procs, |recorded| {
                 let d = classify::classify_chain(&policy, ananicy.as_ref(), &recorded.chain);
-                views::render_chain_json(&recorded.id, &d)
+                if explain {
+                    let rules = classify::explain_chain(&policy, &recorded.chain);
+                    views::render_chain_explained(&recorded.id, &d, &rules)
+                } else {
+                    views::render_chain_json(&recorded.id, &d)
+                }
             })
         }
         Command::Reload { socket } => match control::request(&socket, &Request::Reload)? {
@@ -336,16 +353,19 @@ fn main() -> anyhow::Result<()> {
             &socket,
             std::time::Duration::from_millis(interval_ms.max(100)),
         ),
-        Command::Explain { pid, socket, json } => {
-            match control::request(&socket, &Request::Explain { pid })? {
-                Response::Explain(e) if json => print_json(&e),
-                Response::Explain(e) => {
-                    print!("{}", views::render_explanation(&e));
-                    Ok(())
-                }
-                other => reply_error(other),
+        Command::Explain {
+            pid,
+            socket,
+            json,
+            rules,
+        } => match control::request(&socket, &Request::Explain { pid, rules })? {
+            Response::Explain(e) if json => print_json(&e),
+            Response::Explain(e) => {
+                print!("{}", views::render_explanation(&e));
+                Ok(())
             }
-        }
+            other => reply_error(other),
+        },
         Command::Status { socket, json } => match control::request(&socket, &Request::Status)? {
             Response::Status(s) if json => print_json(&s),
             Response::Status(s) => {

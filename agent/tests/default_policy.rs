@@ -1,7 +1,9 @@
 //! The shipped default policy (`policies/default.toml`) against recorded
-//! process chains (`tests/fixtures/chains.jsonl`): how Steam, Proton, Lutris,
-//! gamescope, Blender, ComfyUI, ollama, Neovim and build tools really start
-//! their processes, and which class each should end up in.
+//! process chains (`tests/fixtures/chains.jsonl`): how Steam (native, Flatpak,
+//! snap, the Steam Linux Runtime), Proton, Lutris, Heroic, umu-launcher,
+//! Bottles, itch, Minecraft launchers, emulators, gamescope, Blender, ComfyUI,
+//! ollama, Neovim and build tools really start their processes, and which
+//! class each should end up in; and a per-game override layered on it.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -58,8 +60,8 @@ fn default_policy_classifies_recorded_chains() {
     let cases = cases();
 
     assert!(
-        cases.len() >= 30,
-        "only {} chains in the fixture; want at least 30",
+        cases.len() >= 170,
+        "only {} chains in the fixture; want at least 170",
         cases.len()
     );
     let mut per_class: BTreeMap<&str, usize> = BTreeMap::new();
@@ -91,8 +93,10 @@ fn default_policy_classifies_recorded_chains() {
     }
 
     let mut mismatches = Vec::new();
+    let mut deciding = std::collections::BTreeSet::new();
     for case in &cases {
         let decision = classify_chain(&policy, None, &case.chain);
+        deciding.insert(decision.rule.clone());
         // Shown with `cargo test -- --nocapture`: which rule decided each chain.
         println!(
             "{:<40} {:<7} {}{}",
@@ -124,6 +128,124 @@ fn default_policy_classifies_recorded_chains() {
         cases.len(),
         mismatches.join("\n")
     );
+    // Every shipped rule is the one that decides some recorded chain: a rule
+    // no chain needs is either dead or untested.
+    let untested: Vec<&str> = policy
+        .rules
+        .iter()
+        .map(|r| r.name.as_str())
+        .filter(|name| !deciding.contains(*name))
+        .collect();
+    assert!(
+        untested.is_empty(),
+        "rules that decide no chain in chains.jsonl: {untested:?}"
+    );
+}
+
+/// The per-game override of the shipped default's comments and README: one
+/// Steam game (Dota 2, AppId 570) in a class of its own on the V-cache CCD.
+const GAME_CACHE_OVERRIDE: &str = r#"
+[classes.game-cache]
+cpus = { share = 0.25, prefer = "cache" }
+cpu_weight = 1000
+
+[[rules]]
+name = "dota2"
+class = "game-cache"
+inherit = true
+steam_app = 570
+"#;
+
+fn layered() -> Policy {
+    let default = std::fs::read_to_string(POLICY).unwrap();
+    Policy::parse_layers(&[
+        (Path::new(POLICY), default.as_str()),
+        (Path::new("/etc/corral/policy.toml"), GAME_CACHE_OVERRIDE),
+    ])
+    .unwrap_or_else(|e| panic!("override refused: {e}"))
+}
+
+fn cpus_of(policy: &Policy, fixture: &str) -> BTreeMap<String, corral::model::cpus::CpuList> {
+    let root = format!(
+        "{}/tests/fixtures/sysfs/{fixture}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let topology = corral::model::topology::Topology::read(Path::new(&root)).unwrap();
+    policy
+        .resolve_cpus(&topology)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.class, r.cpus))
+        .collect()
+}
+
+#[test]
+fn per_game_class_takes_the_vcache_ccd_and_leaves_the_rest_alone() {
+    let policy = layered();
+    // The override's rule goes first; every shipped rule is still there.
+    assert_eq!(policy.rules[0].name, "dota2");
+    assert_eq!(policy.rules.len(), self::policy().rules.len() + 1);
+    assert_eq!(policy.classes["game-cache"].cpu_weight, 1000);
+
+    // The 7950X3D: CCD0 (0-7,16-23) has the 96 MiB L3, CCD1 the clocks.
+    let x3d = cpus_of(&policy, "x3d-7950");
+    let vcache = corral::model::cpus::CpuList::parse("0-7,16-23").unwrap();
+    let frequency = corral::model::cpus::CpuList::parse("8-15,24-31").unwrap();
+    assert_eq!(x3d["game-cache"].to_string(), "0-3,16-19", "{x3d:?}");
+    assert_eq!(x3d["game-cache"].intersect(&vcache), x3d["game-cache"]);
+    assert_eq!(x3d["game"].intersect(&frequency), x3d["game"], "{x3d:?}");
+    // The shipped classes get what they got without the override, but for
+    // `dev`, which takes what is left.
+    let before = resolved_on("x3d-7950");
+    for class in ["game", "render", "ai"] {
+        assert_eq!(x3d[class].to_string(), before[class], "{class}");
+    }
+    assert!(x3d["dev"].intersect(&x3d["game-cache"]).is_empty());
+
+    // The reference hybrid desktop has one L3: the class still gets cores
+    // of its own, the fastest left, and the shipped ones keep theirs.
+    let hybrid = cpus_of(&policy, "hybrid-20");
+    assert_eq!(hybrid["game"].to_string(), "0-7");
+    assert_eq!(hybrid["render"].to_string(), "16-19");
+    assert_eq!(hybrid["game-cache"].to_string(), "8-12", "{hybrid:?}");
+
+    // Dota 2 goes to its class, everything below the reaper with it; other
+    // Steam games stay `game`.
+    let reaper = |app: &str| ProcInfo {
+        comm: "reaper".into(),
+        exe: "/home/u/.local/share/Steam/ubuntu12_32/reaper".into(),
+        argv: ["reaper", "SteamLaunch", &format!("AppId={app}"), "--"]
+            .map(String::from)
+            .to_vec(),
+        env: [("SteamAppId".to_owned(), app.to_owned())].into(),
+        ..Default::default()
+    };
+    // Steam's env reaches the game itself too, so its own rule is dota2.
+    let game = |app: &str, exe: &str| ProcInfo {
+        comm: "game".into(),
+        exe: exe.into(),
+        env: [("SteamAppId".to_owned(), app.to_owned())].into(),
+        ..Default::default()
+    };
+    let dota = [
+        reaper("570"),
+        game(
+            "570",
+            "/home/u/.local/share/Steam/steamapps/common/dota 2 beta/game/bin/linuxsteamrt64/dota2",
+        ),
+    ];
+    let d = classify_chain(&policy, None, &dota);
+    assert_eq!((d.class.as_str(), d.rule.as_str()), ("game-cache", "dota2"));
+    let other = [
+        reaper("730"),
+        game(
+            "730",
+            "/home/u/.local/share/Steam/steamapps/common/cs2/game/bin/linuxsteamrt64/cs2",
+        ),
+    ];
+    assert_eq!(classify_chain(&policy, None, &other).class, "game");
+    // And the shipped default alone has no such class.
+    assert!(!self::policy().classes.contains_key("game-cache"));
 }
 
 /// What the shipped default resolves to on a checked-in sysfs fixture.

@@ -97,6 +97,48 @@ fn policy_show_resolves_the_default_on_the_reference_fixture() {
     }
 }
 
+/// The per-game override documented in the shipped default and README.
+#[test]
+fn policy_show_prints_a_per_game_class_from_the_override() {
+    let dir = scratch("per-game");
+    let over = dir.join("policy.toml");
+    write_file(
+        &over,
+        "[classes.game-cache]\ncpus = { share = 0.25, prefer = \"cache\" }\ncpu_weight = 1000\n\n[[rules]]\nname = \"dota2\"\nclass = \"game-cache\"\ninherit = true\nsteam_app = 570\n",
+    );
+    let default = repo_root().join("policies/default.toml");
+    let fixture = repo_root().join("agent/tests/fixtures/sysfs/x3d-7950");
+    let out = corral(
+        &["policy", "show", "--policy"],
+        &[
+            &default,
+            Path::new("--override"),
+            &over,
+            Path::new("--sysfs-root"),
+            &fixture,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |class: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{class} ")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let cache = line("game-cache");
+    assert!(cache.contains("cpus 0-3,16-19 "), "{cache}\n{text}");
+    assert!(text.contains("largest L3 cache first"), "{text}");
+    assert!(line("game").contains("cpus 8-14,24-30 "), "{text}");
+    // One column for the class names, however long.
+    assert!(line("system").starts_with("  system     cpus "), "{text}");
+    assert!(text.contains(&over.display().to_string()), "{text}");
+}
+
 #[test]
 fn policy_test_on_recorded_chains_says_what_would_move_where() {
     let dir = scratch("test");

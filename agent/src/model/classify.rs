@@ -10,7 +10,9 @@ use std::io::BufRead;
 use serde::{Deserialize, Serialize};
 
 use crate::model::ananicy::AnanicyRules;
-use crate::model::policy::{Matcher, Policy, Rule, SYSTEM};
+use globset::GlobMatcher;
+
+use crate::model::policy::{Matcher, Policy, Rule, STEAM_APP_ENV, SYSTEM};
 use crate::model::procs::{ProcInfo, Table};
 
 /// Why a process is in its class.
@@ -142,15 +144,30 @@ pub fn classify_in_table(
 ) -> Option<Decision> {
     let process = table.get(pid)?;
     let ancestors = table.ancestors(pid);
-    let infos: Vec<&ProcInfo> = ancestors
-        .iter()
-        .filter_map(|a| table.get(*a).map(|p| &p.info))
-        .collect();
     let parent = ancestors
         .last()
         .and_then(|a| table.get(*a))
         .map(|p| &p.decision);
+    let infos = ancestor_infos(table, &ancestors);
     Some(classify_one(policy, ananicy, &process.info, &infos, parent))
+}
+
+/// [`explain_rules`] for `pid` as the table stands (empty when the table
+/// does not know it).
+pub fn explain_in_table(policy: &Policy, table: &Table, pid: u32) -> Vec<RuleVerdict> {
+    let Some(process) = table.get(pid) else {
+        return Vec::new();
+    };
+    let infos = ancestor_infos(table, &table.ancestors(pid));
+    explain_rules(policy, &process.info, &infos)
+}
+
+/// The facts of `ancestors` (pids, outermost first) that the table holds.
+fn ancestor_infos<'t>(table: &'t Table, ancestors: &[u32]) -> Vec<&'t ProcInfo> {
+    ancestors
+        .iter()
+        .filter_map(|a| table.get(*a).map(|p| &p.info))
+        .collect()
 }
 
 /// Re-classifies every process in `table`, parents before children, and
@@ -247,35 +264,210 @@ pub fn recorded_chains<R: BufRead>(
 }
 
 fn rule_matches(rule: &Rule, process: &ProcInfo, ancestors: &[&ProcInfo]) -> bool {
-    if !matches(&rule.matcher, process) {
-        return false;
-    }
-    if let Some(wanted) = &rule.ancestor
-        && !ancestors.iter().rev().any(|a| matches(wanted, a))
-    {
-        return false;
-    }
-    if let Some(excluded) = &rule.unless
-        && matches(excluded, process)
-    {
-        return false;
-    }
-    true
+    rule_miss(rule, process, ancestors).is_none()
 }
 
 /// Whether every field the matcher names matches the process.
 pub fn matches(m: &Matcher, p: &ProcInfo) -> bool {
-    let any = |globs: &[globset::GlobMatcher], value: &str| {
-        globs.is_empty() || globs.iter().any(|g| g.is_match(value))
+    first_miss(m, p).is_none()
+}
+
+/// Why a rule does not match a process: the first of its parts that fails.
+enum RuleMiss<'m, 'p> {
+    Own(Miss<'m, 'p>),
+    /// `ancestor`: no ancestor matches it.
+    Ancestor(&'m Matcher),
+    /// `unless`: the process matches it.
+    Unless(&'m Matcher),
+}
+
+/// The first field of a matcher that a process fails, in the order exe,
+/// comm, cwd, cgroup, argv, env, steam_app.
+enum Miss<'m, 'p> {
+    /// exe, comm, cwd or cgroup: no glob of the list matches the value.
+    Value(&'static str, &'m [GlobMatcher], &'p str),
+    /// This argv glob matches no argument.
+    Argv(&'m GlobMatcher),
+    /// This env key is unset or set to something else.
+    Env(&'m str, &'m GlobMatcher),
+    SteamApp(u64),
+}
+
+fn rule_miss<'m, 'p>(
+    rule: &'m Rule,
+    process: &'p ProcInfo,
+    ancestors: &[&ProcInfo],
+) -> Option<RuleMiss<'m, 'p>> {
+    if let Some(miss) = first_miss(&rule.matcher, process) {
+        return Some(RuleMiss::Own(miss));
+    }
+    if let Some(wanted) = &rule.ancestor
+        && !ancestors.iter().rev().any(|a| matches(wanted, a))
+    {
+        return Some(RuleMiss::Ancestor(wanted));
+    }
+    if let Some(excluded) = &rule.unless
+        && matches(excluded, process)
+    {
+        return Some(RuleMiss::Unless(excluded));
+    }
+    None
+}
+
+/// The one matching walk: [`matches`] and `--rules` both read it.
+fn first_miss<'m, 'p>(m: &'m Matcher, p: &'p ProcInfo) -> Option<Miss<'m, 'p>> {
+    let values = [
+        ("exe", &m.exe, &p.exe),
+        ("comm", &m.comm, &p.comm),
+        ("cwd", &m.cwd, &p.cwd),
+        ("cgroup", &m.cgroup, &p.cgroup),
+    ];
+    for (field, globs, value) in values {
+        if !globs.is_empty() && !globs.iter().any(|g| g.is_match(value)) {
+            return Some(Miss::Value(field, globs, value));
+        }
+    }
+    if let Some(g) = m
+        .argv
+        .iter()
+        .find(|g| !p.argv.iter().any(|a| g.is_match(a)))
+    {
+        return Some(Miss::Argv(g));
+    }
+    if let Some((key, g)) = m
+        .env
+        .iter()
+        .find(|(key, g)| !p.env.get(key).is_some_and(|v| g.is_match(v)))
+    {
+        return Some(Miss::Env(key, g));
+    }
+    if let Some(app) = &m.steam_app
+        && !app.expands_to.iter().any(|alt| matches(alt, p))
+    {
+        return Some(Miss::SteamApp(app.id));
+    }
+    None
+}
+
+/// One rule's verdict on one process, for `corral explain --rules` and
+/// `corral classify --explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleVerdict {
+    pub rule: String,
+    pub class: String,
+    /// `file:line` of the rule.
+    pub source: String,
+    /// The first matcher that failed, as `exe */blender: no, exe is
+    /// /usr/bin/python3`; None when the rule matched.
+    pub failed: Option<String>,
+}
+
+/// Every rule of `policy`, in order, against `process` (whose ancestors are
+/// `ancestors`, outermost first): whether it matched, and if not, why not.
+pub fn explain_rules(
+    policy: &Policy,
+    process: &ProcInfo,
+    ancestors: &[&ProcInfo],
+) -> Vec<RuleVerdict> {
+    policy
+        .rules
+        .iter()
+        .map(|rule| RuleVerdict {
+            rule: rule.name.clone(),
+            class: rule.class.clone(),
+            source: rule.source.to_string(),
+            failed: rule_miss(rule, process, ancestors)
+                .map(|miss| describe_rule_miss(&miss, process, ancestors.len())),
+        })
+        .collect()
+}
+
+/// [`explain_rules`] for the last process of `chain` (outermost first).
+pub fn explain_chain(policy: &Policy, chain: &[ProcInfo]) -> Vec<RuleVerdict> {
+    let Some((process, ancestors)) = chain.split_last() else {
+        return Vec::new();
     };
-    any(&m.exe, &p.exe)
-        && any(&m.comm, &p.comm)
-        && any(&m.cwd, &p.cwd)
-        && any(&m.cgroup, &p.cgroup)
-        && m.argv.iter().all(|g| p.argv.iter().any(|a| g.is_match(a)))
-        && m.env
-            .iter()
-            .all(|(key, g)| p.env.get(key).is_some_and(|v| g.is_match(v)))
+    let refs: Vec<&ProcInfo> = ancestors.iter().collect();
+    explain_rules(policy, process, &refs)
+}
+
+fn describe_rule_miss(miss: &RuleMiss<'_, '_>, p: &ProcInfo, ancestors: usize) -> String {
+    match miss {
+        RuleMiss::Own(miss) => describe_miss(miss, p),
+        RuleMiss::Ancestor(m) => format!(
+            "ancestor {}: no, none of its {ancestors} ancestors matches",
+            summary(m)
+        ),
+        RuleMiss::Unless(m) => format!("unless {}: yes, so the rule does not apply", summary(m)),
+    }
+}
+
+fn describe_miss(miss: &Miss<'_, '_>, p: &ProcInfo) -> String {
+    let shown = |value: &str| {
+        if value.is_empty() {
+            "empty".to_owned()
+        } else {
+            value.to_owned()
+        }
+    };
+    match miss {
+        Miss::Value(field, globs, value) => {
+            format!(
+                "{field} {}: no, {field} is {}",
+                patterns(globs),
+                shown(value)
+            )
+        }
+        Miss::Argv(g) => format!(
+            "argv {}: no, no argument matches (argv is {})",
+            g.glob().glob(),
+            shown(&p.argv.join(" "))
+        ),
+        Miss::Env(key, g) => match p.env.get(*key) {
+            Some(value) => format!("env {key}={}: no, {key} is {value}", g.glob().glob()),
+            None => format!("env {key}={}: no, {key} is unset", g.glob().glob()),
+        },
+        Miss::SteamApp(id) => {
+            let set: Vec<String> = STEAM_APP_ENV
+                .iter()
+                .filter_map(|key| Some(format!("{key} is {}", p.env.get(*key)?)))
+                .collect();
+            let found = if set.is_empty() {
+                format!("{} are unset", STEAM_APP_ENV.join(", "))
+            } else {
+                set.join(", ")
+            };
+            format!("steam_app {id}: no, {found} and no argument is AppId={id}")
+        }
+    }
+}
+
+/// `exe */blender, */blender-*`: a matcher's first field, for messages.
+fn summary(m: &Matcher) -> String {
+    let lists = [
+        ("exe", &m.exe),
+        ("comm", &m.comm),
+        ("cwd", &m.cwd),
+        ("cgroup", &m.cgroup),
+        ("argv", &m.argv),
+    ];
+    if let Some((field, globs)) = lists.iter().find(|(_, g)| !g.is_empty()) {
+        return format!("{field} {}", patterns(globs));
+    }
+    if let Some((key, g)) = m.env.first() {
+        return format!("env {key}={}", g.glob().glob());
+    }
+    m.steam_app
+        .as_ref()
+        .map_or_else(String::new, |app| format!("steam_app {}", app.id))
+}
+
+fn patterns(globs: &[GlobMatcher]) -> String {
+    globs
+        .iter()
+        .map(|g| g.glob().glob())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -283,33 +475,19 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    /// Written with inline tables, the other form a policy may take.
     fn policy() -> Policy {
         Policy::parse(
             Path::new("t.toml"),
             r#"
-[classes.game]
-cpus = "0"
-[classes.dev]
-cpus = "1"
-
-[[rules]]
-name = "launcher"
-class = "system"
-comm = ["launcher"]
-
-[[rules]]
-name = "game-tree"
-class = "game"
-inherit = true
-comm = ["reaper"]
-argv = ["SteamLaunch"]
-
-[[rules]]
-name = "editor"
-class = "dev"
-inherit = true
-exe = ["*/nvim"]
-unless = { argv = ["--headless-probe"] }
+classes = { game = { cpus = "0" }, dev = { cpus = "1" } }
+rules = [
+    { name = "launcher", class = "system", comm = ["launcher"] },
+    { name = "game-tree", class = "game", inherit = true, comm = ["reaper"], argv = ["SteamLaunch"] },
+    { name = "editor", class = "dev", inherit = true, exe = ["*/nvim"], unless = { argv = ["--headless-probe"] } },
+    { name = "dota", class = "game", steam_app = 570 },
+    { name = "in-editor", class = "dev", ancestor = { exe = ["*/nvim"] }, env = { TERM = "xterm*" } },
+]
 "#,
         )
         .unwrap()
@@ -439,5 +617,78 @@ unless = { argv = ["--headless-probe"] }
     fn unless_excludes() {
         let chain = [p("nvim", "/usr/bin/nvim", &["nvim", "--headless-probe"])];
         assert_eq!(classify_chain(&policy(), None, &chain).rule, "default");
+    }
+
+    fn with_env(mut info: ProcInfo, env: &[(&str, &str)]) -> ProcInfo {
+        info.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        info
+    }
+
+    #[test]
+    fn steam_app_matches_any_of_the_places_steam_puts_the_id() {
+        let game = p("dota2", "/g/dota2", &["dota2"]);
+        for env in ["SteamAppId", "SteamGameId", "STEAM_COMPAT_APP_ID"] {
+            let chain = [with_env(game.clone(), &[(env, "570")])];
+            assert_eq!(
+                classify_chain(&policy(), None, &chain).rule,
+                "dota",
+                "{env}"
+            );
+        }
+        let reaper = p(
+            "reaper",
+            "/s/reaper",
+            &["reaper", "SteamLaunch", "AppId=570"],
+        );
+        assert_eq!(classify_chain(&policy(), None, &[reaper]).rule, "game-tree");
+        let other = p("r", "/s/r", &["r", "AppId=570"]);
+        assert_eq!(classify_chain(&policy(), None, &[other]).rule, "dota");
+        let another = [with_env(game.clone(), &[("SteamAppId", "5700")])];
+        assert_eq!(classify_chain(&policy(), None, &another).rule, "default");
+        assert!(policy().env_keys().contains("STEAM_COMPAT_APP_ID"));
+    }
+
+    #[test]
+    fn explain_names_the_first_matcher_that_failed_for_each_rule() {
+        let policy = policy();
+        let editor = p("nvim", "/usr/bin/nvim", &["nvim", "--headless-probe"]);
+        let shell = with_env(p("zsh", "/usr/bin/zsh", &["zsh"]), &[("SteamAppId", "440")]);
+        let got: Vec<(String, Option<String>)> = explain_chain(&policy, &[editor, shell])
+            .into_iter()
+            .map(|v| (v.rule, v.failed))
+            .collect();
+        let no = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            got,
+            [
+                ("launcher".into(), no("comm launcher: no, comm is zsh")),
+                ("game-tree".into(), no("comm reaper: no, comm is zsh")),
+                ("editor".into(), no("exe */nvim: no, exe is /usr/bin/zsh")),
+                (
+                    "dota".into(),
+                    no("steam_app 570: no, SteamAppId is 440 and no argument is AppId=570")
+                ),
+                ("in-editor".into(), no("env TERM=xterm*: no, TERM is unset")),
+            ]
+        );
+        let nvim = p("nvim", "/usr/bin/nvim", &["nvim", "--headless-probe"]);
+        let verdicts = explain_chain(&policy, &[nvim]);
+        assert_eq!(
+            verdicts[2].failed.as_deref(),
+            Some("unless argv --headless-probe: yes, so the rule does not apply")
+        );
+        let term = with_env(
+            p("zsh", "/usr/bin/zsh", &["zsh"]),
+            &[("TERM", "xterm-256color")],
+        );
+        let verdicts = explain_chain(&policy, &[p("bash", "/bin/bash", &["bash"]), term]);
+        assert_eq!(
+            verdicts[4].failed.as_deref(),
+            Some("ancestor exe */nvim: no, none of its 1 ancestors matches")
+        );
+        assert!(explain_chain(&policy, &[]).is_empty());
     }
 }

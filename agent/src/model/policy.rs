@@ -2,9 +2,9 @@
 //! which processes belong to which class, dynamic-mode timing and the
 //! optional ananicy-cpp rule source. Parsing, layering (shipped default,
 //! then the user's override, key by key) and validation; matching lives in
-//! `classify`, core-set resolution in `coresets`.
-//!
-//! Length: the policy's whole schema with spanned validation, one type per section; its tests are in policy/tests.rs.
+//! `classify`, core-set resolution in `coresets`. Rules and matchers are in
+//! policy/rules.rs, `[gpu]` in policy/gpu.rs, key checks and positions in
+//! policy/keys.rs, tests in policy/tests.rs.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,20 +13,23 @@ use std::{
     time::Duration,
 };
 
-use globset::{Glob, GlobBuilder, GlobMatcher};
 use indexmap::IndexMap;
 use serde::Deserialize;
 
 use crate::{
-    gpu::arbiter::{Amount, ArbiterConfig, ClassBudget, Step},
     gpu::askers,
-    gpu::thermal::ThermalConfig,
     model::modes::ModeConfig,
     model::{
         coresets::{self, CoreSetError, CoreSpec, Resolved},
         topology::Topology,
     },
 };
+
+pub use gpu::GpuConfig;
+use gpu::GpuSpec;
+use keys::{find_key, line_column, unknown_keys};
+pub use rules::{Matcher, Rule, STEAM_APP_ENV, SteamApp};
+use rules::{RuleSpec, build_rule};
 
 /// The class every process has when no rule claims it. Never moved.
 pub const SYSTEM: &str = "system";
@@ -67,39 +70,6 @@ struct PolicyFile {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-struct GpuSpec {
-    enabled: Option<bool>,
-    library: Option<PathBuf>,
-    poll_interval_ms: Option<u64>,
-    grace_ms: Option<u64>,
-    margin: Option<Amount>,
-    classes: Option<IndexMap<String, toml::Spanned<GpuClassSpec>>>,
-    thermal: Option<ThermalSpec>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GpuClassSpec {
-    /// Required where the class first gets a budget; an override may
-    /// change any key alone.
-    priority: Option<u32>,
-    reserve: Option<Amount>,
-    min: Option<Amount>,
-    max: Option<Amount>,
-    ladder: Option<Vec<Step>>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ThermalSpec {
-    gpu_max_c: Option<f64>,
-    cpu_max_c: Option<f64>,
-    hysteresis_c: Option<f64>,
-    hold_ms: Option<u64>,
-    classes: Option<toml::Spanned<Vec<String>>>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
 struct TelemetrySpec {
     enabled: Option<bool>,
     metrics_addr: Option<String>,
@@ -121,49 +91,6 @@ struct ClassSpec {
     description: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-struct RuleSpec {
-    name: String,
-    class: Option<String>,
-    /// In an override: drop the shipped rule of this name.
-    #[serde(default)]
-    disabled: bool,
-    #[serde(default)]
-    inherit: bool,
-    #[serde(default)]
-    ignore_case: bool,
-    #[serde(default)]
-    exe: Vec<String>,
-    #[serde(default)]
-    comm: Vec<String>,
-    #[serde(default)]
-    argv: Vec<String>,
-    #[serde(default)]
-    cwd: Vec<String>,
-    #[serde(default)]
-    cgroup: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    ancestor: Option<MatcherSpec>,
-    unless: Option<MatcherSpec>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-struct MatcherSpec {
-    #[serde(default)]
-    exe: Vec<String>,
-    #[serde(default)]
-    comm: Vec<String>,
-    #[serde(default)]
-    argv: Vec<String>,
-    #[serde(default)]
-    cwd: Vec<String>,
-    #[serde(default)]
-    cgroup: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-}
-
 #[derive(Debug, Clone, Default, Deserialize)]
 struct ModesSpec {
     hold_down_ms: Option<u64>,
@@ -177,39 +104,6 @@ struct AnanicySpec {
     dirs: Option<Vec<PathBuf>>,
     types: Option<BTreeMap<String, String>>,
 }
-
-/// Keys each table may hold; anything else is warned about (a typo would
-/// otherwise silently do nothing).
-const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy", "telemetry", "gpu"];
-const GPU_KEYS: &[&str] = &[
-    "enabled",
-    "library",
-    "poll_interval_ms",
-    "grace_ms",
-    "margin",
-    "classes",
-    "thermal",
-];
-const TELEMETRY_KEYS: &[&str] = &["enabled", "metrics_addr"];
-const CLASS_KEYS: &[&str] = &["cpus", "cpu_weight", "env", "user_run", "description"];
-const RULE_KEYS: &[&str] = &[
-    "name",
-    "class",
-    "disabled",
-    "inherit",
-    "ignore_case",
-    "exe",
-    "comm",
-    "argv",
-    "cwd",
-    "cgroup",
-    "env",
-    "ancestor",
-    "unless",
-];
-const MATCHER_KEYS: &[&str] = &["exe", "comm", "argv", "cwd", "cgroup", "env"];
-const MODES_KEYS: &[&str] = &["hold_down_ms", "min_dwell_ms", "protected_class"];
-const ANANICY_KEYS: &[&str] = &["enabled", "dirs", "types"];
 
 /// A class as resolved from the policy.
 #[derive(Debug, Clone)]
@@ -249,32 +143,6 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// Glob lists compiled once. Every given field must match; within a list,
-/// `exe`, `comm`, `cwd` and `cgroup` match when any glob does, while every
-/// `argv` glob must match some argument, and every `env` key must be set to
-/// a value its glob matches.
-#[derive(Debug, Default)]
-pub struct Matcher {
-    pub exe: Vec<GlobMatcher>,
-    pub comm: Vec<GlobMatcher>,
-    pub argv: Vec<GlobMatcher>,
-    pub cwd: Vec<GlobMatcher>,
-    pub cgroup: Vec<GlobMatcher>,
-    pub env: Vec<(String, GlobMatcher)>,
-}
-
-#[derive(Debug)]
-pub struct Rule {
-    pub name: String,
-    pub class: String,
-    /// Unclassified descendants take this rule's class.
-    pub inherit: bool,
-    pub matcher: Matcher,
-    pub ancestor: Option<Matcher>,
-    pub unless: Option<Matcher>,
-    pub source: Source,
-}
-
 /// The optional ananicy-cpp rule source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnanicyConfig {
@@ -309,45 +177,6 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             enabled: true,
             metrics_addr: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9187))),
-        }
-    }
-}
-
-/// VRAM coordination and the thermal guard.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GpuConfig {
-    pub enabled: bool,
-    /// libnvidia-ml to load; None: `libnvidia-ml.so.1` from the loader path.
-    pub library: Option<PathBuf>,
-    pub poll_interval: Duration,
-    pub arbiter: ArbiterConfig,
-    pub thermal: ThermalConfig,
-    /// `[gpu.thermal] classes`: whose core sets the thermal guard halves
-    /// while it is too hot. Kept beside [`ThermalConfig`] rather than in it:
-    /// the guard only decides when, and its config is built field by field
-    /// elsewhere.
-    pub cooled_classes: Vec<String>,
-}
-
-impl Default for GpuConfig {
-    fn default() -> Self {
-        GpuConfig {
-            enabled: false,
-            library: None,
-            poll_interval: Duration::from_secs(1),
-            arbiter: ArbiterConfig {
-                protected_class: GAME.to_owned(),
-                grace: Duration::from_secs(5),
-                margin: Amount::Percent(5.0),
-                classes: Vec::new(),
-            },
-            thermal: ThermalConfig {
-                gpu_max_c: None,
-                cpu_max_c: None,
-                hysteresis_c: 5.0,
-                hold: Duration::from_secs(30),
-            },
-            cooled_classes: COOLED_BY_DEFAULT.iter().map(|c| (*c).to_owned()).collect(),
         }
     }
 }
@@ -560,82 +389,7 @@ impl Policy {
         let mut gpu = GpuConfig::default();
         for layer in &layers {
             if let Some(g) = &layer.file.gpu {
-                if let Some(enabled) = g.enabled {
-                    gpu.enabled = enabled;
-                }
-                if let Some(library) = &g.library {
-                    gpu.library = Some(library.clone());
-                }
-                if let Some(ms) = g.poll_interval_ms {
-                    gpu.poll_interval = Duration::from_millis(ms.max(50));
-                }
-                if let Some(ms) = g.grace_ms {
-                    gpu.arbiter.grace = Duration::from_millis(ms);
-                }
-                if let Some(margin) = g.margin {
-                    gpu.arbiter.margin = margin;
-                }
-                if let Some(classes) = &g.classes {
-                    // Key by key, like everything else: an override may
-                    // change one class's `max` alone.
-                    for (class, spanned) in classes {
-                        let spec = spanned.get_ref();
-                        let at = match gpu.arbiter.classes.iter().position(|b| b.class == *class) {
-                            Some(at) => at,
-                            None => {
-                                let Some(priority) = spec.priority else {
-                                    return Err(layer.invalid(
-                                        spanned.span().start,
-                                        format!("[gpu.classes.{class}]: missing `priority` (1 = highest; the largest number is acted on first)"),
-                                    ));
-                                };
-                                gpu.arbiter.classes.push(ClassBudget {
-                                    class: class.clone(),
-                                    priority,
-                                    reserve: None,
-                                    min: None,
-                                    max: None,
-                                    ladder: Vec::new(),
-                                });
-                                gpu.arbiter.classes.len() - 1
-                            }
-                        };
-                        let budget = &mut gpu.arbiter.classes[at];
-                        if let Some(priority) = spec.priority {
-                            budget.priority = priority;
-                        }
-                        if spec.reserve.is_some() {
-                            budget.reserve = spec.reserve;
-                        }
-                        if spec.min.is_some() {
-                            budget.min = spec.min;
-                        }
-                        if spec.max.is_some() {
-                            budget.max = spec.max;
-                        }
-                        if let Some(ladder) = &spec.ladder {
-                            budget.ladder = ladder.clone();
-                        }
-                    }
-                }
-                if let Some(t) = &g.thermal {
-                    if t.gpu_max_c.is_some() {
-                        gpu.thermal.gpu_max_c = t.gpu_max_c;
-                    }
-                    if t.cpu_max_c.is_some() {
-                        gpu.thermal.cpu_max_c = t.cpu_max_c;
-                    }
-                    if let Some(h) = t.hysteresis_c {
-                        gpu.thermal.hysteresis_c = h;
-                    }
-                    if let Some(ms) = t.hold_ms {
-                        gpu.thermal.hold = Duration::from_millis(ms);
-                    }
-                    if let Some(cooled) = &t.classes {
-                        check_cooled(layer, cooled, &classes)?;
-                        gpu.cooled_classes = cooled.get_ref().clone();
-                    }
-                }
+                gpu::merge(&mut gpu, layer, g, &classes)?;
             }
             if let Some(t) = &layer.file.telemetry {
                 if let Some(enabled) = t.enabled {
@@ -664,16 +418,11 @@ impl Policy {
                 if let Some(class) = &m.protected_class {
                     let name = class.get_ref();
                     if name == SYSTEM || !classes.contains_key(name) {
-                        let known: Vec<&str> = classes
-                            .keys()
-                            .map(String::as_str)
-                            .filter(|c| *c != SYSTEM)
-                            .collect();
                         return Err(layer.invalid(
                             class.span().start,
                             format!(
                                 "[modes] protected_class: `{name}` is not a class corral places; use one of: {}",
-                                known.join(", ")
+                                class_names(&classes, |c| c.name != SYSTEM)
                             ),
                         ));
                     }
@@ -720,33 +469,7 @@ impl Policy {
             }
         }
         if gpu.enabled {
-            let last = layers
-                .iter()
-                .rev()
-                .find(|l| l.file.gpu.is_some())
-                .or(layers.last());
-            let fail = |message: String| match last {
-                Some(l) => invalid_at(
-                    &l.path,
-                    &l.text,
-                    find_key(&l.text, "gpu")
-                        .or_else(|| l.text.find("[gpu"))
-                        .unwrap_or(0),
-                    message,
-                ),
-                None => invalid_at(Path::new(""), "", 0, message),
-            };
-            for budget in &gpu.arbiter.classes {
-                if !classes.contains_key(&budget.class) {
-                    return Err(fail(format!(
-                        "[gpu.classes.{}]: no such class; define it under [classes]",
-                        budget.class
-                    )));
-                }
-            }
-            gpu.arbiter
-                .validate()
-                .map_err(|e| fail(format!("[gpu]: {e}")))?;
+            gpu::validate(&gpu, &layers, &classes)?;
         }
 
         Ok(Policy {
@@ -814,7 +537,7 @@ impl Policy {
             .into_iter()
             .flatten()
             {
-                keys.extend(m.env.iter().map(|(k, _)| k.clone()));
+                keys.extend(m.env_keys().map(str::to_owned));
             }
         }
         keys
@@ -909,6 +632,16 @@ fn built_in() -> Source {
     }
 }
 
+/// The names of the classes `keep` keeps, in policy order, for messages.
+fn class_names(classes: &IndexMap<String, Class>, keep: impl Fn(&Class) -> bool) -> String {
+    classes
+        .values()
+        .filter(|c| keep(c))
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Every managed class's core-set request, in policy order.
 fn core_specs(classes: &IndexMap<String, Class>) -> Vec<(String, CoreSpec)> {
     classes
@@ -923,32 +656,6 @@ fn core_set_error(classes: &IndexMap<String, Class>, error: &CoreSetError) -> Po
         .get(error.class())
         .map_or_else(built_in, |c| c.cpus_source.clone());
     invalid_source(&source, error.to_string())
-}
-
-/// Checks `[gpu.thermal] classes` in `layer`: each must be a class with
-/// cpus, or there is nothing to halve.
-fn check_cooled(
-    layer: &Layer,
-    cooled: &toml::Spanned<Vec<String>>,
-    classes: &IndexMap<String, Class>,
-) -> Result<(), PolicyError> {
-    for class in cooled.get_ref() {
-        if !classes.get(class).is_some_and(Class::is_managed) {
-            let managed: Vec<&str> = classes
-                .values()
-                .filter(|c| c.is_managed())
-                .map(|c| c.name.as_str())
-                .collect();
-            return Err(layer.invalid(
-                cooled.span().start,
-                format!(
-                    "[gpu.thermal] classes: `{class}` is not a class with cpus, so the thermal guard has no cores of it to halve; use some of: {}",
-                    managed.join(", ")
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn build_class(name: &str, merged: MergedClass) -> Result<Class, PolicyError> {
@@ -981,178 +688,8 @@ fn build_class(name: &str, merged: MergedClass) -> Result<Class, PolicyError> {
     })
 }
 
-fn build_rule(
-    spec: RuleSpec,
-    source: Source,
-    classes: &IndexMap<String, Class>,
-) -> Result<Rule, PolicyError> {
-    let fail =
-        |message: String| invalid_source(&source, format!("rule `{}`: {message}", spec.name));
-    let class = spec
-        .class
-        .clone()
-        .ok_or_else(|| fail("has no `class`".into()))?;
-    if !classes.contains_key(&class) {
-        let known: Vec<_> = classes.keys().cloned().collect();
-        return Err(fail(format!(
-            "unknown class `{class}`; define it under [classes] or use one of: {}",
-            known.join(", ")
-        )));
-    }
-    let own = MatcherSpec {
-        exe: spec.exe.clone(),
-        comm: spec.comm.clone(),
-        argv: spec.argv.clone(),
-        cwd: spec.cwd.clone(),
-        cgroup: spec.cgroup.clone(),
-        env: spec.env.clone(),
-    };
-    let compile = |m: &MatcherSpec| compile_matcher(m, spec.ignore_case).map_err(&fail);
-    let matcher = compile(&own)?;
-    let ancestor = spec.ancestor.as_ref().map(compile).transpose()?;
-    let unless = spec.unless.as_ref().map(compile).transpose()?;
-    if matcher.is_empty() && ancestor.as_ref().is_none_or(Matcher::is_empty) {
-        return Err(fail(
-            "matches every process; give it at least one matcher".into(),
-        ));
-    }
-    Ok(Rule {
-        name: spec.name,
-        class,
-        inherit: spec.inherit,
-        matcher,
-        ancestor,
-        unless,
-        source,
-    })
-}
-
-impl Matcher {
-    pub fn is_empty(&self) -> bool {
-        self.exe.is_empty()
-            && self.comm.is_empty()
-            && self.argv.is_empty()
-            && self.cwd.is_empty()
-            && self.cgroup.is_empty()
-            && self.env.is_empty()
-    }
-}
-
-fn compile_matcher(spec: &MatcherSpec, ignore_case: bool) -> Result<Matcher, String> {
-    let globs = |field: &str, list: &[String]| -> Result<Vec<GlobMatcher>, String> {
-        list.iter().map(|g| glob(field, g, ignore_case)).collect()
-    };
-    Ok(Matcher {
-        exe: globs("exe", &spec.exe)?,
-        comm: globs("comm", &spec.comm)?,
-        argv: globs("argv", &spec.argv)?,
-        cwd: globs("cwd", &spec.cwd)?,
-        cgroup: globs("cgroup", &spec.cgroup)?,
-        env: spec
-            .env
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), glob("env", v, ignore_case)?)))
-            .collect::<Result<_, String>>()?,
-    })
-}
-
-fn glob(field: &str, pattern: &str, ignore_case: bool) -> Result<GlobMatcher, String> {
-    let built: Result<Glob, _> = GlobBuilder::new(pattern)
-        .case_insensitive(ignore_case)
-        .literal_separator(false)
-        .build();
-    built
-        .map(|g| g.compile_matcher())
-        .map_err(|e| format!("{field} pattern `{pattern}` is not a valid glob: {e}"))
-}
-
-/// Warns about keys no part of corral reads, with their position.
-fn unknown_keys(path: &Path, text: &str, table: &toml::Table, warnings: &mut Vec<String>) {
-    let mut warn = |key: &str, place: &str, known: &[&str]| {
-        // toml's untyped table has no spans: find the key's first use.
-        let offset = find_key(text, key).unwrap_or(0);
-        let (line, column) = line_column(text, offset);
-        warnings.push(format!(
-            "{}:{line}:{column}: unknown key `{key}` in {place} is ignored (known keys: {})",
-            path.display(),
-            known.join(", ")
-        ));
-    };
-    let check = |t: &toml::Table,
-                 place: &str,
-                 known: &[&str],
-                 warn: &mut dyn FnMut(&str, &str, &[&str])| {
-        for key in t.keys() {
-            if !known.contains(&key.as_str()) {
-                warn(key, place, known);
-            }
-        }
-    };
-    check(table, "the top level", TOP_KEYS, &mut warn);
-    if let Some(classes) = table.get("classes").and_then(|v| v.as_table()) {
-        for (name, class) in classes {
-            if let Some(class) = class.as_table() {
-                check(class, &format!("[classes.{name}]"), CLASS_KEYS, &mut warn);
-            }
-        }
-    }
-    if let Some(rules) = table.get("rules").and_then(|v| v.as_array()) {
-        for rule in rules.iter().filter_map(|r| r.as_table()) {
-            let name = rule.get("name").and_then(|n| n.as_str()).unwrap_or("?");
-            check(rule, &format!("rule `{name}`"), RULE_KEYS, &mut warn);
-            for nested in ["ancestor", "unless"] {
-                if let Some(m) = rule.get(nested).and_then(|v| v.as_table()) {
-                    check(
-                        m,
-                        &format!("rule `{name}` {nested}"),
-                        MATCHER_KEYS,
-                        &mut warn,
-                    );
-                }
-            }
-        }
-    }
-    if let Some(m) = table.get("modes").and_then(|v| v.as_table()) {
-        check(m, "[modes]", MODES_KEYS, &mut warn);
-    }
-    if let Some(a) = table.get("ananicy").and_then(|v| v.as_table()) {
-        check(a, "[ananicy]", ANANICY_KEYS, &mut warn);
-    }
-    if let Some(t) = table.get("telemetry").and_then(|v| v.as_table()) {
-        check(t, "[telemetry]", TELEMETRY_KEYS, &mut warn);
-    }
-    if let Some(g) = table.get("gpu").and_then(|v| v.as_table()) {
-        check(g, "[gpu]", GPU_KEYS, &mut warn);
-    }
-}
-
-/// Byte offset of the first `key =` (or `key=`) at the start of a line or
-/// after `{`/`,`.
-fn find_key(text: &str, key: &str) -> Option<usize> {
-    let mut from = 0;
-    while let Some(found) = text[from..].find(key) {
-        let at = from + found;
-        let before = text[..at].trim_end_matches([' ', '\t']);
-        let after = text[at + key.len()..].trim_start_matches([' ', '\t']);
-        let starts = before.is_empty() || before.ends_with(['\n', '{', ',']);
-        if starts && after.starts_with('=') {
-            return Some(at);
-        }
-        from = at + key.len();
-    }
-    None
-}
-
-/// 1-based line and column of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |nl| before.len() - nl - 1)
-        + 1;
-    (line, column)
-}
-
+mod gpu;
+mod keys;
+mod rules;
 #[cfg(test)]
 mod tests;

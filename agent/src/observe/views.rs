@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     actuate::cgroup::ReleaseReport,
-    model::classify::Decision,
+    model::classify::{Decision, RuleVerdict},
     model::coresets::Resolved,
     model::cpus::CpuList,
     model::policy::Policy,
@@ -151,6 +151,58 @@ pub fn render_explanation(e: &Explanation) -> String {
             ));
         }
     }
+    if !e.rules.is_empty() {
+        lines.push("  rules     (in order; the first that matches decides)".into());
+        lines.extend(rule_lines(&e.rules));
+    }
+    text(lines)
+}
+
+/// `--rules`: one line per rule, with the first matcher that failed.
+fn rule_lines(rules: &[RuleVerdict]) -> Vec<String> {
+    let mut decided = false;
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let verdict = match &r.failed {
+                Some(why) => why.clone(),
+                None if decided => "matches, but a rule above decided".to_owned(),
+                None => {
+                    decided = true;
+                    "MATCHES, decides".to_owned()
+                }
+            };
+            format!(
+                "    {:>3}. {} -> {} ({}): {verdict}",
+                i + 1,
+                r.rule,
+                r.class,
+                r.source
+            )
+        })
+        .collect()
+}
+
+/// `corral classify --explain`: the chain's class, then every rule against
+/// its last process.
+pub fn render_chain_explained(
+    id: &serde_json::Value,
+    decision: &Decision,
+    rules: &[RuleVerdict],
+) -> String {
+    let from = decision
+        .inherited_from
+        .as_ref()
+        .map(|a| format!(", inherited from {} (depth {})", a.comm, a.depth))
+        .unwrap_or_default();
+    let mut lines = vec![format!(
+        "{}: {} by {}{from}",
+        chain_id(id),
+        decision.class,
+        decision.rule
+    )];
+    lines.extend(rule_lines(rules));
     text(lines)
 }
 
@@ -193,17 +245,25 @@ pub fn render_policy_show(policy: &Policy, resolved: &[Resolved], online: &CpuLi
         policy.describe_files(),
         online.len()
     )];
+    // A per-game class (`game-cache`) may be longer than the shipped names.
+    let w = policy
+        .classes
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max(8);
     for class in policy.classes.values() {
         lines.push(match resolved.iter().find(|r| r.class == class.name) {
             Some(r) => format!(
-                "  {:<8} cpus {:<12} weight {:<5} {}",
+                "  {:<w$} cpus {:<12} weight {:<5} {}",
                 r.class,
                 r.cpus.to_string(),
                 class.cpu_weight,
                 r.why
             ),
             None => format!(
-                "  {:<8} cpus {:<12} left alone: the kernel schedules it",
+                "  {:<w$} cpus {:<12} left alone: the kernel schedules it",
                 class.name, "dynamic"
             ),
         });
@@ -532,6 +592,7 @@ mod tests {
             cpus_allowed: "0-7".into(),
             backend: "cgroupfs".into(),
             placement: None,
+            rules: Vec::new(),
             ancestry: vec![
                 AncestorLine {
                     pid: 1,
@@ -570,6 +631,33 @@ mod tests {
                 "       4100 reaper           game     steam-reaper",
             ]
         );
+    }
+
+    #[test]
+    fn explain_with_rules_lists_them_in_order_and_marks_the_one_that_decides() {
+        let mut e = explanation();
+        let verdict = |rule: &str, failed: Option<&str>| RuleVerdict {
+            rule: rule.into(),
+            class: "game".into(),
+            source: format!("p.toml:{}", rule.len()),
+            failed: failed.map(str::to_owned),
+        };
+        e.rules = vec![
+            verdict("a", Some("exe */a: no, exe is /b")),
+            verdict("bb", None),
+            verdict("ccc", None),
+        ];
+        let text = render_explanation(&e);
+        let rules = text.split("  rules ").nth(1).unwrap();
+        assert_eq!(
+            rules,
+            "    (in order; the first that matches decides)
+      1. a -> game (p.toml:1): exe */a: no, exe is /b
+      2. bb -> game (p.toml:2): MATCHES, decides
+      3. ccc -> game (p.toml:3): matches, but a rule above decided
+"
+        );
+        assert!(!render_explanation(&explanation()).contains("  rules "));
     }
 
     #[test]

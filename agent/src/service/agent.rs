@@ -803,7 +803,7 @@ impl Agent {
         }
         match request {
             Request::Status | Request::Placements => None,
-            Request::Explain { pid } => match self.procs.owner(*pid) {
+            Request::Explain { pid, .. } => match self.procs.owner(*pid) {
                 Some(owner) if owner == uid => None,
                 Some(_) => Some(format!(
                     "process {pid} belongs to another user; only root can explain it"

@@ -286,7 +286,13 @@ fn the_game_inherits_the_reaper_rule_and_explain_says_so() {
     rig.steam_game();
     let p = rig.agent.table.get(40120).unwrap();
     assert_eq!(p.decision.class, "game");
-    let (response, _) = rig.ask(Request::Explain { pid: 40120 }, Some(0));
+    let (response, _) = rig.ask(
+        Request::Explain {
+            pid: 40120,
+            rules: true,
+        },
+        Some(0),
+    );
     let Response::Explain(e) = response else {
         panic!("explain answered {response:?}");
     };
@@ -295,6 +301,13 @@ fn the_game_inherits_the_reaper_rule_and_explain_says_so() {
         e.ancestry
             .iter()
             .any(|a| a.pid == 40112 && a.class == "game")
+    );
+    // `--rules`: every rule, judged on the process's own facts.
+    assert_eq!(e.rules.len(), rig.agent.policy.rules.len());
+    let client = e.rules.iter().find(|r| r.rule == "steam-client").unwrap();
+    assert_eq!(
+        client.failed.as_deref(),
+        Some("comm steam, steamwebhelper: no, comm is game.x86_64")
     );
 }
 
@@ -796,7 +809,10 @@ fn a_peer_without_credentials_is_refused_everything() {
     for request in [
         Request::Status,
         Request::Reload,
-        Request::Explain { pid: 1 },
+        Request::Explain {
+            pid: 1,
+            rules: false,
+        },
         Request::Enter {
             class: "dev".to_owned(),
         },
@@ -813,9 +829,21 @@ fn explain_of_another_users_process_is_for_root_only() {
     let mut rig = rig("");
     rig.agent.handle(Event::Seed);
     rig.exec(1, nvim(7150));
-    let (as_other, _) = rig.ask(Request::Explain { pid: 7150 }, Some(1001));
+    let (as_other, _) = rig.ask(
+        Request::Explain {
+            pid: 7150,
+            rules: false,
+        },
+        Some(1001),
+    );
     assert!(matches!(as_other, Response::Error { .. }), "{as_other:?}");
-    let (as_owner, _) = rig.ask(Request::Explain { pid: 7150 }, Some(1000));
+    let (as_owner, _) = rig.ask(
+        Request::Explain {
+            pid: 7150,
+            rules: false,
+        },
+        Some(1000),
+    );
     assert!(matches!(as_owner, Response::Explain(_)), "{as_owner:?}");
 }
 

@@ -7,7 +7,7 @@ use super::agent::Agent;
 use crate::{
     actuate::cgroup::{Group, Groups},
     kernel::bpf::{SchedStats, Tracer},
-    model::modes::Mode,
+    model::{classify, modes::Mode},
     observe::metrics::{self, ClassMetrics, GpuMetrics, Histogram, Metrics},
     service::control::{AncestorLine, ClassStatus, Explanation, Request, Response, Status},
 };
@@ -139,7 +139,7 @@ impl Agent {
     pub fn answer(&self, request: Request) -> Response {
         match request {
             Request::Status => Response::Status(Box::new(self.status())),
-            Request::Explain { pid } => match self.explain(pid) {
+            Request::Explain { pid, rules } => match self.explain(pid, rules) {
                 Some(e) => Response::Explain(Box::new(e)),
                 None => Response::Error {
                     message: format!("process {pid} is not tracked (it may have exited)"),
@@ -212,7 +212,9 @@ impl Agent {
         }
     }
 
-    pub(super) fn explain(&self, pid: u32) -> Option<Explanation> {
+    /// With `rules`, every rule of the policy is judged against the process
+    /// as the table knows it (`corral explain --rules`).
+    pub(super) fn explain(&self, pid: u32, rules: bool) -> Option<Explanation> {
         let process = self.table.get(pid)?;
         let group = self.placer.layout().group(&process.decision.class);
         let ancestry = self
@@ -260,6 +262,11 @@ impl Agent {
                 .collect(),
             backend: self.placer.backend().to_owned(),
             placement: self.placer.describe(pid),
+            rules: if rules {
+                classify::explain_in_table(&self.policy, &self.table, pid)
+            } else {
+                Vec::new()
+            },
         })
     }
 

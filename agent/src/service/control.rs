@@ -23,7 +23,10 @@ use crate::{
     gpu::arbiter::ArbiterState,
     gpu::nvml::GpuSnapshot,
     kernel::bpf::{KernelCounters, ProgramStats, SchedStats},
-    model::{classify::Decision, pidref::PidRef},
+    model::{
+        classify::{Decision, RuleVerdict},
+        pidref::PidRef,
+    },
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/corral/control.sock";
@@ -39,6 +42,9 @@ pub enum Request {
     Reload,
     Explain {
         pid: u32,
+        /// Also judge every rule against the process (`--rules`).
+        #[serde(default)]
+        rules: bool,
     },
     /// Every placement of a process that the kernel saw exec, with its
     /// latency (for the exec benchmark).
@@ -207,6 +213,9 @@ pub struct Explanation {
     pub backend: String,
     #[serde(default)]
     pub placement: Option<String>,
+    /// With `--rules`: every rule, in order, and why it did not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleVerdict>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -550,8 +559,8 @@ mod tests {
 
         #[test]
         fn valid_requests_round_trip(pid in any::<u32>()) {
-            let text = serde_json::to_string(&Request::Explain { pid }).unwrap();
-            let parsed = matches!(parse_request(text.as_bytes()), Ok(Request::Explain { pid: p }) if p == pid);
+            let text = serde_json::to_string(&Request::Explain { pid, rules: true }).unwrap();
+            let parsed = matches!(parse_request(text.as_bytes()), Ok(Request::Explain { pid: p, rules: true }) if p == pid);
             prop_assert!(parsed, "{} did not round-trip", text);
         }
     }

@@ -2,6 +2,7 @@
 //! text a user sees).
 
 use super::*;
+use crate::gpu::arbiter::{Amount, Step};
 
 fn parse(text: &str) -> Result<Policy, PolicyError> {
     Policy::parse(Path::new("test.toml"), text)
@@ -113,7 +114,7 @@ fn unknown_keys_warn_with_position_and_still_load() {
     assert_eq!(
         policy.warnings,
         [
-            "test.toml:7:1: unknown key `com` in rule `a` is ignored (known keys: name, class, disabled, inherit, ignore_case, exe, comm, argv, cwd, cgroup, env, ancestor, unless)"
+            "test.toml:7:1: unknown key `com` in rule `a` is ignored (known keys: name, class, disabled, inherit, ignore_case, exe, comm, argv, cwd, cgroup, env, steam_app, ancestor, unless)"
         ]
     );
 }
@@ -363,4 +364,48 @@ fn gpu_class_budgets_merge_key_by_key() {
         err.starts_with("user.toml:2:1: [gpu.classes.game2]: missing `priority`"),
         "{err}"
     );
+}
+
+#[test]
+fn steam_app_expands_to_the_env_and_argv_matchers() {
+    let policy = parse(
+        "[classes.game-cache]\ncpus = \"0\"\n\n[[rules]]\nname = \"dota2\"\nclass = \"game-cache\"\nsteam_app = 570\nunless = { steam_app = 571 }\n",
+    )
+    .unwrap();
+    let rule = &policy.rules[0];
+    let app = rule.matcher.steam_app.as_ref().unwrap();
+    assert_eq!(app.id, 570);
+    let expanded: Vec<String> = app
+        .expands_to
+        .iter()
+        .flat_map(|m| {
+            m.env
+                .iter()
+                .map(|(k, g)| format!("env {k}={}", g.glob().glob()))
+                .chain(m.argv.iter().map(|g| format!("argv {}", g.glob().glob())))
+        })
+        .collect();
+    assert_eq!(
+        expanded,
+        [
+            "env SteamAppId=570",
+            "env SteamGameId=570",
+            "env STEAM_COMPAT_APP_ID=570",
+            "argv AppId=570"
+        ]
+    );
+    assert_eq!(
+        rule.unless.as_ref().unwrap().steam_app.as_ref().unwrap().id,
+        571
+    );
+    // A steam_app alone is a matcher; the table keeps the env it reads.
+    assert!(!rule.matcher.is_empty());
+    assert!(policy.env_keys().contains("SteamGameId"));
+}
+
+#[test]
+fn golden_steam_app_that_is_not_a_number() {
+    let err = error("[[rules]]\nname = \"dota2\"\nclass = \"system\"\nsteam_app = \"dota\"\n");
+    assert!(err.starts_with("test.toml:1:1: "), "{err}");
+    assert!(err.contains("invalid type: string \"dota\""), "{err}");
 }
