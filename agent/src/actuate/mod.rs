@@ -5,6 +5,7 @@
 //! the only folder that writes cgroup files or moves processes.
 
 pub mod cgroup;
+pub mod power;
 pub mod recording;
 pub mod systemd;
 pub mod systemd_bus;

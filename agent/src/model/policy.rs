@@ -61,6 +61,8 @@ struct PolicyFile {
     ananicy: Option<AnanicySpec>,
     telemetry: Option<TelemetrySpec>,
     gpu: Option<GpuSpec>,
+    power: Option<PowerSpec>,
+    notifications: Option<NotificationsSpec>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -177,7 +179,16 @@ struct AnanicySpec {
 
 /// Keys each table may hold; anything else is warned about (a typo would
 /// otherwise silently do nothing).
-const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy", "telemetry", "gpu"];
+const TOP_KEYS: &[&str] = &[
+    "classes",
+    "rules",
+    "modes",
+    "ananicy",
+    "telemetry",
+    "gpu",
+    "power",
+    "notifications",
+];
 const GPU_KEYS: &[&str] = &[
     "enabled",
     "library",
@@ -272,6 +283,82 @@ pub struct Rule {
     pub source: Source,
 }
 
+// [power] and [notifications]: the desktop's power profile while the
+// protected class runs, and desktop notifications of VRAM and thermal steps.
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct PowerSpec {
+    enabled: Option<bool>,
+    sysfs: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct NotificationsSpec {
+    desktop: Option<bool>,
+    min_interval_ms: Option<u64>,
+}
+
+const POWER_KEYS: &[&str] = &["enabled", "sysfs"];
+const NOTIFICATIONS_KEYS: &[&str] = &["desktop", "min_interval_ms"];
+
+/// `[power]`: hold `performance` while the protected class runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PowerConfig {
+    pub enabled: bool,
+    /// Without power-profiles-daemon, write cpufreq's EPP or governor.
+    pub sysfs: bool,
+}
+
+impl Default for PowerConfig {
+    fn default() -> Self {
+        PowerConfig {
+            enabled: true,
+            sysfs: true,
+        }
+    }
+}
+
+impl PowerConfig {
+    fn merged(layers: &[Layer]) -> Self {
+        let mut c = PowerConfig::default();
+        for p in layers.iter().filter_map(|l| l.file.power.as_ref()) {
+            c.enabled = p.enabled.unwrap_or(c.enabled);
+            c.sysfs = p.sysfs.unwrap_or(c.sysfs);
+        }
+        c
+    }
+}
+
+/// `[notifications]`: desktop notifications to the affected users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotificationsConfig {
+    pub desktop: bool,
+    /// At most one notification of a kind per user this often.
+    pub min_interval: Duration,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            desktop: true,
+            min_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl NotificationsConfig {
+    fn merged(layers: &[Layer]) -> Self {
+        let mut c = NotificationsConfig::default();
+        for n in layers.iter().filter_map(|l| l.file.notifications.as_ref()) {
+            c.desktop = n.desktop.unwrap_or(c.desktop);
+            if let Some(ms) = n.min_interval_ms {
+                c.min_interval = Duration::from_millis(ms);
+            }
+        }
+        c
+    }
+}
+
 /// The optional ananicy-cpp rule source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnanicyConfig {
@@ -359,6 +446,8 @@ pub struct Policy {
     pub ananicy: AnanicyConfig,
     pub telemetry: TelemetryConfig,
     pub gpu: GpuConfig,
+    pub power: PowerConfig,
+    pub notifications: NotificationsConfig,
     /// Things that did not stop the policy from loading (unknown keys).
     pub warnings: Vec<String>,
 }
@@ -754,6 +843,8 @@ impl Policy {
             ananicy,
             telemetry,
             gpu,
+            power: PowerConfig::merged(&layers),
+            notifications: NotificationsConfig::merged(&layers),
             warnings,
         })
     }
@@ -1120,6 +1211,11 @@ fn unknown_keys(path: &Path, text: &str, table: &toml::Table, warnings: &mut Vec
     }
     if let Some(g) = table.get("gpu").and_then(|v| v.as_table()) {
         check(g, "[gpu]", GPU_KEYS, &mut warn);
+    }
+    for (key, known) in [("power", POWER_KEYS), ("notifications", NOTIFICATIONS_KEYS)] {
+        if let Some(t) = table.get(key).and_then(|v| v.as_table()) {
+            check(t, &format!("[{key}]"), known, &mut warn);
+        }
     }
 }
 

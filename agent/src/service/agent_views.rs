@@ -100,6 +100,8 @@ impl Agent {
             agent_resident_memory_bytes: rss,
             agent_cpu_seconds_total: cpu,
             mode: self.modes.mode(),
+            power_held: self.desktop.power.method.clone(),
+            coexisting: self.desktop.coexist.iter().map(|f| f.tool.clone()).collect(),
         }
     }
 
@@ -199,6 +201,8 @@ impl Agent {
                 .unwrap_or_default(),
             metrics_addr: self.metrics_bound.map(|a| a.to_string()),
             gpu: self.gpu_status(),
+            power: self.desktop.power.clone(),
+            coexistence: self.desktop.coexist.clone(),
             agent_rss_bytes: rss,
             agent_cpu_seconds: cpu,
         }
@@ -252,6 +256,8 @@ impl Agent {
                 .collect(),
             backend: self.placer.backend().to_owned(),
             placement: self.placer.describe(pid),
+            power: (process.decision.class == self.protected())
+                .then(|| self.desktop.power.describe()),
         })
     }
 

@@ -97,6 +97,12 @@ pub struct Status {
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics_addr: Option<String>,
     pub gpu: GpuStatus,
+    /// The `performance` hold while the protected class runs ([power]).
+    #[serde(default)]
+    pub power: crate::actuate::power::PowerStatus,
+    /// Other tools tuning the same knobs, and what corral does about each.
+    #[serde(default)]
+    pub coexistence: Vec<crate::model::coexist::Finding>,
     /// The agent's own resident memory and CPU time.
     pub agent_rss_bytes: u64,
     pub agent_cpu_seconds: f64,
@@ -201,6 +207,9 @@ pub struct Explanation {
     pub backend: String,
     #[serde(default)]
     pub placement: Option<String>,
+    /// For the protected class: the power profile held for it.
+    #[serde(default)]
+    pub power: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
