@@ -24,7 +24,10 @@ use crate::{
         procs::{ProcInfo, ProcRead, ScriptedProcs},
         topology::Topology,
     },
-    service::control::{Peer, Request, Response},
+    service::{
+        control::{Peer, Request, Response},
+        desktop_notify::Urgency,
+    },
 };
 
 const DEFAULT: &str = include_str!("../../../policies/default.toml");
@@ -811,4 +814,241 @@ fn every_watchdog_tick_pings() {
             vec![Effect::Notify(Notice::Watchdog)]
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Power, desktop notifications, coexistence (agent_desktop.rs)
+
+fn power_requests(effects: &[Effect]) -> Vec<PowerRequest> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Power(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Rig {
+    /// `steam_game` without the seed, returning every effect.
+    fn start_game(&mut self) -> Vec<Effect> {
+        let mut effects = self.exec(
+            2305,
+            info(
+                40112,
+                "reaper",
+                "/home/u/.local/share/Steam/ubuntu12_32/reaper",
+                &["reaper", "SteamLaunch", "AppId=570", "--", "game.x86_64"],
+            ),
+        );
+        effects.extend(self.exec(
+            40112,
+            info(
+                40120,
+                "game.x86_64",
+                "/home/u/.local/share/Steam/steamapps/common/dota/game.x86_64",
+                &["game.x86_64"],
+            ),
+        ));
+        effects
+    }
+
+    fn end_game(&mut self) {
+        self.exit(40120);
+        self.exit(40112);
+    }
+
+    fn seeded(&mut self) -> Vec<Effect> {
+        self.agent.handle(Event::Seed)
+    }
+
+    /// A GPU poll: 24 GiB, `free` GiB free, the game and an ollama runner
+    /// (pid 7700, `ai`) holding what they hold, at `temp` °C.
+    fn gpu_poll(&mut self, free_gib: u64, ai_gib: u64, temp: u32) -> Vec<Effect> {
+        use crate::gpu::nvml::{DeviceSnapshot, GpuProcess, GpuSnapshot, ProcessKind};
+        const GIB: u64 = 1 << 30;
+        let snapshot = GpuSnapshot {
+            devices: vec![DeviceSnapshot {
+                index: 0,
+                name: "Test GPU".into(),
+                uuid: "GPU-0".into(),
+                total_bytes: 24 * GIB,
+                used_bytes: (24 - free_gib) * GIB,
+                free_bytes: free_gib * GIB,
+                utilization_gpu: Some(90),
+                temperature_c: Some(temp),
+                power_mw: None,
+                processes: vec![
+                    GpuProcess {
+                        pid: 40120,
+                        used_bytes: Some(GIB),
+                        kind: ProcessKind::Graphics,
+                    },
+                    GpuProcess {
+                        pid: 7700,
+                        used_bytes: Some(ai_gib * GIB),
+                        kind: ProcessKind::Compute,
+                    },
+                ],
+            }],
+            poll_us: 10,
+        };
+        self.agent.handle(Event::Gpu(GpuEvent::Snapshot(snapshot)))
+    }
+
+    fn ollama(&mut self) {
+        self.exec(
+            1,
+            info(7700, "ollama", "/usr/local/bin/ollama", &["ollama", "runner", "--model", "x"]),
+        );
+        assert_eq!(self.class_of(7700).as_deref(), Some("ai"));
+    }
+}
+
+fn desktop(effects: &[Effect]) -> Vec<(u32, &crate::service::desktop_notify::Notification)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Desktop { uid, notification } => Some((*uid, notification)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_game_holds_performance_and_the_last_game_ending_releases_it_after_the_hold_down() {
+    let mut rig = rig("[modes]\nhold_down_ms = 30000\nmin_dwell_ms = 5000\n");
+    rig.script(1, plain(2305, "steam"), 0);
+    assert!(power_requests(&rig.seeded()).is_empty(), "no game, nothing to release");
+    rig.at_ms(10_000);
+    assert_eq!(power_requests(&rig.start_game()), [PowerRequest::Hold]);
+    // The runner's report shows in status and in explain of the game.
+    let held = PowerStatus {
+        enabled: true,
+        method: Some("ppd".into()),
+        detail: "`performance` through power-profiles-daemon (net.hadess.PowerProfiles, cookie 3)"
+            .into(),
+    };
+    assert_eq!(
+        rig.agent.handle(Event::Power(held.clone())),
+        [Effect::RenderMetrics]
+    );
+    assert_eq!(rig.agent.status().power, held);
+    assert_eq!(rig.agent.metrics().power_held.as_deref(), Some("ppd"));
+    assert_eq!(
+        rig.agent.explain(40120).unwrap().power.as_deref(),
+        Some("holding `performance` through power-profiles-daemon (net.hadess.PowerProfiles, cookie 3)")
+    );
+    assert_eq!(rig.agent.explain(2305).unwrap().power, None, "not the game");
+    rig.end_game();
+    rig.clock_ms.store(20_000, Ordering::Relaxed);
+    assert!(power_requests(&rig.agent.handle(Event::ModeTimer)).is_empty(), "hold-down");
+    rig.clock_ms.store(40_001, Ordering::Relaxed);
+    assert_eq!(
+        power_requests(&rig.agent.handle(Event::ModeTimer)),
+        [PowerRequest::Release]
+    );
+    assert!(power_requests(&rig.agent.handle(Event::SweepTick)).is_empty(), "asked once");
+}
+
+#[test]
+fn stopping_while_a_game_runs_releases_the_hold_before_leaving() {
+    let mut rig = rig("");
+    rig.steam_game();
+    assert_eq!(rig.agent.desktop.power_asked, Some(PowerRequest::Hold));
+    assert_eq!(
+        rig.agent.handle(Event::Stop),
+        [
+            Effect::Power(PowerRequest::Release),
+            Effect::Notify(Notice::Stopping),
+            Effect::Exit
+        ]
+    );
+}
+
+#[test]
+fn power_off_in_the_policy_holds_nothing_and_turning_it_off_releases_the_hold() {
+    let mut off = rig("[power]\nenabled = false\n");
+    off.script(1, plain(2305, "steam"), 0);
+    off.seeded();
+    assert!(power_requests(&off.start_game()).is_empty());
+    assert_eq!(off.agent.modes.mode(), Mode::Protected);
+    assert!(
+        off.agent.status().power.describe().contains("[power] enabled = false"),
+        "{:?}",
+        off.agent.status().power
+    );
+
+    let mut rig = rig("");
+    rig.steam_game();
+    std::fs::write(&rig.override_path, "[power]\nenabled = false\n").unwrap();
+    let effects = rig.agent.handle(Event::Reload(ReloadCause::Request));
+    assert_eq!(power_requests(&effects), [PowerRequest::Release]);
+}
+
+#[test]
+fn a_vram_ladder_notify_step_tells_the_owner_of_the_class_once_per_interval() {
+    let mut rig = rig("[notifications]\nmin_interval_ms = 60000\n");
+    rig.steam_game();
+    rig.ollama();
+    // The game may still claim 7 GiB of its 8 GiB reserve, 2 GiB are free,
+    // ai holds 12 GiB over its 6 GiB max: the ladder's first step.
+    let effects = rig.gpu_poll(2, 12, 60);
+    let sent = desktop(&effects);
+    assert_eq!(sent.len(), 1, "{effects:?}");
+    assert_eq!(sent[0].0, 1000, "the owner of the ai process");
+    assert_eq!(sent[0].1.summary, "corral: `ai` VRAM needed by a game");
+    assert!(sent[0].1.body.contains("ai uses 12.0 GiB"), "{}", sent[0].1.body);
+    assert_eq!(sent[0].1.urgency, Urgency::Normal);
+    // Reset the ladder (pressure over), then the same step again within the
+    // interval: rate limited.
+    rig.gpu_poll(20, 1, 60);
+    rig.clock_ms.store(30_000, Ordering::Relaxed);
+    assert!(desktop(&rig.gpu_poll(2, 12, 60)).is_empty());
+    assert_eq!(
+        rig.agent.gpu.actions.back().map(|a| a.kind.as_str()),
+        Some("notify"),
+        "the step itself was still taken"
+    );
+}
+
+#[test]
+fn desktop_notifications_off_in_the_policy_sends_none() {
+    let mut rig = rig("[notifications]\ndesktop = false\n");
+    rig.steam_game();
+    rig.ollama();
+    assert!(desktop(&rig.gpu_poll(2, 12, 60)).is_empty());
+}
+
+#[test]
+fn a_thermal_emergency_is_critical_and_goes_to_the_game_s_and_the_cooled_classes_users() {
+    let mut rig = rig("");
+    rig.steam_game();
+    rig.ollama();
+    let effects = rig.gpu_poll(20, 1, 95);
+    let sent = desktop(&effects);
+    assert_eq!(sent.len(), 1, "one user owns both: {effects:?}");
+    assert_eq!(sent[0].0, 1000);
+    assert_eq!(sent[0].1.summary, "corral: thermal emergency");
+    assert_eq!(sent[0].1.urgency, Urgency::Critical);
+}
+
+#[test]
+fn coexisting_tools_are_found_at_start_and_on_the_sweep() {
+    let root = std::env::temp_dir().join(format!("corral-agent-coexist-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("proc")).unwrap();
+    let mut rig = rig("");
+    rig.agent = rig.agent.with_proc_root(root.join("proc"));
+    rig.seeded();
+    assert!(rig.agent.status().coexistence.is_empty());
+    let gamemoded = root.join("proc/812");
+    std::fs::create_dir_all(&gamemoded).unwrap();
+    std::fs::write(gamemoded.join("comm"), "gamemoded\n").unwrap();
+    rig.agent.handle(Event::SweepTick);
+    let found = rig.agent.status().coexistence;
+    assert_eq!(found.len(), 1);
+    assert_eq!((found[0].tool.as_str(), found[0].pid), ("gamemoded", Some(812)));
+    assert_eq!(rig.agent.metrics().coexisting, ["gamemoded"]);
+    let _ = std::fs::remove_dir_all(&root);
 }
