@@ -697,5 +697,8 @@ fn a_notification_for_a_user_without_a_session_bus_fails_at_once_naming_the_bus(
         .block_on(send(&runtime, 4242, &n))
         .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1));
-    assert!(format!("{err:#}").contains("4242/bus as uid 4242"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("4242/bus as uid 4242"),
+        "{err:#}"
+    );
 }

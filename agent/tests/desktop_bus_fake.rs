@@ -72,9 +72,17 @@ struct PpdState {
 
 type Ppd = Arc<Mutex<PpdState>>;
 
-fn hold(state: &Ppd, profile: String, reason: String, app: String, header: &Header<'_>) -> zbus::fdo::Result<u32> {
+fn hold(
+    state: &Ppd,
+    profile: String,
+    reason: String,
+    app: String,
+    header: &Header<'_>,
+) -> zbus::fdo::Result<u32> {
     if profile != "performance" && profile != "power-saver" {
-        return Err(zbus::fdo::Error::InvalidArgs(format!("{profile} cannot be held")));
+        return Err(zbus::fdo::Error::InvalidArgs(format!(
+            "{profile} cannot be held"
+        )));
     }
     let mut s = state.lock().unwrap();
     s.next += 1;
@@ -197,7 +205,10 @@ impl PpdBus {
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let started = Instant::now();
     while !check() {
-        assert!(started.elapsed() < Duration::from_secs(5), "timed out: {what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "timed out: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -289,7 +300,13 @@ async fn spawn_holder(env: &PowerEnv) -> std::process::Child {
 
 fn spawn_holder_now(env: &PowerEnv) -> std::process::Child {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "holder_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "holder_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, "1")
         .env("HOLDER_BUS", env.bus_address.as_deref().unwrap())
         .env("HOLDER_SYSFS", &env.sysfs_root)
@@ -359,14 +376,21 @@ async fn ppd_holds_performance_while_a_game_runs_and_releases_it_when_the_game_e
     let active = bus.active();
     assert_eq!(active.len(), 1);
     assert_eq!(
-        (active[0].profile.as_str(), active[0].application_id.as_str()),
+        (
+            active[0].profile.as_str(),
+            active[0].application_id.as_str()
+        ),
         ("performance", "corral")
     );
     // A second Hold (another game) takes no second hold.
     power.send(PowerRequest::Hold);
     reports.recv().await.unwrap();
     assert_eq!(bus.active().len(), 1);
-    assert_eq!(machine.values("energy_performance_preference"), ["balance_power"; 4], "ppd, not sysfs");
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["balance_power"; 4],
+        "ppd, not sysfs"
+    );
 
     power.send(PowerRequest::Release);
     let released = reports.recv().await.unwrap();
@@ -386,9 +410,15 @@ async fn the_daemon_drops_the_hold_when_the_holder_is_killed() {
     assert_eq!(active.len(), 1, "the child holds");
     assert_eq!(active[0].profile, "performance");
     kill_9(child);
-    eventually("the fake saw the holder disconnect", || bus.active().is_empty()).await;
+    eventually("the fake saw the holder disconnect", || {
+        bus.active().is_empty()
+    })
+    .await;
     assert_eq!(bus.state.lock().unwrap().dropped, [active[0].cookie]);
-    assert!(bus.state.lock().unwrap().released.is_empty(), "no one released it");
+    assert!(
+        bus.state.lock().unwrap().released.is_empty(),
+        "no one released it"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -405,20 +435,36 @@ async fn cpufreq_epp_is_put_back_when_the_game_ends_and_on_stop() {
     power.send(PowerRequest::Hold);
     let held = reports.recv().await.unwrap();
     assert_eq!(held.method.as_deref(), Some("sysfs"), "{held:?}");
-    assert_eq!(machine.values("energy_performance_preference"), ["performance"; 4]);
-    assert_eq!(machine.values("scaling_governor"), ["powersave"; 4], "EPP only");
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["performance"; 4]
+    );
+    assert_eq!(
+        machine.values("scaling_governor"),
+        ["powersave"; 4],
+        "EPP only"
+    );
     assert!(machine.record().exists(), "logged before writing");
     power.send(PowerRequest::Release);
     reports.recv().await.unwrap();
-    assert_eq!(machine.values("energy_performance_preference"), ["balance_power"; 4]);
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["balance_power"; 4]
+    );
     assert!(!machine.record().exists());
 
     // Stop while a game runs.
     power.send(PowerRequest::Hold);
     reports.recv().await.unwrap();
-    assert_eq!(machine.values("energy_performance_preference"), ["performance"; 4]);
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["performance"; 4]
+    );
     power.finish(Duration::from_secs(2)).await;
-    assert_eq!(machine.values("energy_performance_preference"), ["balance_power"; 4]);
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["balance_power"; 4]
+    );
     assert!(!machine.record().exists());
 }
 
@@ -459,11 +505,21 @@ async fn corral_recover_puts_back_what_a_killed_agent_wrote() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(machine.values("energy_performance_preference"), ["balance_power"; 4]);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["balance_power"; 4]
+    );
     assert!(!machine.record().exists());
     assert_eq!(
-        stdout.lines().filter(|l| l.starts_with("restored ")).count(),
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("restored "))
+            .count(),
         4,
         "{stdout}"
     );
@@ -474,9 +530,15 @@ async fn a_crashed_agents_leftovers_are_put_back_at_the_next_start() {
     let (bus, _bus_dir) = bare_bus();
     let machine = Machine::new(true);
     kill_9(spawn_holder(&machine.env(&bus.address)).await);
-    assert_eq!(machine.values("energy_performance_preference"), ["performance"; 4]);
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["performance"; 4]
+    );
     let _power = Power::new(ON, machine.env(&bus.address));
-    assert_eq!(machine.values("energy_performance_preference"), ["balance_power"; 4]);
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["balance_power"; 4]
+    );
 }
 
 #[tokio::test]
@@ -490,11 +552,16 @@ async fn while_tuned_runs_no_cpufreq_file_is_written_and_status_says_so() {
     let status = power.apply(PowerRequest::Hold).await;
     assert_eq!(status.method, None);
     assert!(
-        status.describe().contains("tuned runs, and corral leaves its power settings alone"),
+        status
+            .describe()
+            .contains("tuned runs, and corral leaves its power settings alone"),
         "{}",
         status.describe()
     );
-    assert_eq!(machine.values("energy_performance_preference"), ["balance_power"; 4]);
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["balance_power"; 4]
+    );
     assert!(!machine.record().exists());
 }
 
@@ -502,7 +569,11 @@ async fn while_tuned_runs_no_cpufreq_file_is_written_and_status_says_so() {
 // The loop, driven as the daemon drives it, with scripted /proc.
 
 fn sysfs_fixture() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sysfs/hybrid-20")).to_owned()
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/sysfs/hybrid-20"
+    ))
+    .to_owned()
 }
 
 fn proc_read(pid: u32, ppid: u32, comm: &str, exe: &str, argv: &[&str]) -> ProcRead {
@@ -540,9 +611,24 @@ fn agent_on(sysfs: &Path, scratch: &Scratch) -> Agent {
     let resolved = policy.resolve_cpus(&topology).unwrap();
     let placer = RecordingPlacer::new(&policy, &resolved, topology.online().clone());
     let procs = ScriptedProcs::default();
-    procs.set(proc_read(500, 1, "game.x86_64", "/games/game.x86_64", &["game.x86_64"]), ALICE);
     procs.set(
-        proc_read(600, 1, "ollama", "/usr/local/bin/ollama", &["ollama", "runner", "--model", "m"]),
+        proc_read(
+            500,
+            1,
+            "game.x86_64",
+            "/games/game.x86_64",
+            &["game.x86_64"],
+        ),
+        ALICE,
+    );
+    procs.set(
+        proc_read(
+            600,
+            1,
+            "ollama",
+            "/usr/local/bin/ollama",
+            &["ollama", "runner", "--model", "m"],
+        ),
         ALICE,
     );
     Agent::new(
@@ -651,10 +737,15 @@ async fn a_vram_ladder_step_reaches_the_notification_server_on_alices_session_bu
     // Her session bus, run as her: root could not join it as root.
     let _bus = DbusDaemon::start_at(&alice_dir.join("bus"), Some(ALICE));
     let sent = Arc::new(Mutex::new(Vec::new()));
-    let server = systemd_bus::bus_as(ALICE, &alice_dir.join("bus")).await.unwrap();
+    let server = systemd_bus::bus_as(ALICE, &alice_dir.join("bus"))
+        .await
+        .unwrap();
     server
         .object_server()
-        .at("/org/freedesktop/Notifications", FakeNotifications(sent.clone()))
+        .at(
+            "/org/freedesktop/Notifications",
+            FakeNotifications(sent.clone()),
+        )
         .await
         .unwrap();
     server
@@ -671,7 +762,9 @@ async fn a_vram_ladder_step_reaches_the_notification_server_on_alices_session_bu
     for effect in effects {
         // What the runner does with it, but awaited.
         if let Effect::Desktop { uid, notification } = effect {
-            desktop_notify::send(&runtime_root, uid, &notification).await.unwrap();
+            desktop_notify::send(&runtime_root, uid, &notification)
+                .await
+                .unwrap();
             delivered += 1;
         }
     }

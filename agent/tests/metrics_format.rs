@@ -240,8 +240,14 @@ fn populated_metrics_parse_with_every_family_and_type() {
     );
     assert_eq!(value(&scrape, "corral_mode", &[("mode", "protected")]), 1.0);
     assert_eq!(value(&scrape, "corral_mode", &[("mode", "shared")]), 0.0);
-    assert_eq!(value(&scrape, "corral_power_held", &[("method", "sysfs")]), 1.0);
-    assert_eq!(value(&scrape, "corral_power_held", &[("method", "ppd")]), 0.0);
+    assert_eq!(
+        value(&scrape, "corral_power_held", &[("method", "sysfs")]),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, "corral_power_held", &[("method", "ppd")]),
+        0.0
+    );
     assert_eq!(
         value(&scrape, "corral_coexisting_tool", &[("tool", "gamemoded")]),
         1.0

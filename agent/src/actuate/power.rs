@@ -407,7 +407,10 @@ impl Power {
         }
         match write_performance(&targets, &self.env.record) {
             Ok(saved) => {
-                info!(files = saved.files.len(), "power: wrote `performance` to cpufreq");
+                info!(
+                    files = saved.files.len(),
+                    "power: wrote `performance` to cpufreq"
+                );
                 self.held = Held::Sysfs(targets.len());
                 self.status(sysfs_detail(targets.len()))
             }
@@ -426,7 +429,10 @@ impl Power {
                 match hold.release().await {
                     Ok(()) => info!(cookie, "power: released the power-profiles-daemon hold"),
                     // Dropping the connection drops the hold anyway.
-                    Err(e) => warn!(cookie, "power: ReleaseProfile failed ({e}); hold dropped with the connection"),
+                    Err(e) => warn!(
+                        cookie,
+                        "power: ReleaseProfile failed ({e}); hold dropped with the connection"
+                    ),
                 }
             }
             Held::Sysfs(_) => match restore_record(&self.env.record) {
@@ -494,7 +500,11 @@ impl PowerHandle {
     /// On stop: releases whatever is held and waits for it, at most `limit`.
     pub async fn finish(self, limit: Duration) {
         let (done, wait) = oneshot::channel();
-        if self.tx.send((PowerRequest::Release, Some(done))).await.is_ok()
+        if self
+            .tx
+            .send((PowerRequest::Release, Some(done)))
+            .await
+            .is_ok()
             && tokio::time::timeout(limit, wait).await.is_err()
         {
             warn!("power: release did not finish within {limit:?}");
@@ -545,10 +555,17 @@ mod tests {
         let (sys, _) = fixture(true);
         let targets = cpufreq_targets(&sys);
         assert_eq!(targets.len(), 2);
-        assert!(targets.iter().all(|t| t.ends_with("energy_performance_preference")));
+        assert!(
+            targets
+                .iter()
+                .all(|t| t.ends_with("energy_performance_preference"))
+        );
         let (sys, _) = fixture(false);
         let targets = cpufreq_targets(&sys);
-        assert!(targets.iter().all(|t| t.ends_with("scaling_governor")), "{targets:?}");
+        assert!(
+            targets.iter().all(|t| t.ends_with("scaling_governor")),
+            "{targets:?}"
+        );
     }
 
     #[test]

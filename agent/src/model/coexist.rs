@@ -155,8 +155,13 @@ pub fn changes<'a>(
 ) -> (Vec<&'a Finding>, Vec<&'a Finding>) {
     let same = |a: &Finding, b: &Finding| a.tool == b.tool && a.pid == b.pid;
     (
-        now.iter().filter(|n| !before.iter().any(|b| same(b, n))).collect(),
-        before.iter().filter(|b| !now.iter().any(|n| same(b, n))).collect(),
+        now.iter()
+            .filter(|n| !before.iter().any(|b| same(b, n)))
+            .collect(),
+        before
+            .iter()
+            .filter(|b| !now.iter().any(|n| same(b, n)))
+            .collect(),
     )
 }
 

@@ -778,7 +778,14 @@ impl Metrics {
                 (vec![("mode", "shared".into())], on(Mode::Shared)),
             ],
         );
-        let held = |m: &str| if self.power_held.as_deref() == Some(m) { "1" } else { "0" }.to_string();
+        let held = |m: &str| {
+            if self.power_held.as_deref() == Some(m) {
+                "1"
+            } else {
+                "0"
+            }
+            .to_string()
+        };
         scalar(
             &mut out,
             &POWER_HELD,

@@ -113,7 +113,11 @@ impl Agent {
             .collect();
         let now = self.now();
         for uid in uids {
-            if self.desktop.limit.allow(uid, kind, now, config.min_interval) {
+            if self
+                .desktop
+                .limit
+                .allow(uid, kind, now, config.min_interval)
+            {
                 self.desktop.outbox.push(Effect::Desktop {
                     uid,
                     notification: n.clone(),

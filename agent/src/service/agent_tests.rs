@@ -899,7 +899,12 @@ impl Rig {
     fn ollama(&mut self) {
         self.exec(
             1,
-            info(7700, "ollama", "/usr/local/bin/ollama", &["ollama", "runner", "--model", "x"]),
+            info(
+                7700,
+                "ollama",
+                "/usr/local/bin/ollama",
+                &["ollama", "runner", "--model", "x"],
+            ),
         );
         assert_eq!(self.class_of(7700).as_deref(), Some("ai"));
     }
@@ -919,7 +924,10 @@ fn desktop(effects: &[Effect]) -> Vec<(u32, &crate::service::desktop_notify::Not
 fn a_game_holds_performance_and_the_last_game_ending_releases_it_after_the_hold_down() {
     let mut rig = rig("[modes]\nhold_down_ms = 30000\nmin_dwell_ms = 5000\n");
     rig.script(1, plain(2305, "steam"), 0);
-    assert!(power_requests(&rig.seeded()).is_empty(), "no game, nothing to release");
+    assert!(
+        power_requests(&rig.seeded()).is_empty(),
+        "no game, nothing to release"
+    );
     rig.at_ms(10_000);
     assert_eq!(power_requests(&rig.start_game()), [PowerRequest::Hold]);
     // The runner's report shows in status and in explain of the game.
@@ -937,18 +945,26 @@ fn a_game_holds_performance_and_the_last_game_ending_releases_it_after_the_hold_
     assert_eq!(rig.agent.metrics().power_held.as_deref(), Some("ppd"));
     assert_eq!(
         rig.agent.explain(40120).unwrap().power.as_deref(),
-        Some("holding `performance` through power-profiles-daemon (net.hadess.PowerProfiles, cookie 3)")
+        Some(
+            "holding `performance` through power-profiles-daemon (net.hadess.PowerProfiles, cookie 3)"
+        )
     );
     assert_eq!(rig.agent.explain(2305).unwrap().power, None, "not the game");
     rig.end_game();
     rig.clock_ms.store(20_000, Ordering::Relaxed);
-    assert!(power_requests(&rig.agent.handle(Event::ModeTimer)).is_empty(), "hold-down");
+    assert!(
+        power_requests(&rig.agent.handle(Event::ModeTimer)).is_empty(),
+        "hold-down"
+    );
     rig.clock_ms.store(40_001, Ordering::Relaxed);
     assert_eq!(
         power_requests(&rig.agent.handle(Event::ModeTimer)),
         [PowerRequest::Release]
     );
-    assert!(power_requests(&rig.agent.handle(Event::SweepTick)).is_empty(), "asked once");
+    assert!(
+        power_requests(&rig.agent.handle(Event::SweepTick)).is_empty(),
+        "asked once"
+    );
 }
 
 #[test]
@@ -974,7 +990,11 @@ fn power_off_in_the_policy_holds_nothing_and_turning_it_off_releases_the_hold() 
     assert!(power_requests(&off.start_game()).is_empty());
     assert_eq!(off.agent.modes.mode(), Mode::Protected);
     assert!(
-        off.agent.status().power.describe().contains("[power] enabled = false"),
+        off.agent
+            .status()
+            .power
+            .describe()
+            .contains("[power] enabled = false"),
         "{:?}",
         off.agent.status().power
     );
@@ -998,7 +1018,11 @@ fn a_vram_ladder_notify_step_tells_the_owner_of_the_class_once_per_interval() {
     assert_eq!(sent.len(), 1, "{effects:?}");
     assert_eq!(sent[0].0, 1000, "the owner of the ai process");
     assert_eq!(sent[0].1.summary, "corral: `ai` VRAM needed by a game");
-    assert!(sent[0].1.body.contains("ai uses 12.0 GiB"), "{}", sent[0].1.body);
+    assert!(
+        sent[0].1.body.contains("ai uses 12.0 GiB"),
+        "{}",
+        sent[0].1.body
+    );
     assert_eq!(sent[0].1.urgency, Urgency::Normal);
     // Reset the ladder (pressure over), then the same step again within the
     // interval: rate limited.
@@ -1048,7 +1072,10 @@ fn coexisting_tools_are_found_at_start_and_on_the_sweep() {
     rig.agent.handle(Event::SweepTick);
     let found = rig.agent.status().coexistence;
     assert_eq!(found.len(), 1);
-    assert_eq!((found[0].tool.as_str(), found[0].pid), ("gamemoded", Some(812)));
+    assert_eq!(
+        (found[0].tool.as_str(), found[0].pid),
+        ("gamemoded", Some(812))
+    );
     assert_eq!(rig.agent.metrics().coexisting, ["gamemoded"]);
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -101,7 +101,12 @@ impl Agent {
             agent_cpu_seconds_total: cpu,
             mode: self.modes.mode(),
             power_held: self.desktop.power.method.clone(),
-            coexisting: self.desktop.coexist.iter().map(|f| f.tool.clone()).collect(),
+            coexisting: self
+                .desktop
+                .coexist
+                .iter()
+                .map(|f| f.tool.clone())
+                .collect(),
         }
     }
 

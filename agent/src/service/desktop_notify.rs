@@ -116,7 +116,10 @@ mod tests {
         assert!(!limit.allow(1000, "vram", s(59), every), "too soon");
         assert!(limit.allow(1000, "thermal", s(59), every), "another kind");
         assert!(limit.allow(1001, "vram", s(59), every), "another user");
-        assert!(limit.allow(1000, "vram", s(60), every), "the interval passed");
+        assert!(
+            limit.allow(1000, "vram", s(60), every),
+            "the interval passed"
+        );
         assert!(!limit.allow(1000, "vram", s(61), every));
     }
 }

@@ -388,7 +388,10 @@ fn power_and_desktop_notifications_are_on_by_default_and_an_override_turns_them_
     assert!(policy.power.enabled, "key by key: only sysfs changed");
     assert!(!policy.power.sysfs);
     assert!(!policy.notifications.desktop);
-    assert_eq!(policy.notifications.min_interval, Duration::from_millis(5000));
+    assert_eq!(
+        policy.notifications.min_interval,
+        Duration::from_millis(5000)
+    );
     assert!(
         policy
             .warnings
