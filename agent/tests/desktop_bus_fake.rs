@@ -27,7 +27,7 @@ use corral::{
         recording::RecordingPlacer,
         systemd_bus,
     },
-    gpu::nvml::{DeviceSnapshot, GpuEvent, GpuProcess, GpuSnapshot, ProcessKind},
+    gpu::nvml::{GpuEvent, GpuSnapshot, ProcessKind},
     model::{
         policy::{DefaultPolicy, PolicySource, PowerConfig},
         procs::{ProcInfo, ProcRead, ScriptedProcs},
@@ -541,6 +541,24 @@ async fn a_crashed_agents_leftovers_are_put_back_at_the_next_start() {
     );
 }
 
+#[test]
+fn a_target_that_cannot_be_read_changes_nothing_and_leaves_no_record() {
+    use corral::actuate::power::{cpufreq_targets, write_performance};
+    let machine = Machine::new(false);
+    let mut targets = cpufreq_targets(&machine.scratch.0.join("sys"));
+    assert_eq!(targets.len(), 4);
+    // A directory where a file should be: reading it fails.
+    let bad = machine
+        .scratch
+        .0
+        .join("sys/devices/system/cpu/cpufreq/policy9/scaling_governor");
+    std::fs::create_dir_all(&bad).unwrap();
+    targets.push(bad);
+    assert!(write_performance(&targets, &machine.record()).is_err());
+    assert_eq!(machine.values("scaling_governor"), ["powersave"; 4]);
+    assert!(!machine.record().exists());
+}
+
 #[tokio::test]
 async fn while_tuned_runs_no_cpufreq_file_is_written_and_status_says_so() {
     let (bus, _bus_dir) = bare_bus();
@@ -698,36 +716,6 @@ impl FakeNotifications {
     }
 }
 
-fn snapshot(free_gib: u64, ai_gib: u64) -> GpuSnapshot {
-    const GIB: u64 = 1 << 30;
-    GpuSnapshot {
-        devices: vec![DeviceSnapshot {
-            index: 0,
-            name: "Test GPU".into(),
-            uuid: "GPU-0".into(),
-            total_bytes: 24 * GIB,
-            used_bytes: (24 - free_gib) * GIB,
-            free_bytes: free_gib * GIB,
-            utilization_gpu: Some(90),
-            temperature_c: Some(60),
-            power_mw: None,
-            processes: vec![
-                GpuProcess {
-                    pid: 500,
-                    used_bytes: Some(GIB),
-                    kind: ProcessKind::Graphics,
-                },
-                GpuProcess {
-                    pid: 600,
-                    used_bytes: Some(ai_gib * GIB),
-                    kind: ProcessKind::Compute,
-                },
-            ],
-        }],
-        poll_us: 10,
-    }
-}
-
 #[tokio::test]
 async fn a_vram_ladder_step_reaches_the_notification_server_on_alices_session_bus() {
     let scratch = Scratch::new();
@@ -757,7 +745,15 @@ async fn a_vram_ladder_step_reaches_the_notification_server_on_alices_session_bu
     agent.handle(Event::Seed);
     // The game may still claim 7 of its 8 GiB reserve with 2 GiB free; the
     // ai class holds 12 GiB over its 6 GiB max: the ladder's first step.
-    let effects = agent.handle(Event::Gpu(GpuEvent::Snapshot(snapshot(2, 12))));
+    let effects = agent.handle(Event::Gpu(GpuEvent::Snapshot(GpuSnapshot::one_gpu(
+        24,
+        2,
+        60,
+        &[
+            (500, 1, ProcessKind::Graphics),
+            (600, 12, ProcessKind::Compute),
+        ],
+    ))));
     let mut delivered = 0;
     for effect in effects {
         // What the runner does with it, but awaited.

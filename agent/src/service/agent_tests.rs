@@ -865,34 +865,16 @@ impl Rig {
     /// A GPU poll: 24 GiB, `free` GiB free, the game and an ollama runner
     /// (pid 7700, `ai`) holding what they hold, at `temp` °C.
     fn gpu_poll(&mut self, free_gib: u64, ai_gib: u64, temp: u32) -> Vec<Effect> {
-        use crate::gpu::nvml::{DeviceSnapshot, GpuProcess, GpuSnapshot, ProcessKind};
-        const GIB: u64 = 1 << 30;
-        let snapshot = GpuSnapshot {
-            devices: vec![DeviceSnapshot {
-                index: 0,
-                name: "Test GPU".into(),
-                uuid: "GPU-0".into(),
-                total_bytes: 24 * GIB,
-                used_bytes: (24 - free_gib) * GIB,
-                free_bytes: free_gib * GIB,
-                utilization_gpu: Some(90),
-                temperature_c: Some(temp),
-                power_mw: None,
-                processes: vec![
-                    GpuProcess {
-                        pid: 40120,
-                        used_bytes: Some(GIB),
-                        kind: ProcessKind::Graphics,
-                    },
-                    GpuProcess {
-                        pid: 7700,
-                        used_bytes: Some(ai_gib * GIB),
-                        kind: ProcessKind::Compute,
-                    },
-                ],
-            }],
-            poll_us: 10,
-        };
+        use crate::gpu::nvml::{GpuSnapshot, ProcessKind};
+        let snapshot = GpuSnapshot::one_gpu(
+            24,
+            free_gib,
+            temp,
+            &[
+                (40120, 1, ProcessKind::Graphics),
+                (7700, ai_gib, ProcessKind::Compute),
+            ],
+        );
         self.agent.handle(Event::Gpu(GpuEvent::Snapshot(snapshot)))
     }
 
@@ -908,6 +890,14 @@ impl Rig {
         );
         assert_eq!(self.class_of(7700).as_deref(), Some("ai"));
     }
+}
+
+/// A game and an ollama runner (ai), both alice's (uid 1000).
+fn game_and_ollama(override_text: &str) -> Rig {
+    let mut rig = rig(override_text);
+    rig.steam_game();
+    rig.ollama();
+    rig
 }
 
 fn desktop(effects: &[Effect]) -> Vec<(u32, &crate::service::desktop_notify::Notification)> {
@@ -1008,9 +998,7 @@ fn power_off_in_the_policy_holds_nothing_and_turning_it_off_releases_the_hold() 
 
 #[test]
 fn a_vram_ladder_notify_step_tells_the_owner_of_the_class_once_per_interval() {
-    let mut rig = rig("[notifications]\nmin_interval_ms = 60000\n");
-    rig.steam_game();
-    rig.ollama();
+    let mut rig = game_and_ollama("[notifications]\nmin_interval_ms = 60000\n");
     // The game may still claim 7 GiB of its 8 GiB reserve, 2 GiB are free,
     // ai holds 12 GiB over its 6 GiB max: the ladder's first step.
     let effects = rig.gpu_poll(2, 12, 60);
@@ -1038,17 +1026,13 @@ fn a_vram_ladder_notify_step_tells_the_owner_of_the_class_once_per_interval() {
 
 #[test]
 fn desktop_notifications_off_in_the_policy_sends_none() {
-    let mut rig = rig("[notifications]\ndesktop = false\n");
-    rig.steam_game();
-    rig.ollama();
+    let mut rig = game_and_ollama("[notifications]\ndesktop = false\n");
     assert!(desktop(&rig.gpu_poll(2, 12, 60)).is_empty());
 }
 
 #[test]
 fn a_thermal_emergency_is_critical_and_goes_to_the_game_s_and_the_cooled_classes_users() {
-    let mut rig = rig("");
-    rig.steam_game();
-    rig.ollama();
+    let mut rig = game_and_ollama("");
     let effects = rig.gpu_poll(20, 1, 95);
     let sent = desktop(&effects);
     assert_eq!(sent.len(), 1, "one user owns both: {effects:?}");
