@@ -222,24 +222,7 @@ impl Rig {
             0,
         );
         self.agent.handle(Event::Seed);
-        self.exec(
-            2305,
-            info(
-                40112,
-                "reaper",
-                "/home/u/.local/share/Steam/ubuntu12_32/reaper",
-                &["reaper", "SteamLaunch", "AppId=570", "--", "game.x86_64"],
-            ),
-        );
-        self.exec(
-            40112,
-            info(
-                40120,
-                "game.x86_64",
-                "/home/u/.local/share/Steam/steamapps/common/dota/game.x86_64",
-                &["game.x86_64"],
-            ),
-        );
+        self.start_game();
     }
 }
 
@@ -830,7 +813,7 @@ fn power_requests(effects: &[Effect]) -> Vec<PowerRequest> {
 }
 
 impl Rig {
-    /// `steam_game` without the seed, returning every effect.
+    /// The Steam reaper (40112) starts the game (40120); every effect.
     fn start_game(&mut self) -> Vec<Effect> {
         let mut effects = self.exec(
             2305,
@@ -890,6 +873,15 @@ impl Rig {
         );
         assert_eq!(self.class_of(7700).as_deref(), Some("ai"));
     }
+}
+
+/// The one notification in `effects`, which goes to uid 1000 (who owns
+/// every scripted process).
+fn only_notice(effects: &[Effect]) -> crate::service::desktop_notify::Notification {
+    let sent = desktop(effects);
+    assert_eq!(sent.len(), 1, "{effects:?}");
+    assert_eq!(sent[0].0, 1000, "the owner of the processes");
+    sent[0].1.clone()
 }
 
 /// A game and an ollama runner (ai), both alice's (uid 1000).
@@ -1001,17 +993,10 @@ fn a_vram_ladder_notify_step_tells_the_owner_of_the_class_once_per_interval() {
     let mut rig = game_and_ollama("[notifications]\nmin_interval_ms = 60000\n");
     // The game may still claim 7 GiB of its 8 GiB reserve, 2 GiB are free,
     // ai holds 12 GiB over its 6 GiB max: the ladder's first step.
-    let effects = rig.gpu_poll(2, 12, 60);
-    let sent = desktop(&effects);
-    assert_eq!(sent.len(), 1, "{effects:?}");
-    assert_eq!(sent[0].0, 1000, "the owner of the ai process");
-    assert_eq!(sent[0].1.summary, "corral: `ai` VRAM needed by a game");
-    assert!(
-        sent[0].1.body.contains("ai uses 12.0 GiB"),
-        "{}",
-        sent[0].1.body
-    );
-    assert_eq!(sent[0].1.urgency, Urgency::Normal);
+    let notice = only_notice(&rig.gpu_poll(2, 12, 60));
+    assert_eq!(notice.summary, "corral: `ai` VRAM needed by a game");
+    assert!(notice.body.contains("ai uses 12.0 GiB"), "{}", notice.body);
+    assert_eq!(notice.urgency, Urgency::Normal);
     // Reset the ladder (pressure over), then the same step again within the
     // interval: rate limited.
     rig.gpu_poll(20, 1, 60);
@@ -1033,12 +1018,10 @@ fn desktop_notifications_off_in_the_policy_sends_none() {
 #[test]
 fn a_thermal_emergency_is_critical_and_goes_to_the_game_s_and_the_cooled_classes_users() {
     let mut rig = game_and_ollama("");
-    let effects = rig.gpu_poll(20, 1, 95);
-    let sent = desktop(&effects);
-    assert_eq!(sent.len(), 1, "one user owns both: {effects:?}");
-    assert_eq!(sent[0].0, 1000);
-    assert_eq!(sent[0].1.summary, "corral: thermal emergency");
-    assert_eq!(sent[0].1.urgency, Urgency::Critical);
+    // One user owns both the game and the cooled class: one notification.
+    let notice = only_notice(&rig.gpu_poll(20, 1, 95));
+    assert_eq!(notice.summary, "corral: thermal emergency");
+    assert_eq!(notice.urgency, Urgency::Critical);
 }
 
 #[test]
