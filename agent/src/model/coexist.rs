@@ -114,25 +114,18 @@ pub fn running(proc_root: &Path, name: &str) -> Option<u32> {
     find(&process_names(proc_root), name)
 }
 
-/// (pid, comm, basename of argv[0]) of every process.
-fn process_names(proc_root: &Path) -> Vec<(u32, String, String)> {
+/// (pid, comm) of every process. comm alone: one small read each, every
+/// sweep (a script's comm is its file name: `tuned`).
+fn process_names(proc_root: &Path) -> Vec<(u32, String)> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
-    let mut names: Vec<(u32, String, String)> = entries
+    let mut names: Vec<(u32, String)> = entries
         .filter_map(Result::ok)
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            let argv0 = std::fs::read(e.path().join("cmdline"))
-                .ok()
-                .and_then(|c| {
-                    let first = c.split(|b| *b == 0).next()?.to_vec();
-                    let first = String::from_utf8(first).ok()?;
-                    Some(first.rsplit('/').next().unwrap_or_default().to_owned())
-                })
-                .unwrap_or_default();
-            Some((pid, comm.trim().to_owned(), argv0))
+            Some((pid, comm.trim().to_owned()))
         })
         .collect();
     names.sort();
@@ -140,12 +133,12 @@ fn process_names(proc_root: &Path) -> Vec<(u32, String, String)> {
 }
 
 /// The kernel cuts comm to 15 bytes (`system76-schedu`).
-fn find(names: &[(u32, String, String)], name: &str) -> Option<u32> {
+fn find(names: &[(u32, String)], name: &str) -> Option<u32> {
     let short = &name[..name.len().min(15)];
     names
         .iter()
-        .find(|(_, comm, argv0)| comm == short || argv0 == name)
-        .map(|(pid, ..)| *pid)
+        .find(|(_, comm)| comm == short)
+        .map(|(pid, _)| *pid)
 }
 
 /// What changed between two detections, for the log: (appeared, gone).
@@ -184,11 +177,10 @@ mod tests {
         dir
     }
 
-    fn process(root: &Path, pid: u32, comm: &str, argv0: &str) {
+    fn process(root: &Path, pid: u32, comm: &str) {
         let dir = root.join(format!("proc/{pid}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
-        std::fs::write(dir.join("cmdline"), format!("{argv0}\0--flag\0")).unwrap();
     }
 
     #[test]
@@ -209,13 +201,14 @@ mod tests {
     }
 
     #[test]
-    fn daemons_are_found_by_comm_or_argv0_even_with_comm_cut_to_15_bytes() {
+    fn daemons_are_found_by_comm_even_cut_to_15_bytes() {
         let dir = scratch();
-        process(&dir, 1, "systemd", "/sbin/init");
-        process(&dir, 812, "gamemoded", "/usr/bin/gamemoded");
-        process(&dir, 900, "system76-schedu", "/usr/bin/system76-scheduler");
-        // A script: comm is its file name, argv[0] the interpreter.
-        process(&dir, 950, "tuned", "/usr/bin/python3");
+        process(&dir, 1, "systemd");
+        process(&dir, 812, "gamemoded");
+        process(&dir, 900, "system76-schedu");
+        process(&dir, 950, "tuned");
+        // Not a prefix match: `gamemoded-helper` is not gamemoded.
+        process(&dir, 990, "gamemoded-helpe");
         let found = detect(&dir.join("proc"), &dir.join("sys"));
         let tools: Vec<(&str, Option<u32>)> =
             found.iter().map(|f| (f.tool.as_str(), f.pid)).collect();

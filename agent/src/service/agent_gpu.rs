@@ -191,7 +191,12 @@ impl Agent {
                 );
             }
             let outcome = match (action.kind, managed) {
-                (ActionKind::Notify, _) => "notified".to_owned(),
+                (ActionKind::Notify, _) if self.policy.notifications.desktop => {
+                    "notified".to_owned()
+                }
+                (ActionKind::Notify, _) => {
+                    "logged (desktop notifications off in the policy)".to_owned()
+                }
                 (ActionKind::Ask, _) => self.ask(&action.class),
                 (ActionKind::Freeze, true) => match self.placer.set_frozen(&action.class, true) {
                     Ok(()) => "frozen".to_owned(),
