@@ -191,6 +191,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ..PowerEnv::system()
     };
     let power = Power::new(policy.power, power_env).spawn(power_tx);
+    let dry_run = options.dry_run;
     let mut agent = Agent::new(
         options.source,
         options.sysfs_root,
@@ -254,6 +255,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     }
                 }
                 Effect::RenderMetrics => {}
+                Effect::Power(request) if dry_run => {
+                    info!(?request, "dry run: the power profile is left as it is");
+                }
                 Effect::Power(request) => power.send(request),
                 Effect::Desktop { uid, notification } => desktop_notify::spawn(
                     PathBuf::from(desktop_notify::RUNTIME_ROOT),
