@@ -272,6 +272,8 @@ impl Machine {
     }
 }
 
+const HOLD: PowerRequest = PowerRequest::Hold { sysfs: true };
+
 const ON: PowerConfig = PowerConfig {
     enabled: true,
     sysfs: true,
@@ -345,7 +347,7 @@ fn holder_child() {
         .unwrap()
         .block_on(async {
             let mut power = Power::new(ON, env);
-            let status = power.apply(PowerRequest::Hold).await;
+            let status = power.apply(HOLD).await;
             println!("HELD {:?}", status.method);
             tokio::time::sleep(Duration::from_secs(600)).await;
         });
@@ -366,7 +368,7 @@ async fn ppd_holds_performance_while_a_game_runs_and_releases_it_when_the_game_e
     let machine = Machine::new(true);
     let (tx, mut reports) = mpsc::channel(8);
     let power = Power::new(ON, machine.env(&bus.daemon.address)).spawn(tx);
-    power.send(PowerRequest::Hold);
+    power.send(HOLD);
     let held: PowerStatus = reports.recv().await.unwrap();
     assert_eq!(held.method.as_deref(), Some("ppd"), "{held:?}");
     assert_eq!(
@@ -383,7 +385,7 @@ async fn ppd_holds_performance_while_a_game_runs_and_releases_it_when_the_game_e
         ("performance", "corral")
     );
     // A second Hold (another game) takes no second hold.
-    power.send(PowerRequest::Hold);
+    power.send(HOLD);
     reports.recv().await.unwrap();
     assert_eq!(bus.active().len(), 1);
     assert_eq!(
@@ -432,7 +434,7 @@ async fn cpufreq_epp_is_put_back_when_the_game_ends_and_on_stop() {
     let power = Power::new(ON, machine.env(&bus.address)).spawn(tx);
 
     // Game end.
-    power.send(PowerRequest::Hold);
+    power.send(HOLD);
     let held = reports.recv().await.unwrap();
     assert_eq!(held.method.as_deref(), Some("sysfs"), "{held:?}");
     assert_eq!(
@@ -454,7 +456,7 @@ async fn cpufreq_epp_is_put_back_when_the_game_ends_and_on_stop() {
     assert!(!machine.record().exists());
 
     // Stop while a game runs.
-    power.send(PowerRequest::Hold);
+    power.send(HOLD);
     reports.recv().await.unwrap();
     assert_eq!(
         machine.values("energy_performance_preference"),
@@ -473,10 +475,7 @@ async fn the_governor_is_written_without_epp_and_put_back_when_the_carrier_is_dr
     let (bus, _bus_dir) = bare_bus();
     let machine = Machine::new(false);
     let mut power = Power::new(ON, machine.env(&bus.address));
-    assert_eq!(
-        power.apply(PowerRequest::Hold).await.method.as_deref(),
-        Some("sysfs")
-    );
+    assert_eq!(power.apply(HOLD).await.method.as_deref(), Some("sysfs"));
     assert_eq!(machine.values("scaling_governor"), ["performance"; 4]);
     // The loop left with an error: the carrier goes without a Release.
     drop(power);
@@ -560,6 +559,26 @@ fn a_target_that_cannot_be_read_changes_nothing_and_leaves_no_record() {
 }
 
 #[tokio::test]
+async fn with_the_sysfs_fallback_off_nothing_is_written_without_power_profiles_daemon() {
+    let (bus, _bus_dir) = bare_bus();
+    let machine = Machine::new(true);
+    let mut power = Power::new(ON, machine.env(&bus.address));
+    let status = power.apply(PowerRequest::Hold { sysfs: false }).await;
+    assert_eq!(status.method, None);
+    assert!(
+        status
+            .describe()
+            .contains("no power-profiles-daemon on the system bus; the sysfs fallback is off"),
+        "{}",
+        status.describe()
+    );
+    assert_eq!(
+        machine.values("energy_performance_preference"),
+        ["balance_power"; 4]
+    );
+}
+
+#[tokio::test]
 async fn while_tuned_runs_no_cpufreq_file_is_written_and_status_says_so() {
     let (bus, _bus_dir) = bare_bus();
     let machine = Machine::new(true);
@@ -567,7 +586,7 @@ async fn while_tuned_runs_no_cpufreq_file_is_written_and_status_says_so() {
     std::fs::create_dir_all(&tuned).unwrap();
     std::fs::write(tuned.join("comm"), "tuned\n").unwrap();
     let mut power = Power::new(ON, machine.env(&bus.address));
-    let status = power.apply(PowerRequest::Hold).await;
+    let status = power.apply(HOLD).await;
     assert_eq!(status.method, None);
     assert!(
         status

@@ -36,8 +36,9 @@ pub const PPD_SERVICES: &[(&str, &str)] = &[
 /// What the loop asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PowerRequest {
-    /// A game runs: hold `performance`.
-    Hold,
+    /// A game runs: hold `performance`; `sysfs`: through cpufreq files
+    /// where power-profiles-daemon is not there (`[power] sysfs`).
+    Hold { sysfs: bool },
     /// No game runs (or the agent stops): give it back.
     Release,
 }
@@ -320,6 +321,7 @@ pub struct Power {
 
 impl Power {
     /// Puts back what a crashed agent left in the restore record first.
+    /// `config.enabled` is reported in each status (the loop decides).
     pub fn new(config: PowerConfig, env: PowerEnv) -> Self {
         match restore_record(&env.record) {
             Ok(lines) if lines.is_empty() => {}
@@ -349,12 +351,12 @@ impl Power {
     /// Carries out one request; says what is held afterwards.
     pub async fn apply(&mut self, request: PowerRequest) -> PowerStatus {
         match request {
-            PowerRequest::Hold => self.hold().await,
+            PowerRequest::Hold { sysfs } => self.hold(sysfs).await,
             PowerRequest::Release => self.release().await,
         }
     }
 
-    async fn hold(&mut self) -> PowerStatus {
+    async fn hold(&mut self, sysfs: bool) -> PowerStatus {
         match &self.held {
             Held::Ppd(h) => return self.status(h.describe()),
             Held::Sysfs(n) => return self.status(sysfs_detail(*n)),
@@ -392,7 +394,7 @@ impl Power {
                 tried.join("; ")
             ));
         }
-        if !self.config.sysfs {
+        if !sysfs {
             return self.status(format!(
                 "nothing held: {}; the sysfs fallback is off ([power] sysfs = false)",
                 tried.join("; ")

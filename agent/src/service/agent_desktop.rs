@@ -61,19 +61,22 @@ impl Agent {
     /// the policy turns power off.
     pub(super) fn desktop_effects(&mut self) -> Vec<Effect> {
         let mut effects = std::mem::take(&mut self.desktop.outbox);
-        let want = if !self.desktop.stopping
-            && self.policy.power.enabled
-            && self.modes.mode() == Mode::Protected
-        {
-            PowerRequest::Hold
-        } else {
-            PowerRequest::Release
-        };
+        let power = self.policy.power;
+        let want =
+            if !self.desktop.stopping && power.enabled && self.modes.mode() == Mode::Protected {
+                PowerRequest::Hold { sysfs: power.sysfs }
+            } else {
+                PowerRequest::Release
+            };
         // Nothing was held before the first Hold: no Release to send.
         let asked = self.desktop.power_asked.unwrap_or(PowerRequest::Release);
         if want != asked {
             self.desktop.power_asked = Some(want);
             effects.insert(0, Effect::Power(want));
+            if asked != PowerRequest::Release && want != PowerRequest::Release {
+                // A reload changed how to hold: give back, then hold anew.
+                effects.insert(0, Effect::Power(PowerRequest::Release));
+            }
         }
         self.desktop.power.enabled = self.policy.power.enabled;
         effects

@@ -911,7 +911,10 @@ fn a_game_holds_performance_and_the_last_game_ending_releases_it_after_the_hold_
         "no game, nothing to release"
     );
     rig.at_ms(10_000);
-    assert_eq!(power_requests(&rig.start_game()), [PowerRequest::Hold]);
+    assert_eq!(
+        power_requests(&rig.start_game()),
+        [PowerRequest::Hold { sysfs: true }]
+    );
     // The runner's report shows in status and in explain of the game.
     let held = PowerStatus {
         enabled: true,
@@ -953,7 +956,10 @@ fn a_game_holds_performance_and_the_last_game_ending_releases_it_after_the_hold_
 fn stopping_while_a_game_runs_releases_the_hold_before_leaving() {
     let mut rig = rig("");
     rig.steam_game();
-    assert_eq!(rig.agent.desktop.power_asked, Some(PowerRequest::Hold));
+    assert_eq!(
+        rig.agent.desktop.power_asked,
+        Some(PowerRequest::Hold { sysfs: true })
+    );
     assert_eq!(
         rig.agent.handle(Event::Stop),
         [
@@ -1045,4 +1051,17 @@ fn coexisting_tools_are_found_at_start_and_on_the_sweep() {
     );
     assert_eq!(rig.agent.metrics().coexisting, ["gamemoded"]);
     let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_reload_that_changes_how_to_hold_releases_and_holds_anew() {
+    let mut rig = rig("");
+    rig.steam_game();
+    std::fs::write(&rig.override_path, "[power]\nsysfs = false\n").unwrap();
+    let effects = rig.agent.handle(Event::Reload(ReloadCause::Request));
+    assert_eq!(
+        power_requests(&effects),
+        [PowerRequest::Release, PowerRequest::Hold { sysfs: false }]
+    );
+    assert!(power_requests(&rig.agent.handle(Event::SweepTick)).is_empty());
 }
