@@ -17,7 +17,10 @@ use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -35,7 +38,7 @@ use corral::{
     },
     observe::views,
     service::{
-        agent::{Agent, Effect, Event},
+        agent::{Agent, Clock, Effect, Event},
         control::{Request, Response},
         desktop_notify,
     },
@@ -217,8 +220,10 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 // cpufreq fixtures
 
 /// Four cpufreq policies with EPP `balance_power` (or governor `powersave`
-/// only, without EPP), an empty /proc, and where the restore record goes.
+/// only, without EPP), an empty /proc, where the restore record goes, and
+/// a system bus with no power-profiles-daemon on it.
 struct Machine {
+    bus: DbusDaemon,
     scratch: Scratch,
 }
 
@@ -242,10 +247,16 @@ impl Machine {
             }
         }
         std::fs::create_dir_all(scratch.0.join("proc")).unwrap();
-        Machine { scratch }
+        let bus = DbusDaemon::start(&scratch.0);
+        Machine { bus, scratch }
     }
 
-    fn env(&self, bus: &str) -> PowerEnv {
+    /// Without power-profiles-daemon.
+    fn env(&self) -> PowerEnv {
+        self.env_on(&self.bus.address)
+    }
+
+    fn env_on(&self, bus: &str) -> PowerEnv {
         PowerEnv {
             bus_address: Some(bus.to_owned()),
             sysfs_root: self.scratch.0.join("sys"),
@@ -278,12 +289,6 @@ const ON: PowerConfig = PowerConfig {
     enabled: true,
     sysfs: true,
 };
-
-/// A private bus with no power-profiles-daemon on it.
-fn bare_bus() -> (DbusDaemon, Scratch) {
-    let scratch = Scratch::new();
-    (DbusDaemon::start(&scratch.0), scratch)
-}
 
 // ---------------------------------------------------------------------------
 // A holder in another process, for kill -9.
@@ -367,7 +372,7 @@ async fn ppd_holds_performance_while_a_game_runs_and_releases_it_when_the_game_e
     let bus = PpdBus::start(false).await;
     let machine = Machine::new(true);
     let (tx, mut reports) = mpsc::channel(8);
-    let power = Power::new(ON, machine.env(&bus.daemon.address)).spawn(tx);
+    let power = Power::new(ON, machine.env_on(&bus.daemon.address)).spawn(tx);
     power.send(HOLD);
     let held: PowerStatus = reports.recv().await.unwrap();
     assert_eq!(held.method.as_deref(), Some("ppd"), "{held:?}");
@@ -407,7 +412,7 @@ async fn the_daemon_drops_the_hold_when_the_holder_is_killed() {
     // The older name, as power-profiles-daemon before 0.20 owns it.
     let bus = PpdBus::start(true).await;
     let machine = Machine::new(true);
-    let child = spawn_holder(&machine.env(&bus.daemon.address)).await;
+    let child = spawn_holder(&machine.env_on(&bus.daemon.address)).await;
     let active = bus.active();
     assert_eq!(active.len(), 1, "the child holds");
     assert_eq!(active[0].profile, "performance");
@@ -428,10 +433,9 @@ async fn the_daemon_drops_the_hold_when_the_holder_is_killed() {
 
 #[tokio::test]
 async fn cpufreq_epp_is_put_back_when_the_game_ends_and_on_stop() {
-    let (bus, _bus_dir) = bare_bus();
     let machine = Machine::new(true);
     let (tx, mut reports) = mpsc::channel(8);
-    let power = Power::new(ON, machine.env(&bus.address)).spawn(tx);
+    let power = Power::new(ON, machine.env()).spawn(tx);
 
     // Game end.
     power.send(HOLD);
@@ -472,9 +476,8 @@ async fn cpufreq_epp_is_put_back_when_the_game_ends_and_on_stop() {
 
 #[tokio::test]
 async fn the_governor_is_written_without_epp_and_put_back_when_the_carrier_is_dropped() {
-    let (bus, _bus_dir) = bare_bus();
     let machine = Machine::new(false);
-    let mut power = Power::new(ON, machine.env(&bus.address));
+    let mut power = Power::new(ON, machine.env());
     assert_eq!(power.apply(HOLD).await.method.as_deref(), Some("sysfs"));
     assert_eq!(machine.values("scaling_governor"), ["performance"; 4]);
     // The loop left with an error: the carrier goes without a Release.
@@ -485,9 +488,8 @@ async fn the_governor_is_written_without_epp_and_put_back_when_the_carrier_is_dr
 
 #[tokio::test]
 async fn corral_recover_puts_back_what_a_killed_agent_wrote() {
-    let (bus, _bus_dir) = bare_bus();
     let machine = Machine::new(true);
-    let child = spawn_holder(&machine.env(&bus.address)).await;
+    let child = spawn_holder(&machine.env()).await;
     kill_9(child);
     assert_eq!(
         machine.values("energy_performance_preference"),
@@ -526,14 +528,13 @@ async fn corral_recover_puts_back_what_a_killed_agent_wrote() {
 
 #[tokio::test]
 async fn a_crashed_agents_leftovers_are_put_back_at_the_next_start() {
-    let (bus, _bus_dir) = bare_bus();
     let machine = Machine::new(true);
-    kill_9(spawn_holder(&machine.env(&bus.address)).await);
+    kill_9(spawn_holder(&machine.env()).await);
     assert_eq!(
         machine.values("energy_performance_preference"),
         ["performance"; 4]
     );
-    let _power = Power::new(ON, machine.env(&bus.address));
+    let _power = Power::new(ON, machine.env());
     assert_eq!(
         machine.values("energy_performance_preference"),
         ["balance_power"; 4]
@@ -560,9 +561,8 @@ fn a_target_that_cannot_be_read_changes_nothing_and_leaves_no_record() {
 
 #[tokio::test]
 async fn with_the_sysfs_fallback_off_nothing_is_written_without_power_profiles_daemon() {
-    let (bus, _bus_dir) = bare_bus();
     let machine = Machine::new(true);
-    let mut power = Power::new(ON, machine.env(&bus.address));
+    let mut power = Power::new(ON, machine.env());
     let status = power.apply(PowerRequest::Hold { sysfs: false }).await;
     assert_eq!(status.method, None);
     assert!(
@@ -580,12 +580,11 @@ async fn with_the_sysfs_fallback_off_nothing_is_written_without_power_profiles_d
 
 #[tokio::test]
 async fn while_tuned_runs_no_cpufreq_file_is_written_and_status_says_so() {
-    let (bus, _bus_dir) = bare_bus();
     let machine = Machine::new(true);
     let tuned = machine.scratch.0.join("proc/777");
     std::fs::create_dir_all(&tuned).unwrap();
     std::fs::write(tuned.join("comm"), "tuned\n").unwrap();
-    let mut power = Power::new(ON, machine.env(&bus.address));
+    let mut power = Power::new(ON, machine.env());
     let status = power.apply(HOLD).await;
     assert_eq!(status.method, None);
     assert!(
@@ -629,14 +628,22 @@ fn proc_read(pid: u32, ppid: u32, comm: &str, exe: &str, argv: &[&str]) -> ProcR
     }
 }
 
+/// The loop as the daemon runs it, with scripted /proc and a hand-driven
+/// clock.
+struct Loop {
+    agent: Agent,
+    procs: ScriptedProcs,
+    clock_ms: Arc<AtomicU64>,
+}
+
 /// An agent on the default policy (and a rule that makes `game.x86_64` a
-/// game) over `sysfs`, with alice's game (pid 500) and ollama runner (pid
-/// 600) in scripted /proc.
-fn agent_on(sysfs: &Path, scratch: &Scratch) -> Agent {
+/// game, with a 1 s hold-down) over `sysfs`, with alice's game (pid 500)
+/// and ollama runner (pid 600) in scripted /proc.
+fn agent_on(sysfs: &Path, scratch: &Scratch) -> Loop {
     let override_path = scratch.0.join("policy.toml");
     std::fs::write(
         &override_path,
-        "[[rules]]\nname = \"test-game\"\nclass = \"game\"\ncomm = [\"game.x86_64\"]\n",
+        "[modes]\nhold_down_ms = 1000\nmin_dwell_ms = 0\n\n[[rules]]\nname = \"test-game\"\nclass = \"game\"\ncomm = [\"game.x86_64\"]\n",
     )
     .unwrap();
     let source = PolicySource {
@@ -668,14 +675,21 @@ fn agent_on(sysfs: &Path, scratch: &Scratch) -> Agent {
         ),
         ALICE,
     );
-    Agent::new(
+    let clock_ms = Arc::new(AtomicU64::new(0));
+    let agent = Agent::new(
         source,
         sysfs.to_owned(),
         policy,
         Box::new(placer),
-        Box::new(procs),
+        Box::new(procs.clone()),
         None,
     )
+    .with_clock(Clock::Manual(clock_ms.clone()));
+    Loop {
+        agent,
+        procs,
+        clock_ms,
+    }
 }
 
 fn status_text(agent: &Agent) -> String {
@@ -683,6 +697,49 @@ fn status_text(agent: &Agent) -> String {
         Response::Status(status) => views::render_status(&status),
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn the_loop_holds_through_the_daemon_while_its_game_runs_and_releases_after_it_ends() {
+    let bus = PpdBus::start(false).await;
+    let machine = Machine::new(true);
+    let scratch = Scratch::new();
+    let (tx, mut reports) = mpsc::channel(8);
+    let power = Power::new(ON, machine.env_on(&bus.daemon.address)).spawn(tx);
+    let mut l = agent_on(&sysfs_fixture(), &scratch);
+    // What the runner does with the loop's effects and the carrier's reports.
+    let mut run = async |l: &mut Loop, event: Event| {
+        let mut asked = 0;
+        for effect in l.agent.handle(event) {
+            if let Effect::Power(request) = effect {
+                power.send(request);
+                asked += 1;
+            }
+        }
+        for _ in 0..asked {
+            let report = reports.recv().await.unwrap();
+            l.agent.handle(Event::Power(report));
+        }
+        asked
+    };
+    assert_eq!(run(&mut l, Event::Seed).await, 1, "the game runs at start");
+    assert_eq!(bus.active().len(), 1);
+    assert!(
+        status_text(&l.agent).contains("\npower   holding `performance` through power-profiles-daemon (org.freedesktop.UPower.PowerProfiles, cookie 1)\n"),
+        "{}",
+        status_text(&l.agent)
+    );
+    // The game exits; the sweep notices, the hold-down passes.
+    l.procs.remove(500);
+    run(&mut l, Event::SweepTick).await;
+    l.clock_ms.store(100, Ordering::Relaxed);
+    assert_eq!(run(&mut l, Event::ModeTimer).await, 0, "hold-down");
+    assert_eq!(bus.active().len(), 1);
+    l.clock_ms.store(1_200, Ordering::Relaxed);
+    assert_eq!(run(&mut l, Event::ModeTimer).await, 1);
+    assert!(bus.active().is_empty());
+    assert_eq!(bus.state.lock().unwrap().released, [1]);
+    assert!(status_text(&l.agent).contains("\npower   idle:"));
 }
 
 // ---------------------------------------------------------------------------
@@ -760,7 +817,7 @@ async fn a_vram_ladder_step_reaches_the_notification_server_on_alices_session_bu
         .await
         .unwrap();
 
-    let mut agent = agent_on(&sysfs_fixture(), &scratch);
+    let mut agent = agent_on(&sysfs_fixture(), &scratch).agent;
     agent.handle(Event::Seed);
     // The game may still claim 7 of its 8 GiB reserve with 2 GiB free; the
     // ai class holds 12 GiB over its 6 GiB max: the ladder's first step.
@@ -823,7 +880,7 @@ async fn sched_ext_enabled_and_a_running_gamemoded_show_in_status_with_what_corr
     std::fs::copy("/bin/sleep", &gamemoded).unwrap();
     let mut child = Command::new(&gamemoded).arg("30").spawn().unwrap();
 
-    let mut agent = agent_on(&sysfs, &scratch);
+    let mut agent = agent_on(&sysfs, &scratch).agent;
     agent.handle(Event::Seed);
     let text = status_text(&agent);
     let _ = child.kill();
