@@ -611,6 +611,7 @@ mod tests {
         e.vram_bytes = Some(9 << 30);
         e.gpu_actions = vec![action("freeze")];
         e.ancestry.clear();
+        e.power = Some("holding `performance` in cpufreq sysfs (4 policies)".into());
         let text = render_explanation(&e);
         assert!(
             text.contains("\n  rule      steam-reaper (/usr/share/corral/default.toml:358)\n"),
@@ -618,10 +619,11 @@ mod tests {
         );
         assert!(
             text.ends_with(
-                "  vram      9216 MiB\n  gpu       freeze on `ai`: game needs 4096 MiB -> done\n"
+                "  power     holding `performance` in cpufreq sysfs (4 policies)\n  vram      9216 MiB\n  gpu       freeze on `ai`: game needs 4096 MiB -> done\n"
             ),
             "{text}"
         );
+        e.power = None;
 
         e.decision = Decision::default_system();
         e.group = None;
