@@ -4,8 +4,9 @@
 //! - `kernel/`: load, attach and read the eBPF side (BPF, tracefs).
 //! - `model/`: the process table, policy, classification, topology, core
 //!   sets, modes; pure, reads files it is given, writes nothing.
-//! - `actuate/`: placement backends behind one seam; the only writer of
-//!   cgroup files and the only mover of processes.
+//! - `actuate/`: placement backends behind one seam, and the power hold;
+//!   the only writer of cgroup and cpufreq files and the only mover of
+//!   processes.
 //! - `gpu/`: NVML poller, VRAM arbiter, thermal guard, VRAM askers.
 //! - `observe/`: metrics and the status/explain/top views; read-only.
 //! - `service/`: the loop, control socket, sd_notify, watchers.

@@ -90,11 +90,15 @@ enum Command {
     },
     /// Undo what a crashed agent may have left: thaw every group under the
     /// cgroup root and give every group all online CPUs. Moves nothing;
-    /// the next `corral run` re-adopts what is in the groups. Safe to run
-    /// any time (the service runs it after every stop).
+    /// the next `corral run` re-adopts what is in the groups; put back the
+    /// cpufreq values the power fallback wrote. Safe to run any time (the
+    /// service runs it after every stop).
     Recover {
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
+        /// The power fallback's restore record.
+        #[arg(long, default_value = corral::actuate::power::RESTORE_RECORD)]
+        power_record: PathBuf,
     },
     /// Print the manual page (roff) generated from these definitions.
     #[command(hide = true)]
@@ -257,9 +261,18 @@ fn main() -> anyhow::Result<()> {
             socket,
             ..
         } => run_in_class(&class, &program, &socket),
-        Command::Recover { cgroup_root } => {
+        Command::Recover {
+            cgroup_root,
+            power_record,
+        } => {
+            // cpufreq first: it cannot fail half-way because of the rest.
+            let power = corral::actuate::power::restore_record(&power_record);
+            for line in power.as_deref().unwrap_or_default() {
+                println!("{line}");
+            }
             recover_systemd()?;
-            recover(&cgroup_root.unwrap_or_else(cgroup::default_root))
+            recover(&cgroup_root.unwrap_or_else(cgroup::default_root))?;
+            power.map(drop).context("putting back cpufreq values")
         }
         Command::Man => {
             use clap::CommandFactory as _;

@@ -681,8 +681,24 @@ fn real_mount_dmem_detection_does_not_panic() {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn notify_desktop_returns_at_once() {
+fn a_notification_for_a_user_without_a_session_bus_fails_at_once_naming_the_bus() {
+    use corral::service::desktop_notify::{Notification, Urgency, send};
+    let n = Notification {
+        summary: "corral test".into(),
+        body: "VRAM freed for a game".into(),
+        urgency: Urgency::Normal,
+    };
+    let runtime = std::env::temp_dir().join(format!("corral-no-runtime-{}", std::process::id()));
     let started = Instant::now();
-    corral::service::desktop_notify::notify_desktop("corral test", "VRAM freed for a game");
+    let err = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(send(&runtime, 4242, &n))
+        .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        format!("{err:#}").contains("4242/bus as uid 4242"),
+        "{err:#}"
+    );
 }

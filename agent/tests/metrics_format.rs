@@ -77,6 +77,8 @@ fn populated() -> Metrics {
     m.agent_resident_memory_bytes = rss;
     m.agent_cpu_seconds_total = cpu;
     m.mode = Mode::Protected;
+    m.power_held = Some("sysfs".to_string());
+    m.coexisting = vec!["sched_ext (lavd_1.0)".to_string(), "gamemoded".to_string()];
     m
 }
 
@@ -238,6 +240,18 @@ fn populated_metrics_parse_with_every_family_and_type() {
     );
     assert_eq!(value(&scrape, "corral_mode", &[("mode", "protected")]), 1.0);
     assert_eq!(value(&scrape, "corral_mode", &[("mode", "shared")]), 0.0);
+    assert_eq!(
+        value(&scrape, "corral_power_held", &[("method", "sysfs")]),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, "corral_power_held", &[("method", "ppd")]),
+        0.0
+    );
+    assert_eq!(
+        value(&scrape, "corral_coexisting_tool", &[("tool", "gamemoded")]),
+        1.0
+    );
     assert!(value(&scrape, "corral_agent_resident_memory_bytes", &[]) > 0.0);
 
     // The placement histogram: 5 samples, one past 100 ms, le in seconds.

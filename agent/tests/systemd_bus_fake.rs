@@ -6,89 +6,25 @@
 //!
 //! Needs `dbus-daemon` (`apt-get install -y dbus-daemon`).
 
+mod support;
+
 use std::{
     collections::HashMap,
-    io::{BufRead as _, BufReader as StdBufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
+    path::Path,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use corral::actuate::systemd_bus::{
     CgroupProps, Error, MANAGER_PATH, ManagerClient, Setting, UnitInfo, class_slice_name,
 };
+use support::{DbusDaemon, Scratch};
 use tokio::net::UnixListener;
 use zbus::{
     Connection, ObjectServer, interface,
     object_server::SignalEmitter,
     zvariant::{ObjectPath, OwnedObjectPath, OwnedValue},
 };
-
-// ---------------------------------------------------------------------------
-// Scaffolding: a scratch directory, a private dbus-daemon.
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "corral-bus-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A `dbus-daemon --session` listening in a scratch directory; killed on drop.
-struct DbusDaemon {
-    child: Child,
-    address: String,
-}
-
-impl DbusDaemon {
-    fn start(dir: &Path) -> Self {
-        let mut child = Command::new("dbus-daemon")
-            .args(["--session", "--nofork", "--print-address"])
-            .arg(format!("--address=unix:path={}", dir.join("bus").display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start dbus-daemon ({e}); install it: apt-get install -y dbus-daemon")
-            });
-        let mut address = String::new();
-        StdBufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut address)
-            .unwrap();
-        let address = address.trim().to_string();
-        assert!(
-            address.starts_with("unix:"),
-            "dbus-daemon printed {address:?}"
-        );
-        DbusDaemon { child, address }
-    }
-}
-
-impl Drop for DbusDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 // ---------------------------------------------------------------------------
 // The fake manager.

@@ -2,9 +2,11 @@
 //! class; a [`Placer`] backend puts it there and fences it: the cgroupfs
 //! backend ([`cgroup`]) on hosts where corral owns its own cgroup subtree,
 //! and [`recording::RecordingPlacer`] for unit tests of the loop. This is
-//! the only folder that writes cgroup files or moves processes.
+//! the only folder that writes cgroup files or moves processes. [`power`]
+//! is the other actuator: power-profiles-daemon holds and cpufreq files.
 
 pub mod cgroup;
+pub mod power;
 pub mod recording;
 pub mod systemd;
 pub mod systemd_bus;

@@ -357,21 +357,7 @@ impl ManagerClient {
     /// well-known sender name that zbus cannot parse and panics on.)
     pub async fn user_bus_as(uid: u32) -> Result<Self, Error> {
         let path = PathBuf::from(format!("/run/user/{uid}/bus"));
-        let connect_error = |e: std::io::Error| Error::Connect {
-            tried: format!("{} as uid {uid}: {e}", path.display()),
-        };
-        let stream = connect_as(uid, &path).map_err(connect_error)?;
-        stream.set_nonblocking(true).map_err(connect_error)?;
-        let stream = tokio::net::UnixStream::from_std(stream).map_err(connect_error)?;
-        let conn = zbus::connection::Builder::unix_stream(stream)
-            .user_id(uid)
-            .method_timeout(METHOD_TIMEOUT)
-            .build()
-            .await
-            .map_err(|e| Error::Connect {
-                tried: format!("{} as uid {uid}: {e}", path.display()),
-            })?;
-        Self::new(conn, true).await
+        Self::new(bus_as(uid, &path).await?, true).await
     }
 
     /// A manager on its private socket at `path`, peer to peer.
@@ -768,6 +754,26 @@ async fn connect_bus_with_systemd(address: &str) -> zbus::Result<Connection> {
             "no {SYSTEMD_SERVICE} on this bus (the user manager is not connected to it)"
         )))
     }
+}
+
+/// A connection to the bus listening at `path` with `uid`'s credentials,
+/// for a root caller (see [`ManagerClient::user_bus_as`]); desktop
+/// notifications reach a user's session bus this way too.
+pub async fn bus_as(uid: u32, path: &Path) -> Result<Connection, Error> {
+    let connect_error = |e: std::io::Error| Error::Connect {
+        tried: format!("{} as uid {uid}: {e}", path.display()),
+    };
+    let stream = connect_as(uid, path).map_err(connect_error)?;
+    stream.set_nonblocking(true).map_err(connect_error)?;
+    let stream = tokio::net::UnixStream::from_std(stream).map_err(connect_error)?;
+    zbus::connection::Builder::unix_stream(stream)
+        .user_id(uid)
+        .method_timeout(METHOD_TIMEOUT)
+        .build()
+        .await
+        .map_err(|e| Error::Connect {
+            tried: format!("{} as uid {uid}: {e}", path.display()),
+        })
 }
 
 /// Connects to the Unix socket at `path` with this thread's effective uid

@@ -208,6 +208,40 @@ pub struct GpuSnapshot {
 }
 
 impl GpuSnapshot {
+    /// One GPU of `total_gib` GiB with `free_gib` free, at `temperature_c`,
+    /// and `processes` (pid, GiB, kind) on it: a poll for tests and fakes
+    /// of the loop.
+    pub fn one_gpu(
+        total_gib: u64,
+        free_gib: u64,
+        temperature_c: u32,
+        processes: &[(u32, u64, ProcessKind)],
+    ) -> Self {
+        const GIB: u64 = 1 << 30;
+        GpuSnapshot {
+            devices: vec![DeviceSnapshot {
+                index: 0,
+                name: "Test GPU".into(),
+                uuid: "GPU-0".into(),
+                total_bytes: total_gib * GIB,
+                used_bytes: total_gib.saturating_sub(free_gib) * GIB,
+                free_bytes: free_gib * GIB,
+                utilization_gpu: Some(90),
+                temperature_c: Some(temperature_c),
+                power_mw: None,
+                processes: processes
+                    .iter()
+                    .map(|&(pid, gib, kind)| GpuProcess {
+                        pid,
+                        used_bytes: Some(gib * GIB),
+                        kind,
+                    })
+                    .collect(),
+            }],
+            poll_us: 10,
+        }
+    }
+
     /// VRAM per pid over all GPUs: on one GPU the larger of a pid's compute
     /// and graphics figures (both lists report the same process memory),
     /// summed over GPUs. A pid whose figure is not available counts 0 but is

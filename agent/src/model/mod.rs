@@ -5,6 +5,7 @@
 
 pub mod ananicy;
 pub mod classify;
+pub mod coexist;
 pub mod coresets;
 pub mod cpus;
 pub mod modes;

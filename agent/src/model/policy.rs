@@ -25,6 +25,8 @@ use crate::{
     },
 };
 
+pub use desktop::{NotificationsConfig, PowerConfig};
+use desktop::{NotificationsSpec, PowerSpec};
 pub use gpu::GpuConfig;
 use gpu::GpuSpec;
 use keys::{find_key, line_column, unknown_keys};
@@ -67,6 +69,8 @@ struct PolicyFile {
     ananicy: Option<AnanicySpec>,
     telemetry: Option<TelemetrySpec>,
     gpu: Option<GpuSpec>,
+    power: Option<PowerSpec>,
+    notifications: Option<NotificationsSpec>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -191,6 +195,8 @@ pub struct Policy {
     pub ananicy: AnanicyConfig,
     pub telemetry: TelemetryConfig,
     pub gpu: GpuConfig,
+    pub power: PowerConfig,
+    pub notifications: NotificationsConfig,
     /// Things that did not stop the policy from loading (unknown keys).
     pub warnings: Vec<String>,
 }
@@ -480,6 +486,8 @@ impl Policy {
             ananicy,
             telemetry,
             gpu,
+            power: PowerConfig::merged(&layers),
+            notifications: NotificationsConfig::merged(&layers),
             warnings,
         })
     }
@@ -688,6 +696,7 @@ fn build_class(name: &str, merged: MergedClass) -> Result<Class, PolicyError> {
     })
 }
 
+mod desktop;
 mod gpu;
 mod keys;
 mod rules;

@@ -226,6 +226,12 @@ pub struct Metrics {
     pub agent_cpu_seconds_total: f64,
     /// Layout mode now: 1 for the active mode (protected or shared), 0 for the other.
     pub mode: Mode,
+    /// What holds the performance power profile while the protected class runs: 1 for the method in use (ppd: power-profiles-daemon, sysfs: cpufreq files), 0 otherwise.
+    ///
+    /// `None`: nothing is held.
+    pub power_held: Option<String>,
+    /// Tools found that tune the same knobs (sched_ext, gamemoded, ananicy-cpp, system76-scheduler, falcond, tuned): 1 each, with the label `tool`.
+    pub coexisting: Vec<String>,
 }
 
 /// One class's figures (see [`Metrics::classes`]).
@@ -316,6 +322,8 @@ impl Default for Metrics {
             agent_resident_memory_bytes: 0,
             agent_cpu_seconds_total: 0.0,
             mode: Mode::Shared,
+            power_held: None,
+            coexisting: Vec::new(),
         }
     }
 }
@@ -550,6 +558,18 @@ family!(
     Gauge,
     "Layout mode now: 1 for the active mode (protected or shared), 0 for the other."
 );
+family!(
+    POWER_HELD,
+    "corral_power_held",
+    Gauge,
+    "What holds the performance power profile while the protected class runs: 1 for the method in use (ppd: power-profiles-daemon, sysfs: cpufreq files), 0 otherwise."
+);
+family!(
+    COEXISTING,
+    "corral_coexisting_tool",
+    Gauge,
+    "Tools found that tune the same knobs (sched_ext, gamemoded, ananicy-cpp, system76-scheduler, falcond, tuned): 1 each, with the label `tool`."
+);
 
 /// Every family, in the order [`Metrics::render`] writes them.
 const FAMILIES: &[Family] = &[
@@ -577,6 +597,8 @@ const FAMILIES: &[Family] = &[
     AGENT_RSS,
     AGENT_CPU,
     MODE,
+    POWER_HELD,
+    COEXISTING,
 ];
 
 /// One sample of a counter or gauge: its labels and its value, already formatted.
@@ -755,6 +777,30 @@ impl Metrics {
                 (vec![("mode", "protected".into())], on(Mode::Protected)),
                 (vec![("mode", "shared".into())], on(Mode::Shared)),
             ],
+        );
+        let held = |m: &str| {
+            if self.power_held.as_deref() == Some(m) {
+                "1"
+            } else {
+                "0"
+            }
+            .to_string()
+        };
+        scalar(
+            &mut out,
+            &POWER_HELD,
+            ["ppd", "sysfs"]
+                .into_iter()
+                .map(|m| (vec![("method", m.into())], held(m)))
+                .collect(),
+        );
+        scalar(
+            &mut out,
+            &COEXISTING,
+            self.coexisting
+                .iter()
+                .map(|t| (vec![("tool", t.clone())], "1".to_string()))
+                .collect(),
         );
         out
     }
@@ -1132,6 +1178,8 @@ mod tests {
             memory_total_bytes: Some(24 << 30),
         });
         m.mode = Mode::Protected;
+        m.power_held = Some("ppd".into());
+        m.coexisting = vec!["gamemoded".into()];
         m
     }
 
@@ -1237,8 +1285,12 @@ mod tests {
                 "corral_agent_resident_memory_bytes",
                 "corral_agent_cpu_seconds_total",
                 "corral_mode",
+                "corral_power_held",
             ]
         );
+        assert!(text.contains(
+            "corral_power_held{method=\"ppd\"} 0\ncorral_power_held{method=\"sysfs\"} 0\n"
+        ));
         assert!(text.contains("corral_events_total{kind=\"exec\"} 0\n"));
         assert!(text.contains("corral_placement_latency_seconds_bucket{le=\"0.00005\"} 0\n"));
         assert!(text.contains("corral_placement_latency_seconds_bucket{le=\"+Inf\"} 0\n"));
@@ -1274,6 +1326,10 @@ mod tests {
         ));
         assert!(text.contains("corral_gpu_power_watts{gpu=\"0\",name=\"Test GPU\"} 120.5\n"));
         assert!(text.contains("corral_mode{mode=\"protected\"} 1\n"));
+        assert!(text.contains(
+            "corral_power_held{method=\"ppd\"} 1\ncorral_power_held{method=\"sysfs\"} 0\n"
+        ));
+        assert!(text.contains("corral_coexisting_tool{tool=\"gamemoded\"} 1\n"));
     }
 
     #[test]

@@ -67,6 +67,10 @@ pub fn render_status(s: &Status) -> String {
         lines.push(format!("note    {note}"));
     }
     lines.push(format!("mode    {} ({})", s.mode, s.mode_why));
+    lines.push(format!("power   {}", s.power.describe()));
+    for f in &s.coexistence {
+        lines.push(format!("coexist {}", f.describe()));
+    }
     match (&s.gpu.on, &s.gpu.off_reason) {
         (true, _) => {
             let used: Vec<String> = s
@@ -132,6 +136,9 @@ pub fn render_explanation(e: &Explanation) -> String {
     ];
     if let Some(placement) = &e.placement {
         lines.push(format!("  unit      {placement}"));
+    }
+    if let Some(power) = &e.power {
+        lines.push(format!("  power     {power}"));
     }
     if let Some(bytes) = e.vram_bytes {
         lines.push(format!("  vram      {} MiB", bytes >> 20));
@@ -467,6 +474,12 @@ mod tests {
                 action_counts: BTreeMap::new(),
                 dmem: "absent".into(),
             },
+            power: crate::actuate::power::PowerStatus {
+                enabled: true,
+                method: Some("ppd".into()),
+                detail: "`performance` through power-profiles-daemon (org.freedesktop.UPower.PowerProfiles, cookie 7)".into(),
+            },
+            coexistence: vec![],
             agent_rss_bytes: 0,
             agent_cpu_seconds: 0.0,
         }
@@ -505,11 +518,29 @@ mod tests {
                 "         note: cpus 16-31 do not exist here",
                 "system        3    dynamic        -       0  (left alone)",
                 "mode    protected (game pid 4242 running)",
+                "power   holding `performance` through power-profiles-daemon (org.freedesktop.UPower.PowerProfiles, cookie 7)",
                 "gpu     off: no NVIDIA driver",
                 "events  exec 10 fork 20 exit 5  seen; dropped 2 (ring buffer full), vanished 1, move errors 0, tracked 812",
             ]
         );
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn status_shows_each_coexisting_tool_with_what_overlaps_and_who_wins() {
+        let mut s = status();
+        s.coexistence = vec![crate::model::coexist::Finding {
+            tool: "sched_ext (lavd_1.0)".into(),
+            pid: None,
+            overlaps: vec!["cpu.weight".into()],
+            outcome: "weights have no effect; core sets stay".into(),
+        }];
+        s.power.enabled = false;
+        let text = render_status(&s);
+        assert!(
+            text.contains("\npower   off in the policy ([power] enabled = false)\ncoexist sched_ext (lavd_1.0): overlaps cpu.weight; weights have no effect; core sets stay\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -609,6 +640,7 @@ mod tests {
             ],
             vram_bytes: None,
             gpu_actions: vec![],
+            power: None,
         }
     }
 
@@ -667,6 +699,7 @@ mod tests {
         e.vram_bytes = Some(9 << 30);
         e.gpu_actions = vec![action("freeze")];
         e.ancestry.clear();
+        e.power = Some("holding `performance` in cpufreq sysfs (4 policies)".into());
         let text = render_explanation(&e);
         assert!(
             text.contains("\n  rule      steam-reaper (/usr/share/corral/default.toml:358)\n"),
@@ -674,10 +707,11 @@ mod tests {
         );
         assert!(
             text.ends_with(
-                "  vram      9216 MiB\n  gpu       freeze on `ai`: game needs 4096 MiB -> done\n"
+                "  power     holding `performance` in cpufreq sysfs (4 policies)\n  vram      9216 MiB\n  gpu       freeze on `ai`: game needs 4096 MiB -> done\n"
             ),
             "{text}"
         );
+        e.power = None;
 
         e.decision = Decision::default_system();
         e.group = None;

@@ -16,11 +16,16 @@ use corral_common::{EventKind, ProcEvent};
 use tracing::{debug, error, info, warn};
 
 use super::{
+    agent_desktop::DesktopState,
     agent_gpu::{GpuState, halve},
     daemon::monotonic_ns,
 };
 use crate::{
-    actuate::{Placer, Target, cgroup::MoveError},
+    actuate::{
+        Placer, Target,
+        cgroup::MoveError,
+        power::{PowerRequest, PowerStatus},
+    },
     gpu::{nvml::GpuEvent, thermal::ThermalGuard},
     kernel::bpf::{KernelCounters, Tracer},
     model::{
@@ -34,7 +39,10 @@ use crate::{
         topology::Topology,
     },
     observe::metrics::{Histogram, ReloadCounts},
-    service::control::{self, EventCounts, Peer, Placement, ReloadStatus, Request, Response},
+    service::{
+        control::{self, EventCounts, Peer, Placement, ReloadStatus, Request, Response},
+        desktop_notify::Notification,
+    },
 };
 
 /// Everything the loop reacts to.
@@ -65,6 +73,8 @@ pub enum Event {
     CountersTick,
     /// Time to tell systemd's watchdog the loop is alive.
     WatchdogTick,
+    /// What the power carrier holds now, after a request.
+    Power(PowerStatus),
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -84,6 +94,13 @@ pub enum Effect {
     Notify(Notice),
     /// Re-render the metrics page.
     RenderMetrics,
+    /// Hold or release `performance` (power-profiles-daemon, else sysfs).
+    Power(PowerRequest),
+    /// A desktop notification on user `uid`'s session bus.
+    Desktop {
+        uid: u32,
+        notification: Notification,
+    },
     /// Leave the loop.
     Exit,
 }
@@ -135,6 +152,8 @@ pub struct Agent {
     pub(super) gpu: GpuState,
     /// The dropped-records count the last full sweep covered.
     pub(super) dropped_swept: u64,
+    /// Power requests, desktop notifications, coexisting tools.
+    pub(super) desktop: DesktopState,
 }
 
 /// Loads the ananicy-cpp rules when the policy enables them; failures
@@ -211,6 +230,7 @@ impl Agent {
         let ananicy = load_ananicy(&policy);
         let modes = ModeSwitch::new(policy.modes, Duration::ZERO);
         let gpu = GpuState::new(&policy);
+        let desktop = DesktopState::new(policy.power.enabled);
         Agent {
             source,
             sysfs_root,
@@ -236,6 +256,7 @@ impl Agent {
             metrics_bound: None,
             gpu,
             dropped_swept: 0,
+            desktop,
         }
     }
 
@@ -334,8 +355,15 @@ impl Agent {
     /// placer at once (the exec path cannot wait); everything else the
     /// runner must do comes back as effects.
     pub fn handle(&mut self, event: Event) -> Vec<Effect> {
+        let mut effects = self.on_event(event);
+        effects.splice(0..0, self.desktop_effects());
+        effects
+    }
+
+    fn on_event(&mut self, event: Event) -> Vec<Effect> {
         match event {
             Event::Seed => {
+                self.check_coexistence();
                 self.seed();
                 // The core sets of the mode the agent starts in.
                 self.apply_layout();
@@ -395,7 +423,12 @@ impl Agent {
             }
             Event::SweepTick => {
                 self.sweep(false);
+                self.check_coexistence();
                 Vec::new()
+            }
+            Event::Power(status) => {
+                self.on_power(status);
+                vec![Effect::RenderMetrics]
             }
             Event::CountersTick => {
                 self.read_kernel_counters();
@@ -408,6 +441,7 @@ impl Agent {
             Event::Stop => {
                 info!("stopping: thawing and widening every managed group to all CPUs");
                 self.placer.release_all();
+                self.desktop.stopping = true;
                 vec![Effect::Notify(Notice::Stopping), Effect::Exit]
             }
         }

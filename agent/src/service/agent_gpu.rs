@@ -21,7 +21,7 @@ use crate::{
     model::{cpus::CpuList, policy::Policy},
     service::{
         control::{GpuActionRecord, GpuStatus},
-        desktop_notify,
+        desktop_notify::{Notification, Urgency},
     },
 };
 
@@ -132,6 +132,21 @@ impl Agent {
                     "thermal guard: {reason}; halving the core sets of {:?}",
                     self.policy.cooled_classes()
                 );
+                let mut affected: Vec<String> = self.policy.cooled_classes().to_vec();
+                affected.push(self.protected().to_owned());
+                let affected: Vec<&str> = affected.iter().map(String::as_str).collect();
+                self.notify_users(
+                    &affected,
+                    "thermal",
+                    Notification {
+                        summary: "corral: thermal emergency".to_owned(),
+                        body: format!(
+                            "{reason}; {} get half their CPUs until it cools down",
+                            self.policy.cooled_classes().join(", ")
+                        ),
+                        urgency: Urgency::Critical,
+                    },
+                );
                 self.gpu.cooling = Some(reason);
                 self.apply_layout();
             }
@@ -156,10 +171,31 @@ impl Agent {
                 continue;
             }
             let managed = self.placer.layout().group(&action.class).is_some();
+            // The ladder steps the class's users should hear of.
+            let told = match action.kind {
+                ActionKind::Notify => Some("VRAM needed by a game"),
+                ActionKind::Freeze => Some("paused to free VRAM for a game"),
+                ActionKind::Kill => Some("stopped to free VRAM for a game"),
+                ActionKind::Ask | ActionKind::Thaw => None,
+            };
+            if let Some(what) = told {
+                let kind = format!("vram-{:?}", action.kind).to_lowercase();
+                self.notify_users(
+                    &[action.class.as_str()],
+                    &kind,
+                    Notification {
+                        summary: format!("corral: `{}` {what}", action.class),
+                        body: action.reason.clone(),
+                        urgency: Urgency::Normal,
+                    },
+                );
+            }
             let outcome = match (action.kind, managed) {
-                (ActionKind::Notify, _) => {
-                    desktop_notify::notify_desktop("corral: VRAM needed by a game", &action.reason);
+                (ActionKind::Notify, _) if self.policy.notifications.desktop => {
                     "notified".to_owned()
+                }
+                (ActionKind::Notify, _) => {
+                    "logged (desktop notifications off in the policy)".to_owned()
                 }
                 (ActionKind::Ask, _) => self.ask(&action.class),
                 (ActionKind::Freeze, true) => match self.placer.set_frozen(&action.class, true) {

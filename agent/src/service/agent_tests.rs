@@ -25,7 +25,10 @@ use crate::{
         procs::{ProcInfo, ProcRead, ScriptedProcs},
         topology::Topology,
     },
-    service::control::{Peer, Request, Response},
+    service::{
+        control::{Peer, Request, Response},
+        desktop_notify::Urgency,
+    },
 };
 
 const DEFAULT: &str = include_str!("../../../policies/default.toml");
@@ -233,24 +236,7 @@ impl Rig {
             0,
         );
         self.agent.handle(Event::Seed);
-        self.exec(
-            2305,
-            info(
-                40112,
-                "reaper",
-                "/home/u/.local/share/Steam/ubuntu12_32/reaper",
-                &["reaper", "SteamLaunch", "AppId=570", "--", "game.x86_64"],
-            ),
-        );
-        self.exec(
-            40112,
-            info(
-                40120,
-                "game.x86_64",
-                "/home/u/.local/share/Steam/steamapps/common/dota/game.x86_64",
-                &["game.x86_64"],
-            ),
-        );
+        self.start_game();
     }
 }
 
@@ -891,4 +877,275 @@ fn every_watchdog_tick_pings() {
             vec![Effect::Notify(Notice::Watchdog)]
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Power, desktop notifications, coexistence (agent_desktop.rs)
+
+fn power_requests(effects: &[Effect]) -> Vec<PowerRequest> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Power(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Rig {
+    /// The Steam reaper (40112) starts the game (40120); every effect.
+    fn start_game(&mut self) -> Vec<Effect> {
+        let mut effects = self.exec(
+            2305,
+            info(
+                40112,
+                "reaper",
+                "/home/u/.local/share/Steam/ubuntu12_32/reaper",
+                &["reaper", "SteamLaunch", "AppId=570", "--", "game.x86_64"],
+            ),
+        );
+        effects.extend(self.exec(
+            40112,
+            info(
+                40120,
+                "game.x86_64",
+                "/home/u/.local/share/Steam/steamapps/common/dota/game.x86_64",
+                &["game.x86_64"],
+            ),
+        ));
+        effects
+    }
+
+    fn end_game(&mut self) {
+        self.exit(40120);
+        self.exit(40112);
+    }
+
+    fn seeded(&mut self) -> Vec<Effect> {
+        self.agent.handle(Event::Seed)
+    }
+
+    /// A GPU poll: 24 GiB, `free` GiB free, the game and an ollama runner
+    /// (pid 7700, `ai`) holding what they hold, at `temp` °C.
+    fn gpu_poll(&mut self, free_gib: u64, ai_gib: u64, temp: u32) -> Vec<Effect> {
+        use crate::gpu::nvml::{GpuSnapshot, ProcessKind};
+        let snapshot = GpuSnapshot::one_gpu(
+            24,
+            free_gib,
+            temp,
+            &[
+                (40120, 1, ProcessKind::Graphics),
+                (7700, ai_gib, ProcessKind::Compute),
+            ],
+        );
+        self.agent.handle(Event::Gpu(GpuEvent::Snapshot(snapshot)))
+    }
+
+    fn ollama(&mut self) {
+        self.exec(
+            1,
+            info(
+                7700,
+                "ollama",
+                "/usr/local/bin/ollama",
+                &["ollama", "runner", "--model", "x"],
+            ),
+        );
+        assert_eq!(self.class_of(7700).as_deref(), Some("ai"));
+    }
+}
+
+/// The one notification in `effects`, which goes to uid 1000 (who owns
+/// every scripted process).
+fn only_notice(effects: &[Effect]) -> crate::service::desktop_notify::Notification {
+    let sent = desktop(effects);
+    assert_eq!(sent.len(), 1, "{effects:?}");
+    assert_eq!(sent[0].0, 1000, "the owner of the processes");
+    sent[0].1.clone()
+}
+
+/// A game and an ollama runner (ai), both alice's (uid 1000).
+fn game_and_ollama(override_text: &str) -> Rig {
+    let mut rig = rig(override_text);
+    rig.steam_game();
+    rig.ollama();
+    rig
+}
+
+fn desktop(effects: &[Effect]) -> Vec<(u32, &crate::service::desktop_notify::Notification)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Desktop { uid, notification } => Some((*uid, notification)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_game_holds_performance_and_the_last_game_ending_releases_it_after_the_hold_down() {
+    let mut rig = rig("[modes]\nhold_down_ms = 30000\nmin_dwell_ms = 5000\n");
+    rig.script(1, plain(2305, "steam"), 0);
+    assert!(
+        power_requests(&rig.seeded()).is_empty(),
+        "no game, nothing to release"
+    );
+    rig.at_ms(10_000);
+    assert_eq!(
+        power_requests(&rig.start_game()),
+        [PowerRequest::Hold { sysfs: true }]
+    );
+    // The runner's report shows in status and in explain of the game.
+    let held = PowerStatus {
+        enabled: true,
+        method: Some("ppd".into()),
+        detail: "`performance` through power-profiles-daemon (net.hadess.PowerProfiles, cookie 3)"
+            .into(),
+    };
+    assert_eq!(
+        rig.agent.handle(Event::Power(held.clone())),
+        [Effect::RenderMetrics]
+    );
+    assert_eq!(rig.agent.status().power, held);
+    assert_eq!(rig.agent.metrics().power_held.as_deref(), Some("ppd"));
+    assert_eq!(
+        rig.agent.explain(40120, false).unwrap().power.as_deref(),
+        Some(
+            "holding `performance` through power-profiles-daemon (net.hadess.PowerProfiles, cookie 3)"
+        )
+    );
+    assert_eq!(
+        rig.agent.explain(2305, false).unwrap().power,
+        None,
+        "not the game"
+    );
+    rig.end_game();
+    rig.clock_ms.store(20_000, Ordering::Relaxed);
+    assert!(
+        power_requests(&rig.agent.handle(Event::ModeTimer)).is_empty(),
+        "hold-down"
+    );
+    rig.clock_ms.store(40_001, Ordering::Relaxed);
+    assert_eq!(
+        power_requests(&rig.agent.handle(Event::ModeTimer)),
+        [PowerRequest::Release]
+    );
+    assert!(
+        power_requests(&rig.agent.handle(Event::SweepTick)).is_empty(),
+        "asked once"
+    );
+}
+
+#[test]
+fn stopping_while_a_game_runs_releases_the_hold_before_leaving() {
+    let mut rig = rig("");
+    rig.steam_game();
+    assert_eq!(
+        rig.agent.desktop.power_asked,
+        Some(PowerRequest::Hold { sysfs: true })
+    );
+    assert_eq!(
+        rig.agent.handle(Event::Stop),
+        [
+            Effect::Power(PowerRequest::Release),
+            Effect::Notify(Notice::Stopping),
+            Effect::Exit
+        ]
+    );
+}
+
+#[test]
+fn power_off_in_the_policy_holds_nothing_and_turning_it_off_releases_the_hold() {
+    let mut off = rig("[power]\nenabled = false\n");
+    off.script(1, plain(2305, "steam"), 0);
+    off.seeded();
+    assert!(power_requests(&off.start_game()).is_empty());
+    assert_eq!(off.agent.modes.mode(), Mode::Protected);
+    assert!(
+        off.agent
+            .status()
+            .power
+            .describe()
+            .contains("[power] enabled = false"),
+        "{:?}",
+        off.agent.status().power
+    );
+
+    let mut rig = rig("");
+    rig.steam_game();
+    std::fs::write(&rig.override_path, "[power]\nenabled = false\n").unwrap();
+    let effects = rig.agent.handle(Event::Reload(ReloadCause::Request));
+    assert_eq!(power_requests(&effects), [PowerRequest::Release]);
+}
+
+#[test]
+fn a_vram_ladder_notify_step_tells_the_owner_of_the_class_once_per_interval() {
+    let mut rig = game_and_ollama("[notifications]\nmin_interval_ms = 60000\n");
+    // The game may still claim 7 GiB of its 8 GiB reserve, 2 GiB are free,
+    // ai holds 12 GiB over its 6 GiB max: the ladder's first step.
+    let notice = only_notice(&rig.gpu_poll(2, 12, 60));
+    assert_eq!(notice.summary, "corral: `ai` VRAM needed by a game");
+    assert!(notice.body.contains("ai uses 12.0 GiB"), "{}", notice.body);
+    assert_eq!(notice.urgency, Urgency::Normal);
+    // Reset the ladder (pressure over), then the same step again within the
+    // interval: rate limited.
+    rig.gpu_poll(20, 1, 60);
+    rig.clock_ms.store(30_000, Ordering::Relaxed);
+    assert!(desktop(&rig.gpu_poll(2, 12, 60)).is_empty());
+    assert_eq!(
+        rig.agent.gpu.actions.back().map(|a| a.kind.as_str()),
+        Some("notify"),
+        "the step itself was still taken"
+    );
+}
+
+#[test]
+fn desktop_notifications_off_in_the_policy_sends_none() {
+    let mut rig = game_and_ollama("[notifications]\ndesktop = false\n");
+    assert!(desktop(&rig.gpu_poll(2, 12, 60)).is_empty());
+}
+
+#[test]
+fn a_thermal_emergency_is_critical_and_goes_to_the_game_s_and_the_cooled_classes_users() {
+    let mut rig = game_and_ollama("");
+    // One user owns both the game and the cooled class: one notification.
+    let notice = only_notice(&rig.gpu_poll(20, 1, 95));
+    assert_eq!(notice.summary, "corral: thermal emergency");
+    assert_eq!(notice.urgency, Urgency::Critical);
+}
+
+#[test]
+fn coexisting_tools_are_found_at_start_and_on_the_sweep() {
+    let root = std::env::temp_dir().join(format!("corral-agent-coexist-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("proc")).unwrap();
+    let mut rig = rig("");
+    rig.agent = rig.agent.with_proc_root(root.join("proc"));
+    rig.seeded();
+    assert!(rig.agent.status().coexistence.is_empty());
+    let gamemoded = root.join("proc/812");
+    std::fs::create_dir_all(&gamemoded).unwrap();
+    std::fs::write(gamemoded.join("comm"), "gamemoded\n").unwrap();
+    rig.agent.handle(Event::SweepTick);
+    let found = rig.agent.status().coexistence;
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].tool.as_str(), found[0].pid),
+        ("gamemoded", Some(812))
+    );
+    assert_eq!(rig.agent.metrics().coexisting, ["gamemoded"]);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_reload_that_changes_how_to_hold_releases_and_holds_anew() {
+    let mut rig = rig("");
+    rig.steam_game();
+    std::fs::write(&rig.override_path, "[power]\nsysfs = false\n").unwrap();
+    let effects = rig.agent.handle(Event::Reload(ReloadCause::Request));
+    assert_eq!(
+        power_requests(&effects),
+        [PowerRequest::Release, PowerRequest::Hold { sysfs: false }]
+    );
+    assert!(power_requests(&rig.agent.handle(Event::SweepTick)).is_empty());
 }

@@ -117,6 +117,13 @@ impl Agent {
             agent_resident_memory_bytes: rss,
             agent_cpu_seconds_total: cpu,
             mode: self.modes.mode(),
+            power_held: self.desktop.power.method.clone(),
+            coexisting: self
+                .desktop
+                .coexist
+                .iter()
+                .map(|f| f.tool.clone())
+                .collect(),
         }
     }
 
@@ -207,6 +214,8 @@ impl Agent {
                 .unwrap_or_default(),
             metrics_addr: self.metrics_bound.map(|a| a.to_string()),
             gpu: self.gpu_status(),
+            power: self.desktop.power.clone(),
+            coexistence: self.desktop.coexist.clone(),
             agent_rss_bytes: rss,
             agent_cpu_seconds: cpu,
         }
@@ -267,6 +276,8 @@ impl Agent {
             } else {
                 Vec::new()
             },
+            power: (process.decision.class == self.protected())
+                .then(|| self.desktop.power.describe()),
         })
     }
 

@@ -109,6 +109,12 @@ pub struct Status {
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics_addr: Option<String>,
     pub gpu: GpuStatus,
+    /// The `performance` hold while the protected class runs ([power]).
+    #[serde(default)]
+    pub power: crate::actuate::power::PowerStatus,
+    /// Other tools tuning the same knobs, and what corral does about each.
+    #[serde(default)]
+    pub coexistence: Vec<crate::model::coexist::Finding>,
     /// The agent's own resident memory and CPU time.
     pub agent_rss_bytes: u64,
     pub agent_cpu_seconds: f64,
@@ -216,6 +222,9 @@ pub struct Explanation {
     /// With `--rules`: every rule, in order, and why it did not match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleVerdict>,
+    /// For the protected class: the power profile held for it.
+    #[serde(default)]
+    pub power: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -16,11 +16,16 @@ use tracing::{info, warn};
 pub use super::agent::{Agent, Effect, Event, Notice, ReloadCause, core_sets_here, load_ananicy};
 pub use super::agent_views::cpus_allowed;
 use crate::{
-    actuate::{Placer, cgroup::Groups, systemd::SystemdPlacer},
+    actuate::{
+        Placer,
+        cgroup::Groups,
+        power::{Power, PowerEnv},
+        systemd::SystemdPlacer,
+    },
     kernel::bpf::{self, Tracer},
     model::{policy::PolicySource, procs::LiveProcs},
     observe::metrics,
-    service::control,
+    service::{control, desktop_notify},
 };
 
 /// How long file events are collected before one reload: editors write a
@@ -180,6 +185,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let watched = options.source.watched_files();
     let gpu_config = policy.gpu.clone();
     let metrics_addr = policy.telemetry.metrics_addr;
+    // Puts back cpufreq values a crashed agent left, then waits for requests.
+    let (power_tx, mut power_rx) = mpsc::channel(8);
+    let power_env = PowerEnv {
+        sysfs_root: options.sysfs_root.clone(),
+        ..PowerEnv::system()
+    };
+    let power = Power::new(policy.power, power_env).spawn(power_tx);
+    let dry_run = options.dry_run;
     let mut agent = Agent::new(
         options.source,
         options.sysfs_root,
@@ -243,6 +256,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     }
                 }
                 Effect::RenderMetrics => {}
+                Effect::Power(request) if dry_run => {
+                    info!(?request, "dry run: the power profile is left as it is");
+                }
+                Effect::Power(request) => power.send(request),
+                Effect::Desktop { uid, notification } => desktop_notify::spawn(
+                    PathBuf::from(desktop_notify::RUNTIME_ROOT),
+                    uid,
+                    notification,
+                ),
                 Effect::Exit => go_on = false,
             }
         }
@@ -282,6 +304,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 agent.handle(Event::KernelBatchDone)
             }
             Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
+            Some(status) = power_rx.recv() => agent.handle(Event::Power(status)),
             Some(incoming) = control_rx.recv() => agent.handle(Event::Control(incoming)),
             Some(()) = file_rx.recv() => {
                 // Let the editor finish, then reload once for the burst.
@@ -302,6 +325,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             break;
         }
     }
+    // The Release the Stop asked for, carried out before leaving.
+    power.finish(Duration::from_secs(3)).await;
     server.abort();
     if let Some(handle) = metrics_server {
         handle.abort();

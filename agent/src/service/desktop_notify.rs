@@ -1,85 +1,106 @@
-//! A best-effort desktop notification through `notify-send`.
+//! Desktop notifications to the users a VRAM ladder step or a thermal
+//! emergency affects: `org.freedesktop.Notifications.Notify` on each
+//! user's own session bus (`/run/user/UID/bus`), connected with that
+//! user's credentials (a root agent has no session bus of its own, so
+//! `notify-send` from it reached no one). Rate limited per user and kind;
+//! `[notifications] desktop = false` turns them off.
 
 use std::{
-    fs,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tracing::debug;
+use tracing::{debug, info};
+use zbus::zvariant::Value;
 
-/// How long a `notify-send` may run before it is killed.
-const NOTIFY_LIMIT: Duration = Duration::from_secs(10);
+use crate::actuate::systemd_bus;
 
-/// Show a desktop notification with `notify-send`, if it is on PATH. Never
-/// blocks longer than spawning it; the child is reaped (and killed after
-/// 10 s) in a thread. Failures are logged at debug level only.
-///
-/// Note that a root agent's notification reaches a user's desktop only if
-/// the environment it inherits has that user's session bus.
-pub fn notify_desktop(summary: &str, body: &str) {
-    let Some(program) = find_on_path("notify-send") else {
-        debug!("notify-send is not on PATH; not notifying: {summary}");
-        return;
-    };
-    spawn_and_reap(&program, &["--app-name=corral", "--", summary, body]);
+/// Where users' runtime directories are.
+pub const RUNTIME_ROOT: &str = "/run/user";
+
+/// How long one delivery may take before it is given up.
+const DELIVERY_LIMIT: Duration = Duration::from_secs(5);
+
+/// The freedesktop urgency levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    Normal = 1,
+    Critical = 2,
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+/// One notification for one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub summary: String,
+    pub body: String,
+    pub urgency: Urgency,
 }
 
-/// Spawn `program` with no stdio and forget it; a thread waits for it.
-/// Returns whether it was spawned.
-fn spawn_and_reap(program: &Path, args: &[&str]) -> bool {
-    let mut child = match Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(e) => {
-            debug!("could not run {}: {e}", program.display());
-            return false;
-        }
-    };
-    let program = program.to_path_buf();
-    let reaper = std::thread::Builder::new()
-        .name("corral-notify".into())
-        .spawn(move || {
-            let started = Instant::now();
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => {
-                        if !status.success() {
-                            debug!("{} exited with {status}", program.display());
-                        }
-                        return;
-                    }
-                    Ok(None) if started.elapsed() < NOTIFY_LIMIT => {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Ok(None) | Err(_) => {
-                        debug!("{} hung; killing it", program.display());
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return;
-                    }
-                }
+/// At most one notification per (user, kind) each `min_interval`.
+#[derive(Debug, Default)]
+pub struct RateLimit {
+    last: HashMap<(u32, String), Duration>,
+}
+
+impl RateLimit {
+    /// Whether a notification of `kind` may go to `uid` at `now`; remembers
+    /// it when it may.
+    pub fn allow(&mut self, uid: u32, kind: &str, now: Duration, min_interval: Duration) -> bool {
+        let key = (uid, kind.to_owned());
+        match self.last.get(&key) {
+            Some(at) if now.saturating_sub(*at) < min_interval => false,
+            _ => {
+                self.last.insert(key, now);
+                true
             }
-        });
-    if let Err(e) = reaper {
-        // The child becomes a zombie until the agent exits; harmless.
-        debug!("could not start a thread to reap {}", e);
+        }
     }
-    true
+}
+
+/// Sends `n` to `uid`'s session bus under `runtime_root` (`/run/user`);
+/// returns the notification id the server gave.
+pub async fn send(runtime_root: &Path, uid: u32, n: &Notification) -> anyhow::Result<u32> {
+    let path = runtime_root.join(uid.to_string()).join("bus");
+    let conn = systemd_bus::bus_as(uid, &path).await?;
+    let proxy = zbus::Proxy::new(
+        &conn,
+        "org.freedesktop.Notifications",
+        "/org/freedesktop/Notifications",
+        "org.freedesktop.Notifications",
+    )
+    .await?;
+    let hints: BTreeMap<&str, Value<'_>> =
+        BTreeMap::from([("urgency", Value::U8(n.urgency as u8))]);
+    let actions: Vec<&str> = Vec::new();
+    let id: u32 = proxy
+        .call(
+            "Notify",
+            &(
+                "corral",
+                0u32,
+                "",
+                n.summary.as_str(),
+                n.body.as_str(),
+                actions,
+                hints,
+                -1i32,
+            ),
+        )
+        .await?;
+    Ok(id)
+}
+
+/// [`send`] in the background, for the runner: never blocks the loop;
+/// failures (no session, no notification server) are logged only.
+pub fn spawn(runtime_root: PathBuf, uid: u32, n: Notification) {
+    tokio::spawn(async move {
+        match tokio::time::timeout(DELIVERY_LIMIT, send(&runtime_root, uid, &n)).await {
+            Ok(Ok(id)) => info!(uid, id, summary = %n.summary, "desktop notification sent"),
+            Ok(Err(e)) => debug!(uid, "desktop notification not delivered: {e:#}"),
+            Err(_) => debug!(uid, "desktop notification timed out"),
+        }
+    });
 }
 
 #[cfg(test)]
@@ -87,11 +108,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spawn_and_reap_runs_and_tolerates_missing_programs() {
-        assert!(spawn_and_reap(Path::new("/bin/true"), &[]) || !Path::new("/bin/true").exists());
-        assert!(!spawn_and_reap(
-            Path::new("/nonexistent/notify-send"),
-            &["x"]
-        ));
+    fn one_notification_per_user_and_kind_per_interval() {
+        let mut limit = RateLimit::default();
+        let s = Duration::from_secs;
+        let every = s(60);
+        assert!(limit.allow(1000, "vram", s(0), every));
+        assert!(!limit.allow(1000, "vram", s(59), every), "too soon");
+        assert!(limit.allow(1000, "thermal", s(59), every), "another kind");
+        assert!(limit.allow(1001, "vram", s(59), every), "another user");
+        assert!(
+            limit.allow(1000, "vram", s(60), every),
+            "the interval passed"
+        );
+        assert!(!limit.allow(1000, "vram", s(61), every));
     }
 }

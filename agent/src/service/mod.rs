@@ -2,6 +2,7 @@
 //! sd_notify, desktop notifications. Wires the other folders together.
 
 pub mod agent;
+mod agent_desktop;
 mod agent_gpu;
 mod agent_views;
 pub mod control;

@@ -6,7 +6,16 @@ use std::path::Path;
 
 /// Keys each table may hold; anything else is warned about (a typo would
 /// otherwise silently do nothing).
-const TOP_KEYS: &[&str] = &["classes", "rules", "modes", "ananicy", "telemetry", "gpu"];
+const TOP_KEYS: &[&str] = &[
+    "classes",
+    "rules",
+    "modes",
+    "ananicy",
+    "telemetry",
+    "gpu",
+    "power",
+    "notifications",
+];
 const GPU_KEYS: &[&str] = &[
     "enabled",
     "library",
@@ -101,6 +110,14 @@ pub(super) fn unknown_keys(
     }
     if let Some(g) = table.get("gpu").and_then(|v| v.as_table()) {
         check(g, "[gpu]", GPU_KEYS, &mut warn);
+    }
+    for (key, known) in [
+        ("power", super::desktop::POWER_KEYS),
+        ("notifications", super::desktop::NOTIFICATIONS_KEYS),
+    ] {
+        if let Some(t) = table.get(key).and_then(|v| v.as_table()) {
+            check(t, &format!("[{key}]"), known, &mut warn);
+        }
     }
 }
 

@@ -409,3 +409,47 @@ fn golden_steam_app_that_is_not_a_number() {
     assert!(err.starts_with("test.toml:1:1: "), "{err}");
     assert!(err.contains("invalid type: string \"dota\""), "{err}");
 }
+
+#[test]
+fn power_and_desktop_notifications_are_on_by_default_and_an_override_turns_them_off() {
+    let policy = parse(BASE).unwrap();
+    assert_eq!(
+        policy.power,
+        PowerConfig {
+            enabled: true,
+            sysfs: true
+        }
+    );
+    assert!(policy.notifications.desktop);
+    assert_eq!(policy.notifications.min_interval, Duration::from_secs(60));
+    let policy = Policy::parse_layers(&[
+        (Path::new("default.toml"), BASE),
+        (
+            Path::new("user.toml"),
+            "[power]\nsysfs = false\n\n[notifications]\ndesktop = false\nmin_interval_ms = 5000\nloud = true\n",
+        ),
+    ])
+    .unwrap();
+    assert!(policy.power.enabled, "key by key: only sysfs changed");
+    assert!(!policy.power.sysfs);
+    assert!(!policy.notifications.desktop);
+    assert_eq!(
+        policy.notifications.min_interval,
+        Duration::from_millis(5000)
+    );
+    assert!(
+        policy
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("user.toml:7:1: unknown key `loud` in [notifications]")),
+        "{:?}",
+        policy.warnings
+    );
+    let err = Policy::parse_layers(&[
+        (Path::new("default.toml"), BASE),
+        (Path::new("user.toml"), "[power]\nenabled = \"yes\"\n"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("user.toml:2:"), "{err}");
+}
