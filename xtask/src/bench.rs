@@ -98,7 +98,7 @@ fn cgroup2_mount() -> anyhow::Result<PathBuf> {
 }
 
 /// (utime + stime in seconds, VmRSS KiB, VmHWM KiB) of a process.
-fn usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
+pub(crate) fn usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -122,7 +122,7 @@ fn usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
     Ok((ticks as f64 / hz, kib("VmRSS:"), kib("VmHWM:")))
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
@@ -130,9 +130,9 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-struct AgentRun {
-    child: Child,
-    socket: PathBuf,
+pub(crate) struct AgentRun {
+    pub(crate) child: Child,
+    pub(crate) socket: PathBuf,
     cgroup_root: PathBuf,
 }
 
@@ -150,7 +150,7 @@ impl Drop for AgentRun {
     }
 }
 
-fn corral(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn corral(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(repo_root().join("target/release/corral"))
         .args(args)
         .arg("--socket")
@@ -167,7 +167,11 @@ fn corral(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
 
 /// Starts the release agent on `policy_text` in a scratch directory and
 /// waits until it answers.
-fn start_agent(dir: &Path, policy_text: &str, agent_args: &[String]) -> anyhow::Result<AgentRun> {
+pub(crate) fn start_agent(
+    dir: &Path,
+    policy_text: &str,
+    agent_args: &[String],
+) -> anyhow::Result<AgentRun> {
     std::fs::create_dir_all(dir)?;
     let policy = dir.join("bench.toml");
     std::fs::write(&policy, policy_text)?;

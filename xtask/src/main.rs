@@ -6,6 +6,7 @@
 mod bench;
 mod package;
 mod setup;
+mod soak;
 mod systemd_vm;
 mod vm;
 
@@ -44,6 +45,13 @@ enum Task {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// A long mixed load (200,000 execs at alternating rates, 10,000 control
+    /// requests from two users while a third floods) with the agent's RSS,
+    /// descriptors and CPU sampled; numbers are printed, not asserted.
+    Soak(soak::Soak),
+    /// One user's control-socket load for `soak` (run by it).
+    #[command(hide = true)]
+    SoakClient(soak::SoakClient),
     /// Build the man page and the Debian package, verify the systemd unit,
     /// parse the Nix files.
     Package,
@@ -129,6 +137,13 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--release", "-p", "corral"])?;
             bench::run(bench)
         }
+        Task::Soak(soak) => {
+            setup::ebpf_toolchain()?;
+            setup::tracefs()?;
+            cargo(&["build", "--release", "-p", "corral"])?;
+            soak::run(soak)
+        }
+        Task::SoakClient(client) => soak::client(client),
         Task::Vm { command } => vm::run(&command.join(" ")),
         Task::SystemdVm {
             keep_image,
