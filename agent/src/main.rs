@@ -383,7 +383,7 @@ fn answer_chains(
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    println!("{}", corral::observe::escape::to_json(value, true)?);
     Ok(())
 }
 
