@@ -24,7 +24,7 @@
 //! the views as U+FFFD, which is printable and harmless and is shown as
 //! `�`; classification and `--json` see the same U+FFFD. The `\xNN` form
 //! for invalid bytes applies where the raw bytes are at hand
-//! ([`escape_bytes`], [`esc`] on a path's bytes).
+//! ([`escape_bytes`]).
 
 use std::{borrow::Cow, fmt};
 
@@ -99,20 +99,29 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     }
 }
 
-/// A process string in a log line, escaped where it is formatted:
-/// `debug!(comm = %esc(&p.comm), "moved")`. Ignores width and fill (log
-/// fields are not padded); views use [`escape`].
+/// A process string (or an error or message that may quote one) in a log
+/// line, escaped where it is formatted: `debug!(comm = %esc(&p.comm),
+/// "moved")`, `warn!("{}: {}", esc(&unit), esc(&e))`. Ignores width and
+/// fill (log fields are not padded); views use [`escape`].
 #[derive(Debug, Clone, Copy)]
-pub struct Escaped<'a>(pub &'a [u8]);
+pub struct Escaped<T>(pub T);
 
-/// [`Escaped`] of a `str`, `String` or byte slice (a path: `esc(p.as_os_str().as_bytes())`).
-pub fn esc<T: AsRef<[u8]> + ?Sized>(s: &T) -> Escaped<'_> {
-    Escaped(s.as_ref())
+/// [`Escaped`] of anything shown with `{}`.
+pub fn esc<T: fmt::Display>(value: T) -> Escaped<T> {
+    Escaped(value)
 }
 
-impl fmt::Display for Escaped<'_> {
+impl<T: fmt::Display> fmt::Display for Escaped<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_escaped(f, self.0)
+        /// Escapes each piece `T` writes on its way to `f`.
+        struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                write_escaped(self.0, s.as_bytes())
+            }
+        }
+        use fmt::Write as _;
+        write!(Escaping(f), "{}", self.0)
     }
 }
 
@@ -152,12 +161,12 @@ impl<F: serde_json::ser::Formatter> serde_json::ser::Formatter for TerminalSafe<
             // Backslash, quote and C0 never reach a fragment: serde_json
             // escapes them itself.
             if matches!(escape_of(c), Some(Escape::Unicode(_))) {
-                w.write_all(fragment[kept..at].as_bytes())?;
+                w.write_all(&fragment.as_bytes()[kept..at])?;
                 write!(w, "\\u{:04x}", c as u32)?;
                 kept = at + c.len_utf8();
             }
         }
-        w.write_all(fragment[kept..].as_bytes())
+        w.write_all(&fragment.as_bytes()[kept..])
     }
 
     fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
@@ -258,7 +267,6 @@ mod tests {
             "X\\xff\\xc3(\\xe2\\x82"
         );
         assert_eq!(escape_bytes("é\x1b".as_bytes()), "é\\e");
-        assert_eq!(esc(&b"a\xfe\x1b"[..]).to_string(), "a\\xfe\\e");
     }
 
     #[test]
@@ -315,8 +323,11 @@ mod tests {
     }
 
     #[test]
-    fn log_wrapper_formats_like_escape() {
-        let s = "x\x1b[2J\\";
+    fn log_wrapper_formats_like_escape_whatever_it_wraps() {
+        let s = "x\x1b[2J\\\n";
         assert_eq!(format!("{}", esc(s)), escape(s));
+        assert_eq!(format!("{}", esc(&s.to_owned())), escape(s));
+        let e = std::io::Error::other(format!("unit {s} not found"));
+        assert_eq!(esc(&e).to_string(), "unit x\\e[2J\\\\\\n not found");
     }
 }
