@@ -389,7 +389,8 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 
 fn reply_error(response: Response) -> anyhow::Result<()> {
     match response {
-        Response::Error { message } => bail!("{message}"),
+        // The agent's message may quote what a process or a client sent.
+        Response::Error { message } => bail!("{}", corral::observe::escape::escape(&message)),
         other => bail!("unexpected answer from the agent: {other:?}"),
     }
 }
