@@ -444,3 +444,13 @@ pub fn named_shell(dir: &Path, name: &str) -> PathBuf {
         .or_else(|_| named_copy(dir, "sh", name))
         .expect("no dash or sh")
 }
+
+/// Runs tmux with `args` (the pseudo-terminal the `top` and escaping tests
+/// draw in); its stdout.
+pub fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("tmux (apt-get install tmux)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

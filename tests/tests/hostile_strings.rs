@@ -11,9 +11,12 @@ use std::{
     time::Duration,
 };
 
-use corral_tests::{Agent, KillOnDrop, cgroup_of, corral_bin, wait_for};
+use corral_tests::{Agent, KillOnDrop, cgroup_of, corral_bin, tmux, wait_for};
 
-const POLICY: &str = r#"
+/// Classes `game` and `dev`; the rule puts this test's program in `class`.
+fn policy(class: &str) -> String {
+    format!(
+        r#"
 [classes.game]
 cpus = "0"
 
@@ -22,23 +25,11 @@ cpus = "0"
 
 [[rules]]
 name = "hostile"
-class = "game"
+class = "{class}"
 exe = ["*/cesc*"]
-"#;
-
-/// The same process under `dev`, for `policy test` to list it as moving.
-const AS_DEV: &str = r#"
-[classes.game]
-cpus = "0"
-
-[classes.dev]
-cpus = "0"
-
-[[rules]]
-name = "hostile"
-class = "dev"
-exe = ["*/cesc*"]
-"#;
+"#
+    )
+}
 
 /// The program's file name, so its comm (14 bytes, under TASK_COMM_LEN):
 /// set the window title, clear the screen, and a byte that is not UTF-8.
@@ -91,14 +82,6 @@ fn corral_raw(agent: &Agent, args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
-fn tmux(args: &[&str]) -> String {
-    let out = Command::new("tmux")
-        .args(args)
-        .output()
-        .expect("tmux (apt-get install tmux)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A detached tmux session running `command`; killed on drop.
 struct Session(String);
 
@@ -137,7 +120,7 @@ impl Drop for Session {
 
 #[test]
 fn escape_sequences_in_comm_and_argv_reach_no_terminal_raw_in_any_view_or_log() {
-    let agent = Agent::builder("hostile", POLICY)
+    let agent = Agent::builder("hostile", &policy("game"))
         .env("NO_COLOR", "1")
         .start()
         .unwrap();
@@ -170,7 +153,9 @@ fn escape_sequences_in_comm_and_argv_reach_no_terminal_raw_in_any_view_or_log() 
         "{text}"
     );
     assert!(
-        text.contains("  argv      weird\\e]0;PWNED\\a\\e[2J\\e[31mX\u{fffd}\\n  class     system 60\n"),
+        text.contains(
+            "  argv      weird\\e]0;PWNED\\a\\e[2J\\e[31mX\u{fffd}\\n  class     system 60\n"
+        ),
         "{text}"
     );
     let class_lines: Vec<&str> = text.lines().filter(|l| l.starts_with("  class")).collect();
@@ -181,24 +166,31 @@ fn escape_sequences_in_comm_and_argv_reach_no_terminal_raw_in_any_view_or_log() 
     let json = corral_raw(&agent, &["explain", &pid.to_string(), "--json"]);
     assert_no_controls("explain --json", &json);
     let e = agent.explanation(pid).unwrap();
-    assert_eq!(e.argv[0].as_bytes(), String::from_utf8_lossy(ARGV0).as_bytes());
+    assert_eq!(
+        e.argv[0].as_bytes(),
+        String::from_utf8_lossy(ARGV0).as_bytes()
+    );
     assert_eq!(e.comm, "cesc\x1b]0;P\x07\x1b[2J\u{fffd}");
 
     let status = corral_raw(&agent, &["status"]);
     assert_no_controls("status", &status);
     assert!(String::from_utf8_lossy(&status).contains("\ngame "));
 
-    // policy test: the process would move to dev, so it is listed by comm
+    // policy test: under a rule for dev the process would move, so it is listed by comm
     // and cgroup.
     let as_dev = agent.dir.join("as-dev.toml");
-    std::fs::write(&as_dev, AS_DEV).unwrap();
+    std::fs::write(&as_dev, policy("dev")).unwrap();
     let root = agent.cgroup_root.display().to_string();
     let out = Command::new(corral_bin())
         .args(["policy", "test", "--standalone", "--cgroup-root", &root])
         .arg(&as_dev)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_no_controls("policy test", &out.stdout);
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -235,7 +227,9 @@ fn escape_sequences_in_comm_and_argv_reach_no_terminal_raw_in_any_view_or_log() 
         explain_pane.screen()
     );
     assert!(
-        wait_for(Duration::from_secs(10), || top_pane.screen().contains("CLASS")),
+        wait_for(Duration::from_secs(10), || top_pane
+            .screen()
+            .contains("CLASS")),
         "{}",
         top_pane.screen()
     );

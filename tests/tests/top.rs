@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use corral_tests::{Agent, busy_loops_on_cpu0, corral_bin, named_shell, wait_for};
+use corral_tests::{Agent, busy_loops_on_cpu0, corral_bin, named_shell, tmux, wait_for};
 
 const POLICY: &str = r#"
 [classes.game]
@@ -21,14 +21,6 @@ name = "busy"
 class = "game"
 exe = ["*/cto-busy"]
 "#;
-
-fn tmux(args: &[&str]) -> String {
-    let out = Command::new("tmux")
-        .args(args)
-        .output()
-        .expect("tmux (apt-get install tmux)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn top_shows_classes_with_live_numbers_and_quits_on_q() {
