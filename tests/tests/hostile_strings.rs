@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use corral_tests::{Agent, KillOnDrop, cgroup_of, corral_bin, tmux, wait_for};
+use corral_tests::{Agent, KillOnDrop, TmuxSession, cgroup_of, corral_bin, wait_for};
 
 /// Classes `game` and `dev`; the rule puts this test's program in `class`.
 fn policy(class: &str) -> String {
@@ -66,58 +66,6 @@ fn assert_no_controls(what: &str, bytes: &[u8]) {
     );
 }
 
-/// A corral client command's raw stdout.
-fn corral_raw(agent: &Agent, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(corral_bin())
-        .args(args)
-        .arg("--socket")
-        .arg(&agent.socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "corral {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// A detached tmux session running `command`; killed on drop.
-struct Session(String);
-
-impl Session {
-    fn start(name: &str, command: &str) -> Self {
-        let session = format!("corral-{name}-{}", std::process::id());
-        tmux(&[
-            "new-session",
-            "-d",
-            "-s",
-            &session,
-            "-x",
-            "200",
-            "-y",
-            "40",
-            command,
-        ]);
-        Session(session)
-    }
-
-    fn screen(&self) -> String {
-        tmux(&["capture-pane", "-p", "-t", &self.0])
-    }
-
-    /// The pane's title: what an unescaped `\e]0;...\a` would set.
-    fn title(&self) -> String {
-        tmux(&["display-message", "-p", "-t", &self.0, "#{pane_title}"])
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        tmux(&["kill-session", "-t", &self.0]);
-    }
-}
-
 #[test]
 fn escape_sequences_in_comm_and_argv_reach_no_terminal_raw_in_any_view_or_log() {
     let agent = Agent::builder("hostile", &policy("game"))
@@ -145,9 +93,8 @@ fn escape_sequences_in_comm_and_argv_reach_no_terminal_raw_in_any_view_or_log() 
     );
 
     // explain: every field escaped, the forged line stays inside argv.
-    let explain = corral_raw(&agent, &["explain", &pid.to_string()]);
-    assert_no_controls("explain", &explain);
-    let text = String::from_utf8(explain).unwrap();
+    let text = agent.corral(&["explain", &pid.to_string()]).unwrap();
+    assert_no_controls("explain", text.as_bytes());
     assert!(
         text.starts_with(&format!("pid {pid} (cesc\\e]0;P\\a\\e[2J\u{fffd})  ")),
         "{text}"
@@ -163,8 +110,10 @@ fn escape_sequences_in_comm_and_argv_reach_no_terminal_raw_in_any_view_or_log() 
 
     // --json: the exact strings (invalid UTF-8 read as U+FFFD), raw bytes
     // written as JSON escapes.
-    let json = corral_raw(&agent, &["explain", &pid.to_string(), "--json"]);
-    assert_no_controls("explain --json", &json);
+    let json = agent
+        .corral(&["explain", &pid.to_string(), "--json"])
+        .unwrap();
+    assert_no_controls("explain --json", json.as_bytes());
     let e = agent.explanation(pid).unwrap();
     assert_eq!(
         e.argv[0].as_bytes(),
@@ -172,9 +121,9 @@ fn escape_sequences_in_comm_and_argv_reach_no_terminal_raw_in_any_view_or_log() 
     );
     assert_eq!(e.comm, "cesc\x1b]0;P\x07\x1b[2J\u{fffd}");
 
-    let status = corral_raw(&agent, &["status"]);
-    assert_no_controls("status", &status);
-    assert!(String::from_utf8_lossy(&status).contains("\ngame "));
+    let status = agent.corral(&["status"]).unwrap();
+    assert_no_controls("status", status.as_bytes());
+    assert!(status.contains("\ngame "), "{status}");
 
     // policy test: under a rule for dev the process would move, so it is listed by comm
     // and cgroup.
@@ -211,12 +160,14 @@ fn escape_sequences_in_comm_and_argv_reach_no_terminal_raw_in_any_view_or_log() 
     // the screen, and top draws.
     let bin = corral_bin().display().to_string();
     let socket = agent.socket.display().to_string();
-    let explain_pane = Session::start(
+    let explain_pane = TmuxSession::start(
         "hostile-explain",
+        (200, 40),
         &format!("{bin} explain {pid} --socket {socket}; sleep 30"),
     );
-    let top_pane = Session::start(
+    let top_pane = TmuxSession::start(
         "hostile-top",
+        (200, 40),
         &format!("{bin} top --socket {socket} --interval-ms 300"),
     );
     assert!(
