@@ -416,13 +416,14 @@ fn answer_chains(
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    println!("{}", corral::observe::escape::to_json(value, true)?);
     Ok(())
 }
 
 fn reply_error(response: Response) -> anyhow::Result<()> {
     match response {
-        Response::Error { message } => bail!("{message}"),
+        // The agent's message may quote what a process or a client sent.
+        Response::Error { message } => bail!("{}", corral::observe::escape::escape(&message)),
         other => bail!("unexpected answer from the agent: {other:?}"),
     }
 }

@@ -449,3 +449,67 @@ pub fn named_shell(dir: &Path, name: &str) -> PathBuf {
         .or_else(|_| named_copy(dir, "sh", name))
         .expect("no dash or sh")
 }
+
+/// Runs tmux with `args`; its stdout.
+fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("tmux (apt-get install tmux)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A detached tmux session running `command` in a `width` x `height`
+/// pseudo-terminal (where the `top` and escaping tests draw); killed on
+/// drop.
+pub struct TmuxSession(pub String);
+
+impl TmuxSession {
+    pub fn start(name: &str, (width, height): (u16, u16), command: &str) -> Self {
+        let session = format!("corral-{name}-{}", std::process::id());
+        let (width, height) = (width.to_string(), height.to_string());
+        tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            &width,
+            "-y",
+            &height,
+            command,
+        ]);
+        TmuxSession(session)
+    }
+
+    /// The pane's text as it shows now.
+    pub fn screen(&self) -> String {
+        tmux(&["capture-pane", "-p", "-t", &self.0])
+    }
+
+    /// The pane's title: what a program's `\e]0;...\a` sets.
+    pub fn title(&self) -> String {
+        tmux(&["display-message", "-p", "-t", &self.0, "#{pane_title}"])
+    }
+
+    pub fn send_keys(&self, keys: &str) {
+        tmux(&["send-keys", "-t", &self.0, keys]);
+    }
+
+    /// Whether the session still runs (its command has not exited).
+    pub fn alive(&self) -> bool {
+        Command::new("tmux")
+            .args(["has-session", "-t", &self.0])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for TmuxSession {
+    fn drop(&mut self) {
+        if self.alive() {
+            tmux(&["kill-session", "-t", &self.0]);
+        }
+    }
+}

@@ -1,9 +1,9 @@
 //! `corral top` in a real pseudo-terminal (tmux): it draws every class with
 //! live numbers from the running agent, and `q` quits it.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
-use corral_tests::{Agent, busy_loops_on_cpu0, corral_bin, named_shell, wait_for};
+use corral_tests::{Agent, TmuxSession, busy_loops_on_cpu0, corral_bin, named_shell, wait_for};
 
 const POLICY: &str = r#"
 [classes.game]
@@ -22,37 +22,18 @@ class = "game"
 exe = ["*/cto-busy"]
 "#;
 
-fn tmux(args: &[&str]) -> String {
-    let out = Command::new("tmux")
-        .args(args)
-        .output()
-        .expect("tmux (apt-get install tmux)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn top_shows_classes_with_live_numbers_and_quits_on_q() {
     let agent = Agent::start("top", POLICY).unwrap();
     let busy = named_shell(&agent.dir, "cto-busy");
     let loops = busy_loops_on_cpu0(&busy, 2);
-    let session = format!("corral-top-{}", std::process::id());
     let command = format!(
         "{} top --socket {} --interval-ms 300",
         corral_bin().display(),
         agent.socket.display()
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "140",
-        "-y",
-        "30",
-        &command,
-    ]);
-    let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
+    let session = TmuxSession::start("top", (140, 30), &command);
+    let screen = || session.screen();
     let drawn = wait_for(Duration::from_secs(10), || {
         let s = screen();
         // The game row has a CPU% and a run-queue p99 with a unit.
@@ -74,16 +55,7 @@ fn top_shows_classes_with_live_numbers_and_quits_on_q() {
         "{last}"
     );
 
-    tmux(&["send-keys", "-t", &session, "q"]);
-    let quit = wait_for(Duration::from_secs(5), || {
-        !Command::new("tmux")
-            .args(["has-session", "-t", &session])
-            .status()
-            .unwrap()
-            .success()
-    });
-    if !quit {
-        tmux(&["kill-session", "-t", &session]);
-    }
+    session.send_keys("q");
+    let quit = wait_for(Duration::from_secs(5), || !session.alive());
     assert!(quit, "corral top did not quit on q");
 }

@@ -1,9 +1,11 @@
 //! Development commands: `cargo xtask run`, `cargo xtask test`,
-//! `cargo xtask bench exec`, `cargo xtask vm -- CMD`, `cargo xtask systemd-vm`.
+//! `cargo xtask bench exec`, `cargo xtask fuzz`, `cargo xtask vm -- CMD`,
+//! `cargo xtask systemd-vm`.
 //! Each installs what it is missing (nightly rust-src, bpf-linker, the VM
 //! tools) first.
 
 mod bench;
+mod fuzz;
 mod package;
 mod setup;
 mod soak;
@@ -39,6 +41,21 @@ enum Task {
         /// Skip the systemd VM tier (a Debian guest with systemd as PID 1).
         #[arg(long)]
         no_systemd_vm: bool,
+        /// Skip the fuzz targets.
+        #[arg(long)]
+        no_fuzz: bool,
+        /// Seconds each fuzz target runs.
+        #[arg(long, default_value_t = 5)]
+        fuzz_seconds: u64,
+    },
+    /// Run the cargo-fuzz targets (policy, ananicy, ring_record,
+    /// control_request) one after another; installs cargo-fuzz if missing.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
     },
     /// Benchmarks; numbers are printed, not asserted.
     Bench {
@@ -98,6 +115,8 @@ fn main() -> anyhow::Result<()> {
         Task::Test {
             no_vm,
             no_systemd_vm,
+            no_fuzz,
+            fuzz_seconds,
         } => {
             setup::ebpf_toolchain()?;
             setup::clippy()?;
@@ -119,6 +138,11 @@ fn main() -> anyhow::Result<()> {
             ])?;
             // One at a time: the agent tests share the machine's process tree.
             cargo(&["test", "--workspace", "--", "--test-threads=1"])?;
+            if no_fuzz {
+                println!("fuzz targets skipped (--no-fuzz)");
+            } else {
+                fuzz::run(&root, &all_fuzz_targets(), fuzz_seconds)?;
+            }
             package::package()?;
             if no_vm {
                 println!("VM tier skipped (--no-vm)");
@@ -144,6 +168,14 @@ fn main() -> anyhow::Result<()> {
             soak::run(soak)
         }
         Task::SoakClient(client) => soak::client(client),
+        Task::Fuzz { seconds, targets } => {
+            let targets = if targets.is_empty() {
+                all_fuzz_targets()
+            } else {
+                targets
+            };
+            fuzz::run(&root, &targets, seconds).map(drop)
+        }
         Task::Vm { command } => vm::run(&command.join(" ")),
         Task::SystemdVm {
             keep_image,
@@ -159,6 +191,10 @@ fn main() -> anyhow::Result<()> {
             package::package()
         }
     }
+}
+
+fn all_fuzz_targets() -> Vec<String> {
+    fuzz::TARGETS.iter().map(|t| (*t).to_owned()).collect()
 }
 
 /// Runs cargo with `args` in the workspace root, failing on a bad exit.

@@ -120,6 +120,21 @@ pub fn ebpf_toolchain() -> anyhow::Result<()> {
     )
 }
 
+/// cargo-fuzz, for `cargo xtask fuzz` (the targets build on nightly, which
+/// [`ebpf_toolchain`] installs).
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    ebpf_toolchain()?;
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    println!("installing cargo-fuzz (a few minutes, once)");
+    status(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+}
+
 /// Mounts tracefs at /sys/kernel/tracing if it is not there.
 pub fn tracefs() -> anyhow::Result<()> {
     if Path::new("/sys/kernel/tracing/events").exists() {

@@ -53,6 +53,7 @@ use crate::{
         systemd_bus::{CgroupProps, ManagerClient, Setting, UnitInfo, xdg_scope_name},
     },
     model::{coresets::Resolved, cpus::CpuList, policy::Policy},
+    observe::escape::esc,
 };
 
 /// Where the restore log lives (tmpfs: gone at reboot, like the runtime
@@ -631,7 +632,11 @@ impl Worker {
                     .push((manager, unit.to_owned(), original));
                 self.restore.write(&self.restore_path);
             }
-            Err(e) => debug!("{unit}: properties not read ({e}); it will be reset on restore"),
+            Err(e) => debug!(
+                "{}: properties not read ({}); it will be reset on restore",
+                esc(unit),
+                esc(&e)
+            ),
         }
     }
 
@@ -717,7 +722,12 @@ impl Worker {
                     UnitAction::Kill => client.kill_unit(&unit, libc::SIGKILL).await,
                 };
                 if let Err(e) = result {
-                    debug!("{}: {action:?} {unit}: {e}", manager.describe());
+                    debug!(
+                        "{}: {action:?} {}: {}",
+                        manager.describe(),
+                        esc(&unit),
+                        esc(&e)
+                    );
                 }
             }
             Job::Release(done) => {
@@ -784,13 +794,13 @@ impl Worker {
                 match client.unit_of_pid(pid).await {
                     Ok(info) => (client, info),
                     Err(e) => {
-                        debug!(pid, "unit not found ({e}); gone?");
+                        debug!(pid, "unit not found ({}); gone?", esc(&e));
                         return;
                     }
                 }
             }
             Err(e) => {
-                debug!(pid, "unit not found ({e}); gone?");
+                debug!(pid, "unit not found ({}); gone?", esc(&e));
                 return;
             }
         };
@@ -803,9 +813,10 @@ impl Worker {
             let props = self.class_props.get(class).cloned().unwrap_or_default();
             if let Err(e) = client.set_properties(&info.unit, &props, true).await {
                 warn!(
-                    "{}: class {class} on delegated {}: {e}",
+                    "{}: class {class} on delegated {}: {}",
                     manager.describe(),
-                    info.unit
+                    esc(&info.unit),
+                    esc(&e)
                 );
             }
             info.unit.clone()
@@ -818,7 +829,14 @@ impl Worker {
                     .attach_processes(parent_scope, "", &[pid])
                     .await
                     .map(|()| parent_scope.clone())
-                    .map_err(|e| debug!(pid, "joining {parent_scope}: {e}; a scope of its own"))
+                    .map_err(|e| {
+                        debug!(
+                            pid,
+                            "joining {}: {}; a scope of its own",
+                            esc(parent_scope),
+                            esc(&e)
+                        )
+                    })
                     .ok(),
                 None => None,
             };
@@ -851,8 +869,10 @@ impl Worker {
                             if crate::model::procs::start_ticks(pid).is_some() {
                                 warn!(
                                     pid,
-                                    "{}: starting {name}: {e}; affinity fence only",
-                                    manager.describe()
+                                    "{}: starting {}: {}; affinity fence only",
+                                    manager.describe(),
+                                    esc(&name),
+                                    esc(&e)
                                 );
                                 self.fence(
                                     pid,
@@ -916,7 +936,7 @@ impl Worker {
         let has_cpuset = dir.join("cpuset.cpus.effective").exists();
         let fenced_by = if has_cpuset {
             let reset = reset_affinity(&dir, cpus, &self.online);
-            debug!(pid, unit, reset, "affinity handed to the unit");
+            debug!(pid, unit = %esc(unit), reset, "affinity handed to the unit");
             format!(
                 "{}'s AllowedCPUs= (cpuset)",
                 if delegated { unit } else { &slice }
@@ -1054,8 +1074,8 @@ pub async fn restore(log: &RestoreLog, online: &[u32]) -> Vec<String> {
     for (m, unit, original) in &log.units {
         if let Some(c) = clients.get(m) {
             match c.set_properties(unit, original, true).await {
-                Ok(()) => done.push(format!("{}: {unit} restored", m.describe())),
-                Err(e) => debug!("{}: restoring {unit}: {e}", m.describe()),
+                Ok(()) => done.push(format!("{}: {} restored", m.describe(), esc(unit))),
+                Err(e) => debug!("{}: restoring {}: {}", m.describe(), esc(unit), esc(&e)),
             }
         }
     }

@@ -22,7 +22,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::model::procs::ProcInfo;
+use crate::{model::procs::ProcInfo, observe::escape::esc};
 
 /// How long one HTTP exchange (connect, send, receive) may take in total.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -243,7 +243,13 @@ pub async fn ask_ollama(addr: SocketAddr) -> Result<Vec<String>, AskError> {
         match exchange(APP, addr, "POST", "/api/generate", Some(&body)).await {
             Ok(_) => unloaded.push(name),
             Err(e) => {
-                warn!(%addr, model = %name, "ollama did not unload the model: {e}");
+                // Model names and errors come from a local service: escaped.
+                warn!(
+                    %addr,
+                    model = %esc(&name),
+                    "ollama did not unload the model: {}",
+                    esc(&e)
+                );
                 first_error.get_or_insert(e);
             }
         }

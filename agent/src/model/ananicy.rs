@@ -236,31 +236,7 @@ impl AnanicyRules {
         dirs: &[PathBuf],
         types: &BTreeMap<String, String>,
     ) -> Result<(AnanicyRules, Vec<Warning>), AnanicyError> {
-        let mut type_entries = Vec::with_capacity(types.len());
-        for (ananicy_type, class) in types {
-            if ananicy_type.is_empty() || class.is_empty() {
-                return Err(AnanicyError::EmptyMapping {
-                    ananicy_type: ananicy_type.clone(),
-                    class: class.clone(),
-                });
-            }
-            type_entries.push(TypeEntry {
-                ananicy_type: ananicy_type.as_str().into(),
-                class: class.as_str().into(),
-            });
-        }
-
-        let mut loader = Loader {
-            type_index: types
-                .keys()
-                .zip(0u32..)
-                .map(|(t, i)| (t.as_str(), i))
-                .collect(),
-            pending: FxMap::default(),
-            seq: 0,
-            warnings: Vec::new(),
-            stats: LoadStats::default(),
-        };
+        let (mut loader, type_entries) = Loader::new(types)?;
         for dir in dirs {
             match fs::metadata(dir) {
                 Ok(meta) if meta.is_dir() => loader.walk(dir, 0),
@@ -280,6 +256,20 @@ impl AnanicyRules {
             "ananicy rules loaded"
         );
         Ok((rules, warnings))
+    }
+
+    /// The rules of one `.rules` file's bytes, `file` naming it in
+    /// warnings: what [`AnanicyRules::load`] does with each file it finds,
+    /// without the filesystem. Never panics, whatever the bytes (fuzzed:
+    /// `cargo xtask fuzz`).
+    pub fn parse(
+        file: &Path,
+        bytes: &[u8],
+        types: &BTreeMap<String, String>,
+    ) -> Result<(AnanicyRules, Vec<Warning>), AnanicyError> {
+        let (mut loader, type_entries) = Loader::new(types)?;
+        loader.read_bytes(file, bytes);
+        Ok(loader.finish(type_entries))
     }
 
     /// The rule whose name's first 15 bytes equal `comm` (a longer `comm` is
@@ -476,7 +466,37 @@ struct Loader<'t> {
     stats: LoadStats,
 }
 
-impl Loader<'_> {
+impl<'t> Loader<'t> {
+    /// A loader for rules whose types `types` maps to classes, and the
+    /// types in index order.
+    fn new(types: &'t BTreeMap<String, String>) -> Result<(Self, Vec<TypeEntry>), AnanicyError> {
+        let mut type_entries = Vec::with_capacity(types.len());
+        for (ananicy_type, class) in types {
+            if ananicy_type.is_empty() || class.is_empty() {
+                return Err(AnanicyError::EmptyMapping {
+                    ananicy_type: ananicy_type.clone(),
+                    class: class.clone(),
+                });
+            }
+            type_entries.push(TypeEntry {
+                ananicy_type: ananicy_type.as_str().into(),
+                class: class.as_str().into(),
+            });
+        }
+        let loader = Loader {
+            type_index: types
+                .keys()
+                .zip(0u32..)
+                .map(|(t, i)| (t.as_str(), i))
+                .collect(),
+            pending: FxMap::default(),
+            seq: 0,
+            warnings: Vec::new(),
+            stats: LoadStats::default(),
+        };
+        Ok((loader, type_entries))
+    }
+
     fn unreadable(&mut self, path: &Path, error: &io::Error) {
         self.warnings.push(Warning::Unreadable {
             path: path.to_owned(),
@@ -518,10 +538,14 @@ impl Loader<'_> {
     }
 
     fn read_file(&mut self, path: &Path) {
-        let bytes = match fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) => return self.unreadable(path, &e),
-        };
+        match fs::read(path) {
+            Ok(bytes) => self.read_bytes(path, &bytes),
+            Err(e) => self.unreadable(path, &e),
+        }
+    }
+
+    /// One file's rules, one JSON object a line.
+    fn read_bytes(&mut self, path: &Path, bytes: &[u8]) {
         self.stats.files += 1;
         let file: Arc<Path> = Arc::from(path);
         for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -742,6 +766,21 @@ mod tests {
         assert_eq!(rules.len(), 9);
         assert!(!rules.is_empty());
         assert_eq!(s.ambiguous_comms, 0);
+    }
+
+    #[test]
+    fn parse_reads_one_files_bytes_like_load_reads_the_file() {
+        let text = b"{ \"name\": \"vkcube\", \"type\": \"Game\" }\n# c\n\xff\n{ \"name\": \"vlc\", \"type\": \"Player-Video\" }\n";
+        let file = Path::new("mem.rules");
+        let (rules, warnings) = AnanicyRules::parse(file, text, &default_types()).unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules.lookup("vkcube").map(|m| m.class), Some("game"));
+        let s = rules.stats();
+        assert_eq!((s.files, s.rules_read, s.malformed), (1, 2, 1));
+        assert!(
+            matches!(&warnings[..], [Warning::Malformed { source, .. }] if ends_with(source, "mem.rules", 3)),
+            "{warnings:?}"
+        );
     }
 
     #[test]

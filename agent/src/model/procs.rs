@@ -12,6 +12,12 @@ use crate::model::classify::Decision;
 
 /// The facts classification looks at. Also the element of an offline
 /// classifier chain (`corral classify --procs`), hence the serde defaults.
+///
+/// The strings are as the process set them, control bytes included: views
+/// and log lines show them through `observe::escape`. Bytes that are not
+/// UTF-8 were replaced by U+FFFD when read ([`read_proc`]): rules match
+/// text, `--json` stays valid, and the views show the replacement
+/// character (printable, so harmless) where the byte was.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcInfo {
     #[serde(default)]

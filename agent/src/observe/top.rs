@@ -14,7 +14,7 @@ use anyhow::bail;
 
 use crate::{
     kernel::bpf::SchedStats,
-    observe::metrics::Histogram,
+    observe::{escape::escape, metrics::Histogram},
     service::control::{self, Request, Response, Status},
 };
 
@@ -111,12 +111,13 @@ pub fn render(now: &Status, before: Option<&Status>, elapsed: Duration) -> Strin
         .unwrap_or_default();
     out.push_str(&format!(
         "corral top  mode {}  ({})\n",
-        now.mode, now.mode_why
+        escape(&now.mode),
+        escape(&now.mode_why)
     ));
     out.push_str(&format!(
         "policy {}  cgroups {}{}\n",
-        now.policy,
-        now.cgroup_root,
+        escape(&now.policy),
+        escape(&now.cgroup_root),
         if now.cpuset_enforced {
             ""
         } else {
@@ -151,14 +152,14 @@ pub fn render(now: &Status, before: Option<&Status>, elapsed: Duration) -> Strin
         };
         out.push_str(&format!(
             "{:<8} {:>6} {:>12} {:>7} {:>9} {:>9} {:>8}  {}\n",
-            class.class,
+            escape(&class.class),
             class.processes,
-            class.cpus.as_deref().unwrap_or("dynamic"),
+            escape(class.cpus.as_deref().unwrap_or("dynamic")),
             cpu,
             p50,
             p99,
             class.placements,
-            class.note.as_deref().unwrap_or("")
+            escape(class.note.as_deref().unwrap_or(""))
         ));
     }
     if let Some(reload) = &now.last_reload
@@ -166,7 +167,7 @@ pub fn render(now: &Status, before: Option<&Status>, elapsed: Duration) -> Strin
     {
         out.push_str(&format!(
             "\nlast policy reload REFUSED: {}\n",
-            reload.message
+            escape(&reload.message)
         ));
     }
     out.push_str("\nq quits\n");

@@ -2,6 +2,9 @@
 //! show: `render_*(&T) -> String`. main.rs fetches or computes `T` and
 //! prints the String; nothing here reads, writes or prints anything.
 //!
+//! Every string that came from a process (or from a file the user gave)
+//! goes through [`escape`] here, so no view writes a raw control byte.
+//!
 //! Length: more than half is golden tests of the views.
 
 use std::path::Path;
@@ -15,6 +18,7 @@ use crate::{
     model::cpus::CpuList,
     model::policy::Policy,
     model::procs::Table,
+    observe::escape::escape,
     service::control::{Explanation, ReloadStatus, Status},
 };
 
@@ -27,14 +31,14 @@ fn text(lines: Vec<String>) -> String {
 /// refused reload and the event counters.
 pub fn render_status(s: &Status) -> String {
     let mut lines = vec![
-        format!("policy  {}", s.policy),
+        format!("policy  {}", escape(&s.policy)),
         match s.backend.as_str() {
             "systemd" => "backend systemd: each process stays in its own manager, in its class's slice corral-<class>.slice".to_owned(),
-            other => format!("backend {other}"),
+            other => format!("backend {}", escape(other)),
         },
         format!(
             "cgroups {}  (core sets {}){}",
-            s.cgroup_root,
+            escape(&s.cgroup_root),
             if s.cpuset_enforced {
                 "enforced"
             } else {
@@ -50,26 +54,30 @@ pub fn render_status(s: &Status) -> String {
     for c in &s.classes {
         lines.push(format!(
             "{:<8} {:>6} {:>10} {:>8} {:>7}  {}",
-            c.class,
+            escape(&c.class),
             c.processes,
-            c.cpus.as_deref().unwrap_or("dynamic"),
+            escape(c.cpus.as_deref().unwrap_or("dynamic")),
             c.cpu_weight
                 .map(|w| w.to_string())
                 .unwrap_or_else(|| "-".into()),
             c.placements,
-            c.cgroup.as_deref().unwrap_or("(left alone)")
+            escape(c.cgroup.as_deref().unwrap_or("(left alone)"))
         ));
         if let Some(note) = &c.note {
-            lines.push(format!("{:<8} note: {note}", ""));
+            lines.push(format!("{:<8} note: {}", "", escape(note)));
         }
     }
     for note in &s.backend_notes {
-        lines.push(format!("note    {note}"));
+        lines.push(format!("note    {}", escape(note)));
     }
-    lines.push(format!("mode    {} ({})", s.mode, s.mode_why));
-    lines.push(format!("power   {}", s.power.describe()));
+    lines.push(format!(
+        "mode    {} ({})",
+        escape(&s.mode),
+        escape(&s.mode_why)
+    ));
+    lines.push(format!("power   {}", escape(&s.power.describe())));
     for f in &s.coexistence {
-        lines.push(format!("coexist {}", f.describe()));
+        lines.push(format!("coexist {}", escape(&f.describe())));
     }
     match (&s.gpu.on, &s.gpu.off_reason) {
         (true, _) => {
@@ -77,7 +85,7 @@ pub fn render_status(s: &Status) -> String {
                 .gpu
                 .vram_by_class
                 .iter()
-                .map(|(c, b)| format!("{c} {} MiB", b >> 20))
+                .map(|(c, b)| format!("{} {} MiB", escape(c), b >> 20))
                 .collect();
             lines.push(format!(
                 "gpu     on; VRAM by class: {}",
@@ -90,17 +98,20 @@ pub fn render_status(s: &Status) -> String {
             if let Some(a) = s.gpu.actions.last() {
                 lines.push(format!(
                     "        last action: {} on `{}`: {} -> {}",
-                    a.kind, a.class, a.reason, a.outcome
+                    escape(&a.kind),
+                    escape(&a.class),
+                    escape(&a.reason),
+                    escape(&a.outcome)
                 ));
             }
         }
-        (false, Some(reason)) => lines.push(format!("gpu     off: {reason}")),
+        (false, Some(reason)) => lines.push(format!("gpu     off: {}", escape(reason))),
         (false, None) => lines.push("gpu     waiting for the first NVML poll".into()),
     }
     if let Some(reload) = s.last_reload.as_ref().filter(|r| !r.ok) {
         lines.push(format!(
             "reload  REFUSED, last good policy kept: {}",
-            reload.message
+            escape(&reload.message)
         ));
     }
     let e = &s.events;
@@ -115,30 +126,38 @@ pub fn render_status(s: &Status) -> String {
 /// says now, VRAM, GPU actions and the ancestry the decision used.
 pub fn render_explanation(e: &Explanation) -> String {
     let d = &e.decision;
+    let (class, rule) = (escape(&d.class), escape(&d.rule));
+    let argv: Vec<_> = e.argv.iter().map(|a| escape(a)).collect();
     let mut lines = vec![
-        format!("pid {} ({})  {}", e.pid, e.comm, e.exe),
-        format!("  argv      {}", e.argv.join(" ")),
-        format!("  class     {}", d.class),
-        match (&d.source, &d.inherited_from) {
-            (Some(source), None) => format!("  rule      {} ({source})", d.rule),
+        format!("pid {} ({})  {}", e.pid, escape(&e.comm), escape(&e.exe)),
+        format!("  argv      {}", argv.join(" ")),
+        format!("  class     {class}"),
+        match (d.source.as_deref().map(escape), &d.inherited_from) {
+            (Some(source), None) => format!("  rule      {rule} ({source})"),
             (Some(source), Some(a)) => format!(
-                "  rule      {} ({source}), inherited from pid {} ({})",
-                d.rule, a.pid, a.comm
+                "  rule      {rule} ({source}), inherited from pid {} ({})",
+                a.pid,
+                escape(&a.comm)
             ),
-            (None, _) => format!("  rule      {} (no rule matched; left alone)", d.rule),
+            (None, _) => format!("  rule      {rule} (no rule matched; left alone)"),
         },
         match (&e.group, &e.class_cpus) {
-            (Some(group), Some(cpus)) => format!("  group     {group}  cpus {cpus}"),
-            _ => format!("  group     none (class `{}` is not managed)", d.class),
+            (Some(group), Some(cpus)) => {
+                format!("  group     {}  cpus {}", escape(group), escape(cpus))
+            }
+            _ => format!("  group     none (class `{class}` is not managed)"),
         },
-        format!("  cgroup    {} (now)", e.cgroup_now),
-        format!("  cpus      {} (Cpus_allowed_list now)", e.cpus_allowed),
+        format!("  cgroup    {} (now)", escape(&e.cgroup_now)),
+        format!(
+            "  cpus      {} (Cpus_allowed_list now)",
+            escape(&e.cpus_allowed)
+        ),
     ];
     if let Some(placement) = &e.placement {
-        lines.push(format!("  unit      {placement}"));
+        lines.push(format!("  unit      {}", escape(placement)));
     }
     if let Some(power) = &e.power {
-        lines.push(format!("  power     {power}"));
+        lines.push(format!("  power     {}", escape(power)));
     }
     if let Some(bytes) = e.vram_bytes {
         lines.push(format!("  vram      {} MiB", bytes >> 20));
@@ -146,7 +165,10 @@ pub fn render_explanation(e: &Explanation) -> String {
     for a in &e.gpu_actions {
         lines.push(format!(
             "  gpu       {} on `{}`: {} -> {}",
-            a.kind, a.class, a.reason, a.outcome
+            escape(&a.kind),
+            escape(&a.class),
+            escape(&a.reason),
+            escape(&a.outcome)
         ));
     }
     if !e.ancestry.is_empty() {
@@ -154,7 +176,10 @@ pub fn render_explanation(e: &Explanation) -> String {
         for a in &e.ancestry {
             lines.push(format!(
                 "    {:>7} {:<16} {:<8} {}",
-                a.pid, a.comm, a.class, a.rule
+                a.pid,
+                escape(&a.comm),
+                escape(&a.class),
+                escape(&a.rule)
             ));
         }
     }
@@ -219,9 +244,8 @@ pub fn render_reload(r: &ReloadStatus) -> String {
         "reloaded: {} processes re-classified, {} moved, in {} us",
         r.reclassified, r.moves, r.duration_us
     )];
-    if !r.message.is_empty() {
-        lines.push(r.message.clone());
-    }
+    // The message is warnings, one per line.
+    lines.extend(r.message.lines().map(|l| escape(l).into_owned()));
     text(lines)
 }
 
@@ -301,8 +325,12 @@ pub fn render_policy_test(table: &Table, resolved: &[Resolved], rel_root: &str) 
         let now = &process.info.cgroup;
         if &target != now {
             lines.push(format!(
-                "{pid:>7} {:<16} {now} -> {target} (cpus {}) by {}",
-                process.info.comm, r.cpus, d.rule
+                "{pid:>7} {:<16} {} -> {} (cpus {}) by {}",
+                escape(&process.info.comm),
+                escape(now),
+                escape(&target),
+                r.cpus,
+                escape(&d.rule)
             ));
         }
     }
@@ -313,8 +341,10 @@ pub fn render_policy_test(table: &Table, resolved: &[Resolved], rel_root: &str) 
 
 /// How a recorded chain's `id` is shown in text: a string as itself, any
 /// other JSON value as JSON.
+/// (JSON text never holds a raw control byte; a string id may.)
 fn chain_id(id: &serde_json::Value) -> String {
-    id.as_str().map_or_else(|| id.to_string(), str::to_owned)
+    id.as_str()
+        .map_or_else(|| id.to_string(), |s| escape(s).into_owned())
 }
 
 /// `corral policy test FILE --procs F`: one line for a recorded chain, with
@@ -328,14 +358,14 @@ pub fn render_chain_verdict(
         Some(cpus) => format!(
             "{}: {} (cpus {cpus}) by {}",
             chain_id(id),
-            decision.class,
-            decision.rule
+            escape(&decision.class),
+            escape(&decision.rule)
         ),
         None => format!(
             "{}: {} (left alone) by {}",
             chain_id(id),
-            decision.class,
-            decision.rule
+            escape(&decision.class),
+            escape(&decision.rule)
         ),
     };
     text(vec![line])
@@ -367,7 +397,8 @@ pub fn render_chain_json(id: &serde_json::Value, decision: &Decision) -> String 
     };
     // Strings, numbers and a JSON value that was itself parsed: nothing in
     // it can fail to serialize.
-    let json = serde_json::to_string(&line).expect("a chain line always serializes");
+    let json =
+        crate::observe::escape::to_json(&line, false).expect("a chain line always serializes");
     text(vec![json])
 }
 
@@ -400,6 +431,7 @@ mod tests {
         kernel::bpf::KernelCounters,
         model::classify::Ancestor,
         model::procs::{Proc, ProcInfo},
+        observe::escape::has_terminal_control,
         service::control::{AncestorLine, ClassStatus, EventCounts, GpuActionRecord, GpuStatus},
     };
 
@@ -725,6 +757,107 @@ mod tests {
             text.contains("\n  group     none (class `system` is not managed)\n"),
             "{text}"
         );
+    }
+
+    /// What `exec -a` and a hostile cgroup or unit name can put in a
+    /// process string.
+    const HOSTILE: &str = "weird\x1b]0;PWNED\x07\x1b[2J\x1b[31mX\u{9b}\r\nclass     game\u{fffd}";
+
+    #[test]
+    fn explain_escapes_every_process_string_so_no_control_byte_reaches_the_terminal() {
+        let mut e = explanation();
+        e.comm = HOSTILE.into();
+        e.exe = HOSTILE.into();
+        e.argv = vec![HOSTILE.into(), "C:\\x.exe".into()];
+        e.cgroup_now = HOSTILE.into();
+        e.placement = Some(HOSTILE.into());
+        e.ancestry[1].comm = HOSTILE.into();
+        if let Some(a) = e.decision.inherited_from.as_mut() {
+            a.comm = HOSTILE.into();
+        }
+        let mut gpu = action("freeze");
+        gpu.reason = HOSTILE.into();
+        e.gpu_actions = vec![gpu];
+        let text = render_explanation(&e);
+        assert!(!has_terminal_control(&text), "{text:?}");
+        // Forged lines stay on the line of the field that carried them.
+        assert_eq!(text.lines().count(), 12, "{text}");
+        assert!(
+            text.starts_with(
+                "pid 4242 (weird\\e]0;PWNED\\a\\e[2J\\e[31mX\\u{9b}\\r\\nclass     game\u{fffd})  weird\\e"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("\n  argv      weird\\e]0;"), "{text}");
+        assert!(text.contains(" C:\\\\x.exe\n"), "{text}");
+    }
+
+    #[test]
+    fn status_and_top_escape_notes_reasons_and_messages() {
+        let mut s = status();
+        s.mode_why = HOSTILE.into();
+        s.backend_notes = vec![HOSTILE.into()];
+        s.classes[1].note = Some(HOSTILE.into());
+        s.classes[0].cgroup = Some(HOSTILE.into());
+        s.last_reload = Some(ReloadStatus {
+            ok: false,
+            message: HOSTILE.into(),
+            finished_ns: 0,
+            duration_us: 0,
+            reclassified: 0,
+            moves: 0,
+        });
+        let text = render_status(&s);
+        assert!(!has_terminal_control(&text), "{text:?}");
+        assert_eq!(text.lines().count(), 14, "{text}");
+        let screen = crate::observe::top::render(&s, None, std::time::Duration::from_secs(1));
+        assert!(!has_terminal_control(&screen), "{screen:?}");
+        assert!(
+            screen.contains("corral top  mode protected  (weird\\e]0;"),
+            "{screen}"
+        );
+        s.gpu.on = true;
+        s.gpu.actions = vec![GpuActionRecord {
+            reason: HOSTILE.into(),
+            ..action("freeze")
+        }];
+        let text = render_status(&s);
+        assert!(!has_terminal_control(&text), "{text:?}");
+    }
+
+    #[test]
+    fn policy_test_and_chain_verdicts_escape_comm_cgroup_and_ids() {
+        let mut table = Table::default();
+        let mut p = Proc::new(
+            ProcInfo {
+                pid: 10,
+                comm: HOSTILE.into(),
+                cgroup: HOSTILE.into(),
+                ..Default::default()
+            },
+            1,
+            1,
+        );
+        p.decision.class = "game".into();
+        table.insert(10, p);
+        let text = render_policy_test(&table, &resolved(), "/corral");
+        assert!(!has_terminal_control(&text), "{text:?}");
+        assert_eq!(text.lines().count(), 2, "{text}");
+        let text = render_chain_verdict(&HOSTILE.into(), &Decision::default_system(), None);
+        assert!(!has_terminal_control(&text), "{text:?}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+    }
+
+    #[test]
+    fn json_of_a_hostile_explanation_has_no_control_byte_and_round_trips_exactly() {
+        let mut e = explanation();
+        e.comm = HOSTILE.into();
+        e.argv = vec![HOSTILE.into()];
+        let json = crate::observe::escape::to_json(&e, true).unwrap();
+        assert!(!has_terminal_control(&json), "{json}");
+        let back: Explanation = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.comm, HOSTILE);
+        assert_eq!(back.argv, [HOSTILE]);
     }
 
     #[test]

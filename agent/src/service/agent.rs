@@ -38,7 +38,10 @@ use crate::{
         procs::{Proc, ProcRead, ProcSource, ReadError, Table},
         topology::Topology,
     },
-    observe::metrics::{Histogram, ReloadCounts},
+    observe::{
+        escape::esc,
+        metrics::{Histogram, ReloadCounts},
+    },
     service::{
         control::{self, EventCounts, Peer, Placement, ReloadStatus, Request, Response},
         desktop_notify::Notification,
@@ -394,7 +397,7 @@ impl Agent {
                 let mut effects = Vec::new();
                 let response = match self.refusal(&request, &peer) {
                     Some(message) => {
-                        warn!(?request, uid = ?peer.uid, "refused: {message}");
+                        warn!(?request, uid = ?peer.uid, "refused: {}", esc(&message));
                         Response::Error { message }
                     }
                     None => match request {
@@ -591,9 +594,9 @@ impl Agent {
             Ok(()) => {
                 let placed_ns = monotonic_ns();
                 if self.placer.layout().dry_run {
-                    info!(pid, comm = %process.info.comm, class, rule = %process.decision.rule, "dry run: would move");
+                    info!(pid, comm = %esc(&process.info.comm), class, rule = %esc(&process.decision.rule), "dry run: would move");
                 } else {
-                    debug!(pid, comm = %process.info.comm, class, rule = %process.decision.rule, "moved");
+                    debug!(pid, comm = %esc(&process.info.comm), class, rule = %esc(&process.decision.rule), "moved");
                 }
                 *self.placements_by_class.entry(class.clone()).or_default() += 1;
                 if let Some((exec_ns, handled_ns)) = exec {
@@ -645,7 +648,7 @@ impl Agent {
             Some(origin) => match self.placer.unplace(&origin, pid) {
                 Ok(()) => true,
                 Err(e) => {
-                    warn!("could not return {pid} to {origin}: {e}");
+                    warn!("could not return {pid} to {}: {}", esc(&origin), esc(&e));
                     false
                 }
             },
