@@ -356,21 +356,7 @@ impl ManagerClient {
     /// socket takes root too, but systemd stamps its messages there with a
     /// well-known sender name that zbus cannot parse and panics on.)
     pub async fn user_bus_as(uid: u32) -> Result<Self, Error> {
-        let path = PathBuf::from(format!("/run/user/{uid}/bus"));
-        let connect_error = |e: std::io::Error| Error::Connect {
-            tried: format!("{} as uid {uid}: {e}", path.display()),
-        };
-        let stream = connect_as(uid, &path).map_err(connect_error)?;
-        stream.set_nonblocking(true).map_err(connect_error)?;
-        let stream = tokio::net::UnixStream::from_std(stream).map_err(connect_error)?;
-        let conn = zbus::connection::Builder::unix_stream(stream)
-            .user_id(uid)
-            .method_timeout(METHOD_TIMEOUT)
-            .build()
-            .await
-            .map_err(|e| Error::Connect {
-                tried: format!("{} as uid {uid}: {e}", path.display()),
-            })?;
+        let conn = user_bus_connection(uid, Path::new(&format!("/run/user/{uid}/bus"))).await?;
         Self::new(conn, true).await
     }
 
@@ -775,6 +761,27 @@ async fn connect_bus_with_systemd(address: &str) -> zbus::Result<Connection> {
 /// says `uid`. The raw syscall changes only the calling thread (glibc's
 /// seteuid would change every thread of the agent); the uid is switched
 /// back before returning, whatever happened. Needs CAP_SETUID.
+/// A connection to the bus at `path` (a user's session bus,
+/// `/run/user/UID/bus`), made with `uid`'s credentials by a root caller,
+/// because dbus-daemon lets only the bus's user in. Shared by the manager
+/// client and corral's GameMode provider on the same bus.
+pub async fn user_bus_connection(uid: u32, path: &Path) -> Result<Connection, Error> {
+    let connect_error = |e: std::io::Error| Error::Connect {
+        tried: format!("{} as uid {uid}: {e}", path.display()),
+    };
+    let stream = connect_as(uid, path).map_err(connect_error)?;
+    stream.set_nonblocking(true).map_err(connect_error)?;
+    let stream = tokio::net::UnixStream::from_std(stream).map_err(connect_error)?;
+    zbus::connection::Builder::unix_stream(stream)
+        .user_id(uid)
+        .method_timeout(METHOD_TIMEOUT)
+        .build()
+        .await
+        .map_err(|e| Error::Connect {
+            tried: format!("{} as uid {uid}: {e}", path.display()),
+        })
+}
+
 fn connect_as(uid: u32, path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
     // SAFETY: setresuid on this thread only; -1 keeps real and saved uid 0.
     let switch =

@@ -6,6 +6,7 @@
 pub mod ananicy;
 pub mod classify;
 pub mod cpus;
+pub mod gamemode;
 pub mod modes;
 pub mod policy;
 pub mod procs;

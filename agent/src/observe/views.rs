@@ -67,6 +67,9 @@ pub fn render_status(s: &Status) -> String {
         lines.push(format!("note    {note}"));
     }
     lines.push(format!("mode    {} ({})", s.mode, s.mode_why));
+    for line in &s.gamemode {
+        lines.push(format!("GameMode: {line}"));
+    }
     match (&s.gpu.on, &s.gpu.off_reason) {
         (true, _) => {
             let used: Vec<String> = s
@@ -407,9 +410,28 @@ mod tests {
                 action_counts: BTreeMap::new(),
                 dmem: "absent".into(),
             },
+            gamemode: vec![],
             agent_rss_bytes: 0,
             agent_cpu_seconds: 0.0,
         }
+    }
+
+    #[test]
+    fn status_says_who_provides_gamemode_on_each_bus() {
+        let mut s = status();
+        s.gamemode = vec![
+            "provided by corral on uid 1000's bus, 1 game(s) registered".into(),
+            "following gamemoded on uid 1001's bus, 0 game(s) registered".into(),
+        ];
+        let text = render_status(&s);
+        assert!(
+            text.contains("\nGameMode: provided by corral on uid 1000's bus, 1 game(s) registered\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nGameMode: following gamemoded on uid 1001's bus"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -16,8 +16,10 @@ use corral_common::{EventKind, ProcEvent};
 use tracing::{debug, error, info, warn};
 
 use super::{
+    agent_gamemode::GameModeState,
     agent_gpu::{GpuState, halve},
     daemon::monotonic_ns,
+    gamemode_bus,
 };
 use crate::{
     actuate::{Placer, Target, cgroup::MoveError},
@@ -64,6 +66,8 @@ pub enum Event {
     CountersTick,
     /// Time to tell systemd's watchdog the loop is alive.
     WatchdogTick,
+    /// From the GameMode side of the users' session buses.
+    GameMode(gamemode_bus::Incoming),
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -83,6 +87,8 @@ pub enum Effect {
     Notify(Notice),
     /// Re-render the metrics page.
     RenderMetrics,
+    /// Emit GameMode's `GameRegistered`/`GameUnregistered` on a user's bus.
+    GameMode(gamemode_bus::Signal),
     /// Leave the loop.
     Exit,
 }
@@ -134,6 +140,7 @@ pub struct Agent {
     pub(super) gpu: GpuState,
     /// The dropped-records count the last full sweep covered.
     pub(super) dropped_swept: u64,
+    pub(super) gamemode: GameModeState,
 }
 
 /// Loads the ananicy-cpp rules when the policy enables them; failures
@@ -235,6 +242,7 @@ impl Agent {
             metrics_bound: None,
             gpu,
             dropped_swept: 0,
+            gamemode: GameModeState::default(),
         }
     }
 
@@ -349,13 +357,18 @@ impl Agent {
                 ]
             }
             Event::Kernel(e) => {
+                let mut effects = Vec::new();
                 match EventKind::from_u32(e.kind) {
                     Some(EventKind::Exec) => self.on_exec(&e),
                     Some(EventKind::Fork) => self.on_fork(&e),
-                    Some(EventKind::Exit) => self.on_exit(&e),
+                    Some(EventKind::Exit) => {
+                        // A registered game's exit ends its registration.
+                        effects = self.gamemode_exited(e.tgid);
+                        self.on_exit(&e);
+                    }
                     None => warn!(kind = e.kind, "unknown event kind from the kernel"),
                 }
-                Vec::new()
+                effects
             }
             Event::KernelBatchDone | Event::ModeTimer => {
                 self.update_mode();
@@ -394,7 +407,7 @@ impl Agent {
             }
             Event::SweepTick => {
                 self.sweep(false);
-                Vec::new()
+                self.gamemode_sweep()
             }
             Event::CountersTick => {
                 self.read_kernel_counters();
@@ -404,6 +417,7 @@ impl Agent {
                 vec![Effect::RenderMetrics]
             }
             Event::WatchdogTick => vec![Effect::Notify(Notice::Watchdog)],
+            Event::GameMode(incoming) => self.on_gamemode(incoming),
             Event::Stop => {
                 info!("stopping: thawing and widening every managed group to all CPUs");
                 self.placer.release_all();
@@ -597,6 +611,21 @@ impl Agent {
         }
     }
 
+    /// Places `pid` in its class's group, or, when the policy leaves its
+    /// class alone, moves it back where it came from. Returns whether it
+    /// moved.
+    pub(super) fn place_or_release(&mut self, pid: u32) -> bool {
+        let managed = self
+            .table
+            .get(pid)
+            .is_some_and(|p| self.placer.layout().group(&p.decision.class).is_some());
+        if managed {
+            self.place(pid, None)
+        } else {
+            self.release(pid)
+        }
+    }
+
     /// Moves a process the policy no longer manages back where it came
     /// from. Returns whether it moved.
     pub(super) fn release(&mut self, pid: u32) -> bool {
@@ -689,17 +718,7 @@ impl Agent {
                 self.forget_pid(pid);
                 continue;
             }
-            let class = self
-                .table
-                .get(pid)
-                .map(|p| p.decision.class.clone())
-                .unwrap_or_default();
-            let moved = if self.placer.layout().group(&class).is_some() {
-                self.place(pid, None)
-            } else {
-                self.release(pid)
-            };
-            moves += usize::from(moved);
+            moves += usize::from(self.place_or_release(pid));
         }
         self.apply_layout();
         self.update_mode();

@@ -199,6 +199,7 @@ impl Agent {
                 .unwrap_or_default(),
             metrics_addr: self.metrics_bound.map(|a| a.to_string()),
             gpu: self.gpu_status(),
+            gamemode: self.gamemode_lines(),
             agent_rss_bytes: rss,
             agent_cpu_seconds: cpu,
         }

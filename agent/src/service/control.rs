@@ -97,6 +97,9 @@ pub struct Status {
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics_addr: Option<String>,
     pub gpu: GpuStatus,
+    /// Who provides GameMode on each user's session bus corral is on.
+    #[serde(default)]
+    pub gamemode: Vec<String>,
     /// The agent's own resident memory and CPU time.
     pub agent_rss_bytes: u64,
     pub agent_cpu_seconds: f64,

@@ -2,9 +2,11 @@
 //! sd_notify, desktop notifications. Wires the other folders together.
 
 pub mod agent;
+mod agent_gamemode;
 mod agent_gpu;
 mod agent_views;
 pub mod control;
 pub mod daemon;
 pub mod desktop_notify;
+pub mod gamemode_bus;
 pub mod notify;
