@@ -195,9 +195,7 @@ impl Agent {
         let game = registration.game;
         let (rule, source) = (registration.rule(), Some(registration.source()));
         let mut pids = self.descendants(game);
-        if !gone {
-            pids.insert(0, game);
-        }
+        pids.insert(0, game);
         for pid in pids {
             let Some(p) = self.table.get_mut(pid) else {
                 continue;
@@ -209,8 +207,12 @@ impl Agent {
                 }
                 p.pinned = false;
             }
+            // An exited game is re-decided too, so its children no longer
+            // inherit the registration, but is not moved.
             self.decide(pid);
-            self.place_or_release(pid);
+            if !(gone && pid == game) {
+                self.place_or_release(pid);
+            }
         }
         info!(game, rule, "GameMode registration ended");
         self.update_mode();

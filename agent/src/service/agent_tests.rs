@@ -812,3 +812,6 @@ fn every_watchdog_tick_pings() {
         );
     }
 }
+
+#[path = "agent_gamemode_tests.rs"]
+mod gamemode;
