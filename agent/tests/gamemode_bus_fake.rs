@@ -551,17 +551,22 @@ async fn fake_gamemoded(bus: &DbusDaemon, games: Vec<i32>, queue: bool) -> Conne
         .at(gamemode_bus::PATH, FakeGamemoded { games })
         .await
         .unwrap();
-    // gamemoded asks with no flags: it queues when the name is taken.
-    let do_not_queue =
-        zbus::fdo::RequestNameFlags::DoNotQueue | zbus::fdo::RequestNameFlags::DoNotQueue;
-    let flags = if queue {
-        do_not_queue ^ do_not_queue
-    } else {
-        do_not_queue
-    };
-    conn.request_name_with_flags(gamemode_bus::NAME, flags)
+    // gamemoded asks with no flags (sd_bus_request_name(bus, name, 0)): it
+    // queues when the name is taken. 4 is DBUS_NAME_FLAG_DO_NOT_QUEUE.
+    let flags: u32 = if queue { 0 } else { 4 };
+    let reply = conn
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "RequestName",
+            &(gamemode_bus::NAME, flags),
+        )
         .await
         .unwrap();
+    let code: u32 = reply.body().deserialize().unwrap();
+    // 1: primary owner, 2: in the queue.
+    assert_eq!(code, if queue { 2 } else { 1 }, "RequestName answered {code}");
     conn
 }
 
