@@ -16,10 +16,7 @@ use std::{
     path::{Path, PathBuf},
     pin::pin,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -55,30 +52,11 @@ const USER: u32 = 1000;
 /// Another user (`nobody`: dbus-daemon lets in only uids it can look up).
 const OTHER: u32 = 65534;
 
+mod support;
+use support::Scratch;
+
 // ---------------------------------------------------------------------------
 // Scaffolding: a scratch directory, a dbus-daemon every uid may use, a game.
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "corral-gamemode-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A session-type `dbus-daemon` that lets every uid in (as a user's bus
 /// lets its user in); killed on drop.
@@ -401,7 +379,7 @@ async fn until(lp: &mut Loop, what: &str, mut check: impl FnMut(&mut Loop) -> bo
 
 #[tokio::test(flavor = "current_thread")]
 async fn corral_provides_gamemode_registers_by_pidfd_and_pid_emits_signals_and_counts_clients() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("corral-gamemode");
     let bus = DbusDaemon::start(&scratch.0);
     let mut lp = Loop::new();
     let game = Game::start();
@@ -588,7 +566,7 @@ async fn emit(conn: &Connection, pid: u32, registered: bool) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn with_gamemoded_on_the_bus_corral_follows_its_signals_and_takes_the_name_only_when_it_leaves() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("corral-gamemode");
     let bus = DbusDaemon::start(&scratch.0);
     let mut lp = Loop::new();
     let (early, late) = (Game::start(), Game::start());

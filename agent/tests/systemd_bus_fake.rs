@@ -9,12 +9,9 @@
 use std::{
     collections::HashMap,
     io::{BufRead as _, BufReader as StdBufReader},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -28,30 +25,11 @@ use zbus::{
     zvariant::{ObjectPath, OwnedObjectPath, OwnedValue},
 };
 
+mod support;
+use support::Scratch;
+
 // ---------------------------------------------------------------------------
 // Scaffolding: a scratch directory, a private dbus-daemon.
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "corral-bus-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A `dbus-daemon --session` listening in a scratch directory; killed on drop.
 struct DbusDaemon {
@@ -585,7 +563,7 @@ struct Bus {
 
 impl Bus {
     async fn start() -> Self {
-        let scratch = Scratch::new();
+        let scratch = Scratch::new("corral-bus");
         let daemon = DbusDaemon::start(&scratch.0);
         let state = new_state();
         let server = zbus::connection::Builder::address(daemon.address.as_str())
@@ -1003,7 +981,7 @@ async fn invalid_props_are_refused_before_any_call() {
 // ---------------------------------------------------------------------------
 #[tokio::test]
 async fn user_session_without_a_session_bus_uses_the_managers_private_socket_peer_to_peer() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("corral-bus");
     std::fs::create_dir(scratch.0.join("systemd")).unwrap();
     let state = new_state();
     serve_peer(&scratch.0.join("systemd/private"), state.clone()).await;
@@ -1035,7 +1013,7 @@ async fn user_session_without_a_session_bus_uses_the_managers_private_socket_pee
 
 #[tokio::test]
 async fn user_session_skips_a_session_bus_that_systemd_is_not_on() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("corral-bus");
     let daemon = DbusDaemon::start(&scratch.0);
     std::fs::create_dir(scratch.0.join("systemd")).unwrap();
     let state = new_state();
@@ -1049,7 +1027,7 @@ async fn user_session_skips_a_session_bus_that_systemd_is_not_on() {
 
 #[tokio::test]
 async fn user_session_with_no_manager_anywhere_says_what_it_tried() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("corral-bus");
     let err = ManagerClient::user_session_at(None, &scratch.0)
         .await
         .unwrap_err();

@@ -79,16 +79,9 @@ impl Agent {
     }
 
     fn gamemode_call(&mut self, call: Call) -> Vec<Effect> {
-        let Call {
-            bus_uid,
-            caller_uid,
-            op,
-            game,
-            requester,
-            reply,
-            received,
-        } = call;
-        let (code, effects) = match op {
+        let (bus_uid, game, requester, caller_uid) =
+            (call.bus_uid, call.game, call.requester, call.caller_uid);
+        let (code, effects) = match call.op {
             Op::Query => {
                 let registered = self.gamemode.registry.get(game).is_some();
                 let protected = self.protected().to_owned();
@@ -106,10 +99,10 @@ impl Agent {
             Op::Register | Op::Unregister => {
                 match gamemode::check_caller(caller_uid, game, self.procs.owner(game)) {
                     Err(refused) => {
-                        warn!(?op, uid = ?caller_uid, "GameMode: refused: {}", refused.message);
+                        warn!(op = ?call.op, uid = ?caller_uid, "GameMode: refused: {}", refused.message);
                         (refused.code, Vec::new())
                     }
-                    Ok(()) if op == Op::Register => {
+                    Ok(()) if call.op == Op::Register => {
                         let code = self.register_game(Registration {
                             game,
                             requester,
@@ -122,7 +115,7 @@ impl Agent {
                                 game,
                                 requester,
                                 bus_uid,
-                                latency_us = received.elapsed().as_micros() as u64,
+                                latency_us = call.received.elapsed().as_micros() as u64,
                                 "GameMode: registered and placed"
                             );
                         }
@@ -138,7 +131,7 @@ impl Agent {
                 }
             }
         };
-        let _ = reply.send(code);
+        let _ = call.reply.send(code);
         effects
     }
 
