@@ -158,6 +158,8 @@ async fn caller_uid(conn: &Connection, header: &Header<'_>) -> Option<u32> {
         .ok()
 }
 
+// One Rust method per D-Bus method (the macro needs each spelled out);
+// each only turns its arguments into pids for `ask`.
 #[zbus::interface(name = "com.feralinteractive.GameMode")]
 impl GameModeApi {
     async fn register_game(

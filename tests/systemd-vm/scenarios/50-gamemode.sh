@@ -51,8 +51,10 @@ gm_launch() {
 gm_status_has() { corral status 2>/dev/null | grep -qF -- "$1"; }
 
 # gm_latency_us CURSOR: the last register-to-placement latency corral logged.
+# (-a and the sed: tracing colours its fields, which journalctl would
+# otherwise show as a blob.)
 gm_latency_us() {
-    journal_since "$1" -u corral.service -q |
+    journal_since "$1" -u corral.service -q -a | sed 's/\x1b\[[0-9;]*m//g' |
         sed -n 's/.*GameMode: registered and placed.*latency_us=\([0-9]*\).*/\1/p;
                 s/.*latency_us=\([0-9]*\).*GameMode: registered and placed.*/\1/p' | tail -n 1
 }
