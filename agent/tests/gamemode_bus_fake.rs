@@ -67,8 +67,23 @@ struct DbusDaemon {
 
 impl DbusDaemon {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, false)
+    }
+
+    /// With `gamemoded_installed`, the bus can start a (stand-in) gamemoded,
+    /// as the gamemode package's D-Bus service file makes it.
+    fn start_with(dir: &Path, gamemoded_installed: bool) -> Self {
         let socket = dir.join("bus");
         let config = dir.join("bus.conf");
+        let services = dir.join("services");
+        std::fs::create_dir_all(&services).unwrap();
+        if gamemoded_installed {
+            std::fs::write(
+                services.join("com.feralinteractive.GameMode.service"),
+                "[D-BUS Service]\nName=com.feralinteractive.GameMode\nExec=/bin/false\n",
+            )
+            .unwrap();
+        }
         std::fs::write(
             &config,
             format!(
@@ -77,6 +92,7 @@ impl DbusDaemon {
 <busconfig>
   <type>session</type>
   <listen>unix:path={}</listen>
+  <servicedir>{}</servicedir>
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow user="*"/>
@@ -86,7 +102,8 @@ impl DbusDaemon {
   </policy>
 </busconfig>
 "#,
-                socket.display()
+                socket.display(),
+                services.display()
             ),
         )
         .unwrap();
@@ -632,5 +649,32 @@ async fn with_gamemoded_on_the_bus_corral_follows_its_signals_and_takes_the_name
         Some(gamemoded_name.as_str())
     );
     assert!(lp.emitted.is_empty(), "corral emitted nothing while following");
+    server.abort();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn with_gamemoded_installed_but_not_running_corral_leaves_it_the_name_and_follows_it() {
+    // gamemoded exits when the name is taken (sd-bus never queues), so
+    // owning it would keep an installed gamemoded from ever starting.
+    let scratch = Scratch::new("corral-gamemode");
+    let bus = DbusDaemon::start_with(&scratch.0, true);
+    let mut lp = Loop::new();
+    let game = Game::start();
+    lp.script(game.pid(), USER);
+    let server = lp.serve(bus.connect_as(USER).await);
+    let watcher = bus.connect_as(USER).await;
+    until(&mut lp, "corral to follow the installed gamemoded", |lp| {
+        lp.status_lines() == vec!["following gamemoded on uid 1000's bus, 0 game(s) registered"]
+    })
+    .await;
+    assert_eq!(lp.drive(owner_of_gamemode(&watcher)).await, None, "corral left the name free");
+    // gamemoded starts (as activation would start it) and gets the name.
+    let gamemoded = fake_gamemoded(&bus, vec![], false).await;
+    lp.drive(tokio::time::sleep(Duration::from_millis(200))).await;
+    lp.drive(emit(&gamemoded, game.pid(), true)).await;
+    until(&mut lp, "the followed registration", |lp| {
+        lp.placed("game").contains(&game.pid())
+    })
+    .await;
     server.abort();
 }

@@ -11,9 +11,15 @@
 //! daemon/gamemode-dbus.c. Argument order of the two-pid methods is the one
 //! the clients send (lib/client_impl.c, the portal's `RegisterGameByPid`):
 //! the game first, then the requester. libgamemode tries the pidfd variants
-//! first and falls back to pids. corral never fights for the name: it asks
-//! with "do not queue", and while it owns the name, a gamemoded waiting in
-//! the queue makes it let go.
+//! first and falls back to pids.
+//!
+//! corral never fights for the name. gamemoded asks for it without queueing
+//! (sd-bus queues only with `SD_BUS_NAME_QUEUE`) and exits when it is taken,
+//! so corral leaves the name alone whenever a gamemoded could take it: the
+//! bus can start one (`ListActivatableNames`) and the user's manager does
+//! not have `gamemoded.service` masked. Only then, or when gamemoded runs,
+//! does corral follow instead of provide; it checks again every second, and
+//! a client queued for the name makes it let go too.
 
 use std::{
     collections::HashMap,
@@ -338,10 +344,13 @@ pub async fn serve_bus(
             warn!(bus_uid, "GameMode: cannot serve {PATH}: {e}");
             break;
         }
-        let turn = match conn
-            .request_name_with_flags(NAME, RequestNameFlags::DoNotQueue.into())
-            .await
-        {
+        let claim = if gamemoded_available(&conn).await {
+            Err(zbus::Error::NameTaken)
+        } else {
+            conn.request_name_with_flags(NAME, RequestNameFlags::DoNotQueue.into())
+                .await
+        };
+        let turn = match claim {
             Ok(_) => {
                 info!(
                     bus_uid,
@@ -359,7 +368,7 @@ pub async fn serve_bus(
                 let _ = conn.object_server().remove::<GameModeApi, _>(PATH).await;
                 info!(
                     bus_uid,
-                    "GameMode: gamemoded holds the name on uid {bus_uid}'s bus; following its signals"
+                    "GameMode: gamemoded holds or can take the name on uid {bus_uid}'s bus; following its signals"
                 );
                 let _ = calls
                     .send(Incoming::Provider {
@@ -408,17 +417,53 @@ async fn provide(
                     debug!("GameMode: could not emit a signal: {e}");
                 }
             }
-            _ = poll.tick() => match dbus.list_queued_owners(name.clone()).await {
-                Ok(owners) if owners.len() > 1 => {
-                    info!("GameMode: gamemoded asked for the name; handing it over and following it");
+            _ = poll.tick() => {
+                let queued = match dbus.list_queued_owners(name.clone()).await {
+                    Ok(owners) => owners.len() > 1,
+                    Err(fdo::Error::ZBus(_)) => return Turn::Closed,
+                    Err(e) => {
+                        debug!("GameMode: ListQueuedOwners: {e}");
+                        false
+                    }
+                };
+                if queued || gamemoded_available(conn).await {
+                    info!("GameMode: a gamemoded can take the name; handing it over and following it");
                     let _ = conn.release_name(NAME).await;
                     return Turn::Again;
                 }
-                Ok(_) => {}
-                Err(fdo::Error::ZBus(zbus::Error::InputOutput(_))) => return Turn::Closed,
-                Err(e) => debug!("GameMode: ListQueuedOwners: {e}"),
-            },
+            }
         }
+    }
+}
+
+/// Whether a gamemoded could take the name on `conn`'s bus: the bus can
+/// start it, and the user's manager (when one is on the bus) does not have
+/// it masked.
+async fn gamemoded_available(conn: &Connection) -> bool {
+    let Ok(dbus) = fdo::DBusProxy::new(conn).await else {
+        return false;
+    };
+    let activatable = dbus
+        .list_activatable_names()
+        .await
+        .is_ok_and(|names| names.iter().any(|n| n.as_str() == NAME));
+    if !activatable {
+        return false;
+    }
+    let state = conn
+        .call_method(
+            Some("org.freedesktop.systemd1"),
+            "/org/freedesktop/systemd1",
+            Some("org.freedesktop.systemd1.Manager"),
+            "GetUnitFileState",
+            &("gamemoded.service",),
+        )
+        .await
+        .and_then(|reply| reply.body().deserialize::<String>());
+    match state {
+        Ok(state) => !state.starts_with("masked"),
+        // No systemd on this bus: the bus daemon starts gamemoded itself.
+        Err(_) => true,
     }
 }
 
@@ -475,8 +520,20 @@ async fn follow(
             }
         }
     }
+    let mut poll = tokio::time::interval(POLL);
     loop {
         let event = tokio::select! {
+            // Nobody holds the name and no gamemoded can take it any more
+            // (masked, uninstalled): corral may provide it.
+            _ = poll.tick() => {
+                let name = BusName::WellKnown(WellKnownName::from_static_str_unchecked(NAME));
+                if !dbus.name_has_owner(name).await.unwrap_or(true)
+                    && !gamemoded_available(conn).await
+                {
+                    return Turn::Again;
+                }
+                continue;
+            }
             s = next(&mut registered) => s.and_then(|s| s.args().ok().map(|a| (a.pid, true))),
             s = next(&mut unregistered) => s.and_then(|s| s.args().ok().map(|a| (a.pid, false))),
             changed = next(&mut owner) => {

@@ -3,8 +3,10 @@
 # com.feralinteractive.GameMode: `gamemoderun GAME` registers through the
 # real libgamemode (pidfd methods) and GAME lands in game; `gamemoded -s`
 # (QueryStatus) answers active while it runs and inactive after. With
-# gamemoded unmasked and started, corral hands it the name, follows its
+# gamemoded unmasked, corral leaves it the name (gamemoded exits when the
+# name is taken: sd-bus never queues), and once it runs, corral follows its
 # GameRegistered/GameUnregistered signals and still places the game.
+GM_RUN=/usr/games/gamemoderun
 
 GM_NAME=com.feralinteractive.GameMode
 GM_PATH=/com/feralinteractive/GameMode
@@ -40,7 +42,7 @@ gm_count_is() { [[ $(gm_client_count) == "$1" ]]; }
 gm_launch() {
     local unit=$1 pidfile=$SHELL_PIDS/$1 pid
     rm -f "$pidfile"
-    printf '%s %s\n' "$unit" "gamemoderun $GM_GAME 600" > "$SHELL_FIFO"
+    printf '%s %s\n' "$unit" "$GM_RUN $GM_GAME 600" > "$SHELL_FIFO"
     wait_for 30 test -s "$pidfile" || return 1
     pid=$(cat "$pidfile")
     wait_for 30 _execd "$pid" indiegame || return 1
@@ -63,7 +65,7 @@ scenario_gamemode() {
     check "gamemode: corral.service is running" corral_ensure_started
     check "gamemode: alice's manager is up" wait_user_manager 120
     check "gamemode: Debian's gamemode is installed (gamemoderun, gamemoded)" \
-        test -x /usr/bin/gamemoderun -a -x /usr/bin/gamemoded
+        test -x "$GM_RUN" -a -x /usr/bin/gamemoded
     install -m 755 /bin/sleep "$GM_GAME"
     user_systemctl mask gamemoded.service > /dev/null 2>&1
     user_systemctl stop gamemoded.service > /dev/null 2>&1
@@ -122,7 +124,10 @@ scenario_gamemode() {
 
     # --- gamemoded runs: corral follows it -----------------------------
     user_systemctl unmask gamemoded.service > /dev/null 2>&1
-    check "gamemode: alice's gamemoded starts (corral hands it the name)" \
+    check "gamemode: once gamemoded is unmasked corral leaves it the name" \
+        wait_for 10 gm_status_has "GameMode: following gamemoded on uid $ALICE_UID's bus"
+    check_eq "gamemode: nobody holds the name before gamemoded starts" "" "$(gm_owner_pid)"
+    check "gamemode: alice's gamemoded starts" \
         timeout 60 runuser -u "$ALICE" -- env XDG_RUNTIME_DIR="$ALICE_RUNTIME" \
         DBUS_SESSION_BUS_ADDRESS="unix:path=$ALICE_RUNTIME/bus" \
         systemctl --user start gamemoded.service
@@ -144,7 +149,7 @@ scenario_gamemode() {
     check "gamemode: corral still does not hold the name" \
         gm_owner_is "$gamemoded_pid"
     artifact gamemode-status-following.txt corral status
-    artifact gamemoded-journal.txt journalctl --no-pager -q _PID="$gamemoded_pid"
+    artifact gamemoded-journal.txt journalctl --no-pager -q -a _SYSTEMD_USER_UNIT=gamemoded.service
     kill "$followed" 2>/dev/null
 
     # Leave the machine as found: gamemoded stopped and masked again, so
