@@ -801,7 +801,7 @@ async fn a_vram_ladder_step_reaches_the_notification_server_on_alices_session_bu
     // Her session bus, run as her: root could not join it as root.
     let _bus = DbusDaemon::start_at(&alice_dir.join("bus"), Some(ALICE));
     let sent = Arc::new(Mutex::new(Vec::new()));
-    let server = systemd_bus::bus_as(ALICE, &alice_dir.join("bus"))
+    let server = systemd_bus::user_bus_connection(ALICE, &alice_dir.join("bus"))
         .await
         .unwrap();
     server

@@ -32,7 +32,10 @@ pub struct Outcome {
 pub fn run(root: &Path, targets: &[String], seconds: u64) -> anyhow::Result<Vec<Outcome>> {
     for target in targets {
         if !TARGETS.contains(&target.as_str()) {
-            bail!("no fuzz target `{target}`; there are: {}", TARGETS.join(", "));
+            bail!(
+                "no fuzz target `{target}`; there are: {}",
+                TARGETS.join(", ")
+            );
         }
     }
     crate::setup::cargo_fuzz()?;

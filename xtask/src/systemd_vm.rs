@@ -42,6 +42,8 @@ const PACKAGES: &[&str] = &[
     "kmod",
     "linux-image-amd64",
     "iproute2",
+    // The gamemode scenario: gamemoderun, libgamemode and gamemoded.
+    "gamemode",
 ];
 const IMAGE_SIZE: &str = "3G";
 /// Exactly the command line of shared/SYSTEMD-VM.md: cgroup v2 only.

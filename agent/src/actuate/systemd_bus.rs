@@ -356,8 +356,8 @@ impl ManagerClient {
     /// socket takes root too, but systemd stamps its messages there with a
     /// well-known sender name that zbus cannot parse and panics on.)
     pub async fn user_bus_as(uid: u32) -> Result<Self, Error> {
-        let path = PathBuf::from(format!("/run/user/{uid}/bus"));
-        Self::new(bus_as(uid, &path).await?, true).await
+        let conn = user_bus_connection(uid, Path::new(&format!("/run/user/{uid}/bus"))).await?;
+        Self::new(conn, true).await
     }
 
     /// A manager on its private socket at `path`, peer to peer.
@@ -756,10 +756,11 @@ async fn connect_bus_with_systemd(address: &str) -> zbus::Result<Connection> {
     }
 }
 
-/// A connection to the bus listening at `path` with `uid`'s credentials,
-/// for a root caller (see [`ManagerClient::user_bus_as`]); desktop
-/// notifications reach a user's session bus this way too.
-pub async fn bus_as(uid: u32, path: &Path) -> Result<Connection, Error> {
+/// A connection to the bus at `path` (a user's session bus,
+/// `/run/user/UID/bus`), made with `uid`'s credentials by a root caller,
+/// because dbus-daemon lets only the bus's user in. Shared by the manager
+/// client, corral's GameMode provider and desktop notifications.
+pub async fn user_bus_connection(uid: u32, path: &Path) -> Result<Connection, Error> {
     let connect_error = |e: std::io::Error| Error::Connect {
         tried: format!("{} as uid {uid}: {e}", path.display()),
     };

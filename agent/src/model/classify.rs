@@ -49,6 +49,19 @@ impl Decision {
         }
     }
 
+    /// A process its user declared a member of `class` (a GameMode
+    /// registration): `rule` says who declared it, `source` through what.
+    /// Its descendants take the class.
+    pub fn declared(class: &str, rule: String, source: String) -> Self {
+        Decision {
+            class: class.to_owned(),
+            rule,
+            source: Some(source),
+            inherited_from: None,
+            passes_down: true,
+        }
+    }
+
     fn from_rule(rule: &Rule) -> Self {
         Decision {
             class: rule.class.clone(),

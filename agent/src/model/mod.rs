@@ -8,6 +8,7 @@ pub mod classify;
 pub mod coexist;
 pub mod coresets;
 pub mod cpus;
+pub mod gamemode;
 pub mod modes;
 pub mod pidref;
 pub mod policy;

@@ -79,6 +79,9 @@ pub fn render_status(s: &Status) -> String {
     for f in &s.coexistence {
         lines.push(format!("coexist {}", escape(&f.describe())));
     }
+    for line in &s.gamemode {
+        lines.push(format!("GameMode: {}", escape(line)));
+    }
     match (&s.gpu.on, &s.gpu.off_reason) {
         (true, _) => {
             let used: Vec<String> = s
@@ -512,9 +515,30 @@ mod tests {
                 detail: "`performance` through power-profiles-daemon (org.freedesktop.UPower.PowerProfiles, cookie 7)".into(),
             },
             coexistence: vec![],
+            gamemode: vec![],
             agent_rss_bytes: 0,
             agent_cpu_seconds: 0.0,
         }
+    }
+
+    #[test]
+    fn status_says_who_provides_gamemode_on_each_bus() {
+        let mut s = status();
+        s.gamemode = vec![
+            "provided by corral on uid 1000's bus, 1 game(s) registered".into(),
+            "following gamemoded on uid 1001's bus, 0 game(s) registered".into(),
+        ];
+        let text = render_status(&s);
+        assert!(
+            text.contains(
+                "\nGameMode: provided by corral on uid 1000's bus, 1 game(s) registered\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nGameMode: following gamemoded on uid 1001's bus"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -17,8 +17,10 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     agent_desktop::DesktopState,
+    agent_gamemode::GameModeState,
     agent_gpu::{GpuState, halve},
     daemon::monotonic_ns,
+    gamemode_bus,
 };
 use crate::{
     actuate::{
@@ -78,6 +80,8 @@ pub enum Event {
     WatchdogTick,
     /// What the power carrier holds now, after a request.
     Power(PowerStatus),
+    /// From the GameMode side of the users' session buses.
+    GameMode(gamemode_bus::Incoming),
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -104,6 +108,8 @@ pub enum Effect {
         uid: u32,
         notification: Notification,
     },
+    /// Emit GameMode's `GameRegistered`/`GameUnregistered` on a user's bus.
+    GameMode(gamemode_bus::Signal),
     /// Leave the loop.
     Exit,
 }
@@ -157,6 +163,7 @@ pub struct Agent {
     pub(super) dropped_swept: u64,
     /// Power requests, desktop notifications, coexisting tools.
     pub(super) desktop: DesktopState,
+    pub(super) gamemode: GameModeState,
 }
 
 /// Loads the ananicy-cpp rules when the policy enables them; failures
@@ -260,6 +267,7 @@ impl Agent {
             gpu,
             dropped_swept: 0,
             desktop,
+            gamemode: GameModeState::default(),
         }
     }
 
@@ -381,13 +389,18 @@ impl Agent {
                 ]
             }
             Event::Kernel(e) => {
+                let mut effects = Vec::new();
                 match EventKind::from_u32(e.kind) {
                     Some(EventKind::Exec) => self.on_exec(&e),
                     Some(EventKind::Fork) => self.on_fork(&e),
-                    Some(EventKind::Exit) => self.on_exit(&e),
+                    Some(EventKind::Exit) => {
+                        // A registered game's exit ends its registration.
+                        effects = self.gamemode_exited(e.tgid);
+                        self.on_exit(&e);
+                    }
                     None => warn!(kind = e.kind, "unknown event kind from the kernel"),
                 }
-                Vec::new()
+                effects
             }
             Event::KernelBatchDone | Event::ModeTimer => {
                 self.update_mode();
@@ -427,7 +440,7 @@ impl Agent {
             Event::SweepTick => {
                 self.sweep(false);
                 self.check_coexistence();
-                Vec::new()
+                self.gamemode_sweep()
             }
             Event::Power(status) => {
                 self.on_power(status);
@@ -441,6 +454,7 @@ impl Agent {
                 vec![Effect::RenderMetrics]
             }
             Event::WatchdogTick => vec![Effect::Notify(Notice::Watchdog)],
+            Event::GameMode(incoming) => self.on_gamemode(incoming),
             Event::Stop => {
                 info!("stopping: thawing and widening every managed group to all CPUs");
                 self.placer.release_all();
@@ -635,6 +649,21 @@ impl Agent {
         }
     }
 
+    /// Places `pid` in its class's group, or, when the policy leaves its
+    /// class alone, moves it back where it came from. Returns whether it
+    /// moved.
+    pub(super) fn place_or_release(&mut self, pid: u32) -> bool {
+        let managed = self
+            .table
+            .get(pid)
+            .is_some_and(|p| self.placer.layout().group(&p.decision.class).is_some());
+        if managed {
+            self.place(pid, None)
+        } else {
+            self.release(pid)
+        }
+    }
+
     /// Moves a process the policy no longer manages back where it came
     /// from. Returns whether it moved.
     pub(super) fn release(&mut self, pid: u32) -> bool {
@@ -727,17 +756,7 @@ impl Agent {
                 self.forget_pid(pid);
                 continue;
             }
-            let class = self
-                .table
-                .get(pid)
-                .map(|p| p.decision.class.clone())
-                .unwrap_or_default();
-            let moved = if self.placer.layout().group(&class).is_some() {
-                self.place(pid, None)
-            } else {
-                self.release(pid)
-            };
-            moves += usize::from(moved);
+            moves += usize::from(self.place_or_release(pid));
         }
         self.apply_layout();
         self.update_mode();

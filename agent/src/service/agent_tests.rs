@@ -1149,3 +1149,5 @@ fn a_reload_that_changes_how_to_hold_releases_and_holds_anew() {
     );
     assert!(power_requests(&rig.agent.handle(Event::SweepTick)).is_empty());
 }
+#[path = "agent_gamemode_tests.rs"]
+mod gamemode;

@@ -216,6 +216,7 @@ impl Agent {
             gpu: self.gpu_status(),
             power: self.desktop.power.clone(),
             coexistence: self.desktop.coexist.clone(),
+            gamemode: self.gamemode_lines(),
             agent_rss_bytes: rss,
             agent_cpu_seconds: cpu,
         }

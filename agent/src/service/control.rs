@@ -115,6 +115,9 @@ pub struct Status {
     /// Other tools tuning the same knobs, and what corral does about each.
     #[serde(default)]
     pub coexistence: Vec<crate::model::coexist::Finding>,
+    /// Who provides GameMode on each user's session bus corral is on.
+    #[serde(default)]
+    pub gamemode: Vec<String>,
     /// The agent's own resident memory and CPU time.
     pub agent_rss_bytes: u64,
     pub agent_cpu_seconds: f64,

@@ -25,7 +25,7 @@ use crate::{
     kernel::bpf::{self, Tracer},
     model::{policy::PolicySource, procs::LiveProcs},
     observe::metrics,
-    service::{control, desktop_notify},
+    service::{control, desktop_notify, gamemode_bus},
 };
 
 /// How long file events are collected before one reload: editors write a
@@ -207,6 +207,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     });
     let (control_tx, mut control_rx) = mpsc::channel(64);
     let server = control::serve(&options.socket, control_tx, control::Limits::default())?;
+    // GameMode on every logged-in user's session bus (none: nothing to do).
+    let (gamemode_tx, mut gamemode_rx) = mpsc::channel(64);
+    let buses = gamemode_bus::Buses::spawn(PathBuf::from("/run/user"), gamemode_tx);
     let (file_tx, mut file_rx) = mpsc::channel(16);
     if let Err(e) = watch_policy(watched, file_tx) {
         warn!("policy files are not watched ({e:#}); reload with SIGHUP or `corral reload`");
@@ -265,6 +268,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     uid,
                     notification,
                 ),
+                Effect::GameMode(signal) => buses.deliver(signal),
                 Effect::Exit => go_on = false,
             }
         }
@@ -306,6 +310,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
             Some(status) = power_rx.recv() => agent.handle(Event::Power(status)),
             Some(incoming) = control_rx.recv() => agent.handle(Event::Control(incoming)),
+            Some(incoming) = gamemode_rx.recv() => agent.handle(Event::GameMode(incoming)),
             Some(()) = file_rx.recv() => {
                 // Let the editor finish, then reload once for the burst.
                 tokio::time::sleep(RELOAD_SETTLE).await;

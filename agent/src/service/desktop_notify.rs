@@ -62,7 +62,7 @@ impl RateLimit {
 /// returns the notification id the server gave.
 pub async fn send(runtime_root: &Path, uid: u32, n: &Notification) -> anyhow::Result<u32> {
     let path = runtime_root.join(uid.to_string()).join("bus");
-    let conn = systemd_bus::bus_as(uid, &path).await?;
+    let conn = systemd_bus::user_bus_connection(uid, &path).await?;
     let proxy = zbus::Proxy::new(
         &conn,
         "org.freedesktop.Notifications",

@@ -3,9 +3,11 @@
 
 pub mod agent;
 mod agent_desktop;
+mod agent_gamemode;
 mod agent_gpu;
 mod agent_views;
 pub mod control;
 pub mod daemon;
 pub mod desktop_notify;
+pub mod gamemode_bus;
 pub mod notify;
