@@ -36,6 +36,10 @@ pub struct Soak {
     /// Control requests the two well-behaved users make in all.
     #[arg(long, default_value_t = 10_000)]
     requests: u32,
+    /// Leave the hostile user's threads beside everyone else's instead of
+    /// in a CPU group of their own (what a systemd user slice gives them).
+    #[arg(long)]
+    no_user_slice: bool,
 }
 
 /// One user's control-socket load, run in a child process as that user.
@@ -188,6 +192,37 @@ fn report(child: Child) -> anyhow::Result<String> {
         .join("\n"))
 }
 
+/// What systemd gives each logged-in user: a slice with an equal CPU
+/// weight, so one user's busy threads together weigh as one user. The
+/// hostile client gets such a group under the cgroup v1 cpu controller
+/// where the host has one (this machine kind is a v1/v2 hybrid); the group
+/// is removed on drop, once the client has exited.
+struct UserSlice(PathBuf);
+
+impl UserSlice {
+    fn for_process(pid: u32) -> Result<Self, String> {
+        let controller = Path::new("/sys/fs/cgroup/cpu");
+        if !controller.join("cgroup.procs").exists() {
+            return Err(format!(
+                "no cgroup v1 cpu controller at {}",
+                controller.display()
+            ));
+        }
+        let dir = controller.join(format!("corral-soak-{}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let slice = Self(dir);
+        std::fs::write(slice.0.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| format!("moving pid {pid} into {}: {e}", slice.0.display()))?;
+        Ok(slice)
+    }
+}
+
+impl Drop for UserSlice {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 fn descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -203,8 +238,9 @@ pub fn run(soak: Soak) -> anyhow::Result<()> {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     let agent_pid = agent.child.id();
     let program = dir.join("corral-soak-game");
-    // Each lives 100 ms: a process that exits before the agent reads it
-    // cannot be placed, and that would say nothing about the agent.
+    // Each lives 500 ms (up to 500 at once at 1000/s): one still unplaced
+    // when it exits is a placement the agent missed, not one it could not
+    // make.
     std::fs::copy("/bin/sleep", &program).context("copying /bin/sleep")?;
 
     // Two well-behaved users split the requests over the whole run; the
@@ -239,6 +275,24 @@ pub fn run(soak: Soak) -> anyhow::Result<()> {
         "hostile",
         &["--idle".into(), "2000".into()],
     )?;
+    let slice = if soak.no_user_slice {
+        println!("soak: the hostile user shares the CPU with everyone (--no-user-slice)");
+        None
+    } else {
+        match UserSlice::for_process(hostile.id()) {
+            Ok(slice) => {
+                println!(
+                    "soak: the hostile user's threads run in {} (one user's CPU weight, as its systemd user slice would give)",
+                    slice.0.display()
+                );
+                Some(slice)
+            }
+            Err(e) => {
+                println!("soak: the hostile user shares the CPU with everyone ({e})");
+                None
+            }
+        }
+    };
     println!(
         "soak: {} execs at {:?}/s in {} s blocks ({run_secs} s), {} status requests from uid 0 and 1000 every {interval_ms} ms, uid 65534 holding 2000 idle connections and flooding",
         soak.execs,
@@ -267,7 +321,7 @@ pub fn run(soak: Soak) -> anyhow::Result<()> {
                     std::thread::sleep(wait);
                 }
                 match Command::new(&program)
-                    .arg("0.1")
+                    .arg("0.5")
                     .stdin(Stdio::null())
                     .spawn()
                 {
@@ -277,7 +331,7 @@ pub fn run(soak: Soak) -> anyhow::Result<()> {
                     }
                     Err(_) => spawn_failures += 1,
                 }
-                if running.len() > 256 {
+                if running.len() > 1024 {
                     running.retain_mut(|c| c.try_wait().ok().flatten().is_none());
                 }
                 if Instant::now() >= next_sample {
@@ -303,6 +357,7 @@ pub fn run(soak: Soak) -> anyhow::Result<()> {
     let mut hostile = hostile;
     drop(hostile.stdin.take());
     let hostile = report(hostile)?;
+    drop(slice);
 
     std::thread::sleep(Duration::from_millis(500));
     let status: serde_json::Value =
