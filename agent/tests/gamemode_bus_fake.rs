@@ -65,6 +65,12 @@ struct DbusDaemon {
     socket: PathBuf,
 }
 
+/// The file the stand-in gamemoded of [`DbusDaemon::start_with`] creates
+/// when the bus activates it.
+fn activated_mark(dir: &Path) -> PathBuf {
+    dir.join("gamemoded-activated")
+}
+
 impl DbusDaemon {
     fn start(dir: &Path) -> Self {
         Self::start_with(dir, false)
@@ -78,9 +84,13 @@ impl DbusDaemon {
         let services = dir.join("services");
         std::fs::create_dir_all(&services).unwrap();
         if gamemoded_installed {
+            // The stand-in leaves a mark when the bus starts it, and exits.
             std::fs::write(
                 services.join("com.feralinteractive.GameMode.service"),
-                "[D-BUS Service]\nName=com.feralinteractive.GameMode\nExec=/bin/false\n",
+                format!(
+                    "[D-BUS Service]\nName=com.feralinteractive.GameMode\nExec=/usr/bin/touch {}\n",
+                    activated_mark(dir).display()
+                ),
             )
             .unwrap();
         }
@@ -712,6 +722,15 @@ async fn with_gamemoded_installed_but_not_running_corral_leaves_it_the_name_and_
         lp.drive(owner_of_gamemode(&watcher)).await,
         None,
         "corral left the name free"
+    );
+    // Following sends nothing that would start gamemoded: whether it runs
+    // is the user's manager's business (auto-start would also make the
+    // bus start it for corral's own ListGames).
+    lp.drive(tokio::time::sleep(Duration::from_millis(1500)))
+        .await;
+    assert!(
+        !activated_mark(&scratch.0).exists(),
+        "corral's calls made the bus start gamemoded"
     );
     // gamemoded starts (as activation would start it) and gets the name.
     let gamemoded = fake_gamemoded(&bus, vec![], false).await;

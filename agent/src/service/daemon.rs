@@ -298,14 +298,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             guard = events.readable_mut() => {
                 let mut guard = guard?;
                 let ring = guard.get_inner_mut();
+                // Every event's effects are carried out: an exit can end a
+                // GameMode registration (its signal) or queue a notice.
+                let mut effects = Vec::new();
                 while let Some(item) = ring.next() {
                     if let Some(event) = bpf::decode(&item) {
                         drop(item);
-                        agent.handle(Event::Kernel(event));
+                        effects.extend(agent.handle(Event::Kernel(event)));
                     }
                 }
                 guard.clear_ready();
-                agent.handle(Event::KernelBatchDone)
+                effects.extend(agent.handle(Event::KernelBatchDone));
+                effects
             }
             Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
             Some(status) = power_rx.recv() => agent.handle(Event::Power(status)),

@@ -304,6 +304,8 @@ impl GameModeApi {
     gen_blocking = false
 )]
 trait Gamemoded {
+    /// Never starts gamemoded: whether it runs is its user's choice.
+    #[zbus(no_autostart)]
     fn list_games(&self) -> zbus::Result<Vec<(i32, OwnedObjectPath)>>;
 
     #[zbus(signal)]
