@@ -67,6 +67,9 @@ pub struct Group {
     pub why: String,
     /// Why `cpus` differs from `base`, if it does.
     pub note: Option<String>,
+    /// The group's `cgroup.procs`, opened at the first move and kept: a
+    /// move on the exec path is then one write(2).
+    procs: std::sync::Arc<std::sync::OnceLock<fs::File>>,
 }
 
 /// Why a move did not happen.
@@ -162,6 +165,8 @@ impl Groups {
                 cpu_weight: class.cpu_weight,
                 why: r.why.clone(),
                 note: None,
+                // The same directory keeps its descriptor.
+                procs: previous.as_ref().map(|p| p.procs.clone()).unwrap_or_default(),
             };
             info!(class = %r.class, cpus = %r.cpus, "{}", r.why);
             if self.writes_files {
@@ -257,6 +262,31 @@ impl Groups {
             .groups
             .get(class)
             .ok_or_else(|| MoveError::Unmanaged(class.to_owned()))?;
+        if !self.writes_files {
+            return Ok(());
+        }
+        if group.procs.get().is_none()
+            && let Ok(file) = fs::OpenOptions::new()
+                .write(true)
+                .open(group.path.join("cgroup.procs"))
+        {
+            let _ = group.procs.set(file);
+        }
+        if let Some(mut file) = group.procs.get() {
+            let mut line = [0u8; 12];
+            let len = {
+                let mut cursor = io::Cursor::new(&mut line[..]);
+                let _ = writeln!(cursor, "{pid}");
+                cursor.position() as usize
+            };
+            match file.write(&line[..len]) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(MoveError::Gone(pid)),
+                // Anything else (the group was removed behind corral's
+                // back): the path, opened afresh, tells.
+                Err(_) => {}
+            }
+        }
         self.move_to(&group.path, pid)
     }
 

@@ -13,7 +13,7 @@ use crate::model::ananicy::AnanicyRules;
 use globset::GlobMatcher;
 
 use crate::model::policy::{Matcher, Policy, Rule, STEAM_APP_ENV, SYSTEM};
-use crate::model::procs::{ProcInfo, Table};
+use crate::model::procs::{Facts, ProcInfo, Table};
 
 /// Why a process is in its class.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +124,34 @@ pub fn classify_one(
             .unwrap_or_else(Decision::default_system),
         _ => Decision::default_system(),
     }
+}
+
+/// The optional facts (argv, cwd, environment) `policy` can use for a
+/// process whose always-read facts are `known`: those of every rule whose
+/// exe and comm globs let it match (its own matcher and `unless`), and
+/// those `ancestor` matchers read (this process may become someone's
+/// ancestor). What the exec path reads from /proc. A rule left out fails
+/// on exe or comm, which [`first_miss`] checks first, so `--rules`
+/// reports the same miss from a partial read as from a full one.
+pub fn facts_needed(policy: &Policy, known: &ProcInfo) -> Facts {
+    let passes = |globs: &[GlobMatcher], value: &str| {
+        globs.is_empty() || globs.iter().any(|g| g.is_match(value))
+    };
+    policy.rules.iter().fold(Facts::NONE, |facts, rule| {
+        let facts = match &rule.ancestor {
+            Some(a) => facts.union(a.facts_used()),
+            None => facts,
+        };
+        let m = &rule.matcher;
+        if !(passes(&m.exe, &known.exe) && passes(&m.comm, &known.comm)) {
+            return facts;
+        }
+        let facts = facts.union(m.facts_used());
+        match &rule.unless {
+            Some(u) => facts.union(u.facts_used()),
+            None => facts,
+        }
+    })
 }
 
 /// Classifies the last process of `chain` (outermost ancestor first).
@@ -513,6 +541,62 @@ rules = [
             argv: argv.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn facts_needed_are_those_of_rules_that_can_still_match_plus_ancestor_rules() {
+        let comm_only = Policy::parse(
+            Path::new("t.toml"),
+            "classes = { game = { cpus = \"0\" } }\nrules = [{ name = \"s\", class = \"game\", comm = [\"stormgame\"] }]\n",
+        )
+        .unwrap();
+        let storm = p("stormgame", "/tmp/stormgame", &[]);
+        assert_eq!(facts_needed(&comm_only, &storm), Facts::NONE);
+        let policy = policy();
+        let env = Facts {
+            env: true,
+            ..Facts::NONE
+        };
+        let argv = Facts {
+            argv: true,
+            ..Facts::NONE
+        };
+        // `in-editor` has no exe or comm and reads env; `dota`'s steam_app
+        // expands to env and argv matchers: both, for every process.
+        assert_eq!(
+            facts_needed(&policy, &p("make", "/usr/bin/make", &[])),
+            env.union(argv)
+        );
+        let no_steam = Policy::parse(
+            Path::new("t.toml"),
+            r#"
+classes = { dev = { cpus = "1" } }
+rules = [
+    { name = "editor", class = "dev", exe = ["*/nvim"], unless = { argv = ["--probe"] } },
+    { name = "proj", class = "dev", comm = ["make"], cwd = ["*/proj"] },
+    { name = "in-editor", class = "dev", ancestor = { exe = ["*/nvim"], env = { TERM = "x*" } } },
+]
+"#,
+        )
+        .unwrap();
+        // The ancestor matcher's env, whatever the process.
+        assert_eq!(
+            facts_needed(&no_steam, &p("cc", "/usr/bin/cc", &[])),
+            env
+        );
+        // nvim could be `editor`: its `unless` reads argv.
+        assert_eq!(
+            facts_needed(&no_steam, &p("nvim", "/usr/bin/nvim", &[])),
+            env.union(argv)
+        );
+        // make could be `proj`: its cwd.
+        assert_eq!(
+            facts_needed(&no_steam, &p("make", "/usr/bin/make", &[])),
+            env.union(Facts {
+                cwd: true,
+                ..Facts::NONE
+            })
+        );
     }
 
     #[test]

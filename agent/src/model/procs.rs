@@ -49,10 +49,63 @@ pub const ENV_ALWAYS: &[&str] = &[
     "SNAP_NAME",
 ];
 
+/// Which of a process's optional facts a read fetched. The pid, comm, exe,
+/// parent, start time and cgroup are always read; argv, cwd and the
+/// environment only when a rule that can still match this process, an
+/// ancestor rule or the ananicy rules look at them (the exec path reads
+/// no more than the policy can use). Fields not read are empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    pub argv: bool,
+    pub cwd: bool,
+    pub env: bool,
+}
+
+impl Facts {
+    pub const ALL: Facts = Facts {
+        argv: true,
+        cwd: true,
+        env: true,
+    };
+    pub const NONE: Facts = Facts {
+        argv: false,
+        cwd: false,
+        env: false,
+    };
+
+    pub fn union(self, other: Facts) -> Facts {
+        Facts {
+            argv: self.argv || other.argv,
+            cwd: self.cwd || other.cwd,
+            env: self.env || other.env,
+        }
+    }
+
+    pub fn is_all(self) -> bool {
+        self == Facts::ALL
+    }
+
+    /// Empties the fields `self` does not hold.
+    fn blank(self, info: &mut ProcInfo) {
+        if !self.argv {
+            info.argv.clear();
+        }
+        if !self.cwd {
+            info.cwd.clear();
+        }
+        if !self.env {
+            info.env.clear();
+        }
+    }
+}
+
 /// One live process.
 #[derive(Debug, Clone)]
 pub struct Proc {
     pub info: ProcInfo,
+    /// Which optional facts `info` holds ([`Facts::ALL`] unless read on
+    /// the exec path).
+    pub facts: Facts,
     pub ppid: u32,
     /// Start time in clock ticks since boot (/proc/PID/stat field 22): with
     /// the pid, identifies the process across pid reuse.
@@ -74,6 +127,7 @@ impl Proc {
     pub fn new(info: ProcInfo, ppid: u32, start_ticks: u64) -> Self {
         Proc {
             info,
+            facts: Facts::ALL,
             ppid,
             start_ticks,
             decision: Decision::default_system(),
@@ -118,6 +172,20 @@ pub trait ProcSource {
     fn pids(&self) -> Vec<u32>;
     /// The real uid of a process.
     fn owner(&self, pid: u32) -> Option<u32>;
+    /// Reads `pid` with only the optional facts `wanted` asks for, given
+    /// the facts always read (pid, comm, exe, cgroup). Returns what it read
+    /// and which optional facts it holds.
+    fn read_wanted(
+        &self,
+        pid: u32,
+        env_keys: &BTreeSet<String>,
+        wanted: &dyn Fn(&ProcInfo) -> Facts,
+    ) -> Result<(ProcRead, Facts), ReadError> {
+        let mut read = self.read(pid, env_keys)?;
+        let facts = wanted(&read.info);
+        facts.blank(&mut read.info);
+        Ok((read, facts))
+    }
     /// Its start time, for pid-reuse checks (a full read by default).
     fn start_ticks(&self, pid: u32) -> Option<u64> {
         self.read(pid, &BTreeSet::new()).ok().map(|r| r.start_ticks)
@@ -131,6 +199,15 @@ pub struct LiveProcs;
 impl ProcSource for LiveProcs {
     fn read(&self, pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError> {
         read_proc(pid, env_keys)
+    }
+
+    fn read_wanted(
+        &self,
+        pid: u32,
+        env_keys: &BTreeSet<String>,
+        wanted: &dyn Fn(&ProcInfo) -> Facts,
+    ) -> Result<(ProcRead, Facts), ReadError> {
+        read_proc_wanted(pid, env_keys, wanted)
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -198,10 +275,21 @@ impl ProcSource for ScriptedProcs {
 
 /// Reads a process's facts from /proc, keeping the environment variables in
 /// `env_keys`.
-///
-/// This is on the exec path, so it reads the files directly (one read or
-/// readlink each) instead of through a general /proc library.
 pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError> {
+    read_proc_wanted(pid, env_keys, &|_| Facts::ALL).map(|(read, _)| read)
+}
+
+/// Reads a process's stat, exe and cgroup from /proc, then the optional
+/// facts `wanted` asks for given those.
+///
+/// This is on the exec path, so it reads the files directly (open, read
+/// until the end, close: no size query, which /proc files cannot answer)
+/// instead of through a general /proc library.
+pub fn read_proc_wanted(
+    pid: u32,
+    env_keys: &BTreeSet<String>,
+    wanted: &dyn Fn(&ProcInfo) -> Facts,
+) -> Result<(ProcRead, Facts), ReadError> {
     let dir = format!("/proc/{pid}");
     let gone = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => ReadError::Gone(pid),
@@ -211,8 +299,9 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, Read
             source: procfs::ProcError::Io(e, Some(PathBuf::from(&dir))),
         },
     };
-    let stat = std::fs::read(format!("{dir}/stat")).map_err(gone)?;
-    let (comm, ppid, start_ticks) = parse_stat(&stat).ok_or_else(|| ReadError::Other {
+    let mut buf = Vec::with_capacity(1024);
+    read_file(&format!("{dir}/stat"), &mut buf).map_err(gone)?;
+    let (comm, ppid, start_ticks) = parse_stat(&buf).ok_or_else(|| ReadError::Other {
         pid,
         source: procfs::ProcError::Incomplete(Some(PathBuf::from(format!("{dir}/stat")))),
     })?;
@@ -224,51 +313,83 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, Read
             .unwrap_or_default()
     };
     let exe = link("exe");
-    let cwd = link("cwd");
-    let argv: Vec<String> = std::fs::read(format!("{dir}/cmdline"))
-        .map(|raw| {
-            raw.split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    let cgroup = cgroup_of(pid).unwrap_or_default();
-    let env = std::fs::read(format!("{dir}/environ"))
-        .map(|raw| {
-            raw.split(|b| *b == 0)
-                .filter_map(|var| {
-                    let eq = var.iter().position(|b| *b == b'=')?;
-                    let key = std::str::from_utf8(&var[..eq]).ok()?;
-                    (env_keys.contains(key) || ENV_ALWAYS.contains(&key)).then(|| {
-                        (
-                            key.to_owned(),
-                            String::from_utf8_lossy(&var[eq + 1..]).into_owned(),
-                        )
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    // A process that exited while we read has left most fields empty:
-    // report it gone rather than classify a husk.
-    if exe.is_empty() && argv.is_empty() && !Path::new(&dir).exists() {
-        return Err(ReadError::Gone(pid));
-    }
-    let info = ProcInfo {
+    let cgroup = match read_file(&format!("{dir}/cgroup"), &mut buf) {
+        Ok(()) => cgroup_line(&buf).unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let mut info = ProcInfo {
         pid,
         exe,
         comm,
-        argv,
-        cwd,
+        argv: Vec::new(),
+        cwd: String::new(),
         cgroup,
-        env,
+        env: BTreeMap::new(),
     };
-    Ok(ProcRead {
-        info,
-        ppid,
-        start_ticks,
-    })
+    let facts = wanted(&info);
+    if facts.cwd {
+        info.cwd = link("cwd");
+    }
+    if facts.argv && read_file(&format!("{dir}/cmdline"), &mut buf).is_ok() {
+        info.argv = buf
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+    }
+    if facts.env && read_file(&format!("{dir}/environ"), &mut buf).is_ok() {
+        info.env = buf
+            .split(|b| *b == 0)
+            .filter_map(|var| {
+                let eq = var.iter().position(|b| *b == b'=')?;
+                let key = std::str::from_utf8(&var[..eq]).ok()?;
+                (env_keys.contains(key) || ENV_ALWAYS.contains(&key)).then(|| {
+                    (
+                        key.to_owned(),
+                        String::from_utf8_lossy(&var[eq + 1..]).into_owned(),
+                    )
+                })
+            })
+            .collect();
+    }
+    // A process that exited while we read has left most fields empty:
+    // report it gone rather than classify a husk.
+    if info.exe.is_empty() && info.argv.is_empty() && !Path::new(&dir).exists() {
+        return Err(ReadError::Gone(pid));
+    }
+    Ok((
+        ProcRead {
+            info,
+            ppid,
+            start_ticks,
+        },
+        facts,
+    ))
+}
+
+/// The whole of a /proc file into `buf` (cleared first): open and read(2)
+/// until the end. /proc files report no size, so `std::fs::read`'s size
+/// query and probe read are syscalls for nothing here.
+fn read_file(path: &str, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Read as _;
+    buf.clear();
+    let mut file = std::fs::File::open(path)?;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The cgroup v2 path in /proc/PID/cgroup's text (the `0::` line).
+fn cgroup_line(text: &[u8]) -> Option<String> {
+    text.split(|b| *b == b'\n')
+        .find_map(|l| l.strip_prefix(b"0::"))
+        .map(|path| String::from_utf8_lossy(path).into_owned())
 }
 
 /// comm, ppid and start time (clock ticks) from /proc/PID/stat. The comm
@@ -288,18 +409,17 @@ fn parse_stat(stat: &[u8]) -> Option<(String, u32, u64)> {
 /// A process's start time (clock ticks since boot) from /proc/PID/stat
 /// alone: with the pid, who it is, for pid-reuse checks.
 pub fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let mut stat = Vec::with_capacity(512);
+    read_file(&format!("/proc/{pid}/stat"), &mut stat).ok()?;
     parse_stat(&stat).map(|(_, _, start)| start)
 }
 
 /// A process's cgroup (relative to the cgroup2 mount) from /proc/PID/cgroup
 /// alone.
 pub fn cgroup_of(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_owned)
+    let mut buf = Vec::with_capacity(512);
+    read_file(&format!("/proc/{pid}/cgroup"), &mut buf).ok()?;
+    cgroup_line(&buf)
 }
 
 /// The real uid of a process, from /proc/PID/status.

@@ -37,7 +37,7 @@ use crate::{
         cpus::CpuList,
         modes::{self, Mode, ModeSwitch},
         policy::{Policy, PolicySource},
-        procs::{Proc, ProcRead, ProcSource, ReadError, Table},
+        procs::{Facts, Proc, ProcInfo, ProcRead, ProcSource, ReadError, Table},
         topology::Topology,
     },
     observe::{
@@ -483,11 +483,24 @@ impl Agent {
         let handled_ns = monotonic_ns();
         self.counts.exec += 1;
         let pid = e.tgid;
-        let ProcRead {
-            info,
-            ppid: proc_ppid,
-            start_ticks,
-        } = match self.procs.read(pid, &self.env_keys) {
+        // Only what the policy can use for this process is read.
+        let (policy, ananicy) = (&self.policy, self.ananicy.is_some());
+        let wanted = |known: &ProcInfo| {
+            let facts = classify::facts_needed(policy, known);
+            // ananicy rules look at argv[0].
+            facts.union(Facts {
+                argv: ananicy,
+                ..Facts::NONE
+            })
+        };
+        let (
+            ProcRead {
+                info,
+                ppid: proc_ppid,
+                start_ticks,
+            },
+            facts,
+        ) = match self.procs.read_wanted(pid, &self.env_keys, &wanted) {
             Ok(read) => read,
             Err(err) => {
                 self.forget(pid, &err);
@@ -503,6 +516,7 @@ impl Agent {
             .or((e.ppid != 0).then_some(e.ppid))
             .unwrap_or(proc_ppid);
         let mut process = Proc::new(info, ppid, start_ticks);
+        process.facts = facts;
         if let Some(previous) = previous {
             process.placed_class = previous.placed_class.clone();
             process.origin_cgroup = previous.origin_cgroup.clone();
@@ -539,6 +553,7 @@ impl Agent {
         let mut info = parent.info.clone();
         info.pid = child;
         let mut process = Proc::new(info, e.ppid, 0);
+        process.facts = parent.facts;
         process.decision = parent.decision.clone();
         process.origin_cgroup = parent.origin_cgroup.clone();
         process.pinned = parent.pinned;
@@ -715,17 +730,26 @@ impl Agent {
         }
         let message = policy.warnings.join("\n");
         self.ananicy = load_ananicy(&policy);
+        // The new rules may look at environment variables the table did
+        // not keep, or at facts the exec path did not read for the old
+        // rules: read those again.
         let new_keys = policy.env_keys();
-        if new_keys != self.env_keys {
-            // Rules look at environment variables the table did not keep.
-            self.env_keys = new_keys;
-            let pids: Vec<u32> = self.table.iter().map(|(pid, _)| *pid).collect();
-            for pid in pids {
-                if let Ok(read) = self.procs.read(pid, &self.env_keys)
-                    && let Some(p) = self.table.get_mut(pid)
-                {
-                    p.info.env = read.info.env;
-                }
+        let keys_changed = new_keys != self.env_keys;
+        self.env_keys = new_keys;
+        let pids: Vec<u32> = self
+            .table
+            .iter()
+            .filter(|(_, p)| keys_changed || !p.facts.is_all())
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in pids {
+            if let Ok(read) = self.procs.read(pid, &self.env_keys)
+                && let Some(p) = self.table.get_mut(pid)
+            {
+                p.info.argv = read.info.argv;
+                p.info.cwd = read.info.cwd;
+                p.info.env = read.info.env;
+                p.facts = Facts::ALL;
             }
         }
         let mode_config_changed = policy.modes != self.modes.config();

@@ -236,8 +236,22 @@ impl Agent {
     /// ollama) to do so, in the background. Returns what was asked.
     pub(super) fn ask(&self, class: &str) -> String {
         let mut asked: Vec<askers::AskTarget> = Vec::new();
-        for (_, p) in self.table.iter().filter(|(_, p)| p.decision.class == class) {
-            let Some(target) = askers::asker_for(&p.info) else {
+        for (pid, p) in self.table.iter().filter(|(_, p)| p.decision.class == class) {
+            // The askers look at argv, cwd and the environment, which the
+            // exec path reads only when a rule can use them.
+            let fresh;
+            let info = if p.facts.is_all() {
+                &p.info
+            } else {
+                match self.procs.read(*pid, &self.env_keys) {
+                    Ok(read) => {
+                        fresh = read.info;
+                        &fresh
+                    }
+                    Err(_) => continue,
+                }
+            };
+            let Some(target) = askers::asker_for(info) else {
                 continue;
             };
             if asked.contains(&target) {

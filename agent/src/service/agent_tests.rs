@@ -2,7 +2,7 @@
 //! placer and a hand-driven clock. Each test feeds events and checks what
 //! the agent asked the placer to do.
 //!
-//! Length: 34 scenario tests of the loop, one per behaviour.
+//! Length: 35 scenario tests of the loop, one per behaviour.
 
 use std::{
     path::{Path, PathBuf},
@@ -536,6 +536,44 @@ fn a_reload_that_stops_managing_a_process_sends_it_back_where_it_came_from() {
         origin: APP.to_owned(),
         pid: 7110
     }));
+}
+
+#[test]
+fn the_exec_path_reads_cwd_only_for_a_rule_that_can_match_and_a_reload_that_needs_it_reads_it() {
+    let mut rig = rig("");
+    rig.agent.handle(Event::Seed);
+    // No shipped rule with a cwd glob can match a `worker`: its cwd is
+    // not read.
+    let mut worker = info(7130, "worker", "/usr/bin/worker", &["worker"]);
+    worker.cwd = "/home/u/proj-x".into();
+    rig.exec(1, worker.clone());
+    let read = rig.agent.table.get(7130).unwrap();
+    assert!(!read.facts.cwd, "{:?}", read.facts);
+    assert_eq!(read.info.cwd, "");
+    // The shipped ancestor rules read argv, its env-only rules the
+    // environment: those are always read.
+    assert!(read.facts.argv && read.facts.env, "{:?}", read.facts);
+    assert_eq!(read.info.argv, vec!["worker".to_owned()]);
+    // python3 could be ComfyUI (exe, argv and cwd globs): its cwd is read.
+    let mut comfy = info(7131, "python3", "/usr/bin/python3", &["python3", "main.py"]);
+    comfy.cwd = "/home/u/ComfyUI".into();
+    rig.exec(1, comfy);
+    assert_eq!(rig.class_of(7131).as_deref(), Some("ai"));
+    // A reload whose rule reads cwd reads what the exec path left out.
+    std::fs::write(
+        &rig.override_path,
+        "[[rules]]\nname = \"proj-x\"\nclass = \"dev\"\ncomm = [\"worker\"]\ncwd = [\"*/proj-x\"]\n",
+    )
+    .unwrap();
+    rig.agent.handle(Event::Reload(ReloadCause::FileChanged));
+    assert_eq!(rig.class_of(7130).as_deref(), Some("dev"));
+    assert_eq!(rig.placed("dev"), vec![7130]);
+    // With that rule loaded, the next worker's cwd is read at exec.
+    let mut next = info(7132, "worker", "/usr/bin/worker", &["worker"]);
+    next.cwd = "/home/u/proj-x".into();
+    rig.exec(1, next);
+    assert!(rig.agent.table.get(7132).unwrap().facts.cwd);
+    assert_eq!(rig.class_of(7132).as_deref(), Some("dev"));
 }
 
 #[test]

@@ -239,16 +239,21 @@ impl Agent {
                 rule: p.decision.rule.clone(),
             })
             .collect();
-        let cgroup_now = self
-            .procs
-            .read(pid, &BTreeSet::new())
-            .map(|read| read.info.cgroup)
+        let live = self.procs.read(pid, &BTreeSet::new()).ok();
+        let cgroup_now = live
+            .as_ref()
+            .map(|read| read.info.cgroup.clone())
             .unwrap_or_default();
+        // The exec path reads argv only when a rule can use it; show it anyway.
+        let argv = match live {
+            Some(read) if !process.facts.argv => read.info.argv,
+            _ => process.info.argv.clone(),
+        };
         Some(Explanation {
             pid,
             comm: process.info.comm.clone(),
             exe: process.info.exe.clone(),
-            argv: process.info.argv.clone(),
+            argv,
             decision: process.decision.clone(),
             group: group.map(|g| g.path.display().to_string()),
             class_cpus: group.map(|g| g.cpus.to_string()),

@@ -9,6 +9,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 
 use super::{Class, PolicyError, Source, invalid_source};
+use crate::model::procs::Facts;
 
 /// The environment variables Steam sets to a game's AppId on everything it
 /// launches (umu-launcher sets them too); `steam_app = N` matches a process
@@ -138,6 +139,19 @@ impl Matcher {
             && self.cgroup.is_empty()
             && self.env.is_empty()
             && self.steam_app.is_none()
+    }
+
+    /// The optional facts (argv, cwd, environment) this matcher reads.
+    pub fn facts_used(&self) -> Facts {
+        let own = Facts {
+            argv: !self.argv.is_empty(),
+            cwd: !self.cwd.is_empty(),
+            env: !self.env.is_empty(),
+        };
+        self.steam_app
+            .iter()
+            .flat_map(|app| &app.expands_to)
+            .fold(own, |facts, m| facts.union(m.facts_used()))
     }
 
     /// The environment variables this matcher reads.
