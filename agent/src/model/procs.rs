@@ -2,7 +2,7 @@
 //! from /proc at start-up and kept current by the kernel's event stream.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     path::{Path, PathBuf},
 };
 
@@ -436,8 +436,30 @@ pub fn owner(pid: u32) -> Option<u32> {
 #[derive(Debug, Default)]
 pub struct Table {
     procs: HashMap<u32, Proc>,
-    /// Processes per class, kept with every insert, remove and decision.
-    by_class: HashMap<String, usize>,
+    /// Pids per class, kept with every insert, remove and decision.
+    members: HashMap<String, HashSet<u32>>,
+}
+
+/// Adds `pid` to `class`'s members.
+fn join(members: &mut HashMap<String, HashSet<u32>>, class: &str, pid: u32) {
+    match members.get_mut(class) {
+        Some(pids) => {
+            pids.insert(pid);
+        }
+        None => {
+            members.insert(class.to_owned(), HashSet::from([pid]));
+        }
+    }
+}
+
+/// Takes `pid` out of `class`'s members; a class with none left goes.
+fn leave(members: &mut HashMap<String, HashSet<u32>>, class: &str, pid: u32) {
+    if let Some(pids) = members.get_mut(class) {
+        pids.remove(&pid);
+        if pids.is_empty() {
+            members.remove(class);
+        }
+    }
 }
 
 /// How far `ancestors` walks before giving up (guards against loops from
@@ -483,18 +505,15 @@ impl Table {
     }
 
     pub fn insert(&mut self, pid: u32, proc: Proc) {
-        *self
-            .by_class
-            .entry(proc.decision.class.clone())
-            .or_default() += 1;
         if let Some(old) = self.procs.insert(pid, proc) {
-            self.uncount(&old.decision.class);
+            leave(&mut self.members, &old.decision.class, pid);
         }
+        join(&mut self.members, &self.procs[&pid].decision.class, pid);
     }
 
     pub fn remove(&mut self, pid: u32) -> Option<Proc> {
         let old = self.procs.remove(&pid)?;
-        self.uncount(&old.decision.class);
+        leave(&mut self.members, &old.decision.class, pid);
         Some(old)
     }
 
@@ -504,39 +523,31 @@ impl Table {
             return false;
         };
         let old = std::mem::replace(&mut p.decision, decision);
-        let new_class = p.decision.class.clone();
-        if old.class == new_class {
+        if old.class == p.decision.class {
             return false;
         }
-        self.uncount(&old.class);
-        *self.by_class.entry(new_class).or_default() += 1;
+        leave(&mut self.members, &old.class, pid);
+        join(&mut self.members, &p.decision.class, pid);
         true
-    }
-
-    fn uncount(&mut self, class: &str) {
-        if let Some(n) = self.by_class.get_mut(class) {
-            *n -= 1;
-            if *n == 0 {
-                self.by_class.remove(class);
-            }
-        }
     }
 
     /// How many tracked processes are in `class`.
     pub fn count(&self, class: &str) -> usize {
-        self.by_class.get(class).copied().unwrap_or(0)
+        self.members.get(class).map_or(0, HashSet::len)
     }
 
     /// Roots of `class`'s trees: processes of the class whose parent is
     /// not of it (one per game launch, however many processes it forks).
     pub fn roots_of(&self, class: &str) -> usize {
-        self.procs
-            .values()
-            .filter(|p| p.decision.class == class)
-            .filter(|p| {
+        let Some(members) = self.members.get(class) else {
+            return 0;
+        };
+        members
+            .iter()
+            .filter(|pid| {
                 self.procs
-                    .get(&p.ppid)
-                    .is_none_or(|parent| parent.decision.class != class)
+                    .get(pid)
+                    .is_none_or(|p| !members.contains(&p.ppid))
             })
             .count()
     }
