@@ -38,6 +38,20 @@ pub enum Bench {
         #[arg(long, default_value_t = 1000)]
         processes: u32,
     },
+    /// corral beside the floor (a minimal proc-connector reactor) and
+    /// ananicy-cpp-ng, on one kernel clock (exec tracepoint to cgroup
+    /// attach): runs the peers kit's `compare.sh` (`--peers DIR`, default
+    /// ../shared/peers) against this build.
+    Peers {
+        /// The peers kit.
+        #[arg(long, default_value = "../shared/peers")]
+        peers: PathBuf,
+        /// Rates (exec/s) and how many execs at each.
+        #[arg(long, default_value = "10 100 1000")]
+        rates: String,
+        #[arg(long, default_value = "300 2000 5000")]
+        counts: String,
+    },
     /// Exec-to-placement latency under an exec storm.
     Exec {
         /// Processes started per second.
@@ -67,6 +81,11 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             loops,
             idle_secs,
         } => overhead(rounds, groups, loops, idle_secs),
+        Bench::Peers {
+            peers,
+            rates,
+            counts,
+        } => compare_with_peers(&peers, &rates, &counts),
         Bench::Exec {
             rate,
             count,
@@ -75,6 +94,31 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             agent_args,
         } => exec(rate, count, life_ms, !no_telemetry, &agent_args),
     }
+}
+
+fn compare_with_peers(peers: &Path, rates: &str, counts: &str) -> anyhow::Result<()> {
+    let root = repo_root();
+    let kit = root.join(peers);
+    let script = kit.join("compare.sh");
+    if !script.exists() {
+        bail!(
+            "{} not found: point --peers at the peers kit (the directory with compare.sh, floor-procconn.c and measure.bt)",
+            script.display()
+        );
+    }
+    crate::setup::apt(&["bpftrace", "gcc"])?;
+    let status = Command::new("bash")
+        .arg(&script)
+        .env("CORRAL", root.join("target/release/corral"))
+        .env("RATES", rates)
+        .env("COUNTS", counts)
+        .current_dir(&root)
+        .status()
+        .context("running compare.sh")?;
+    if !status.success() {
+        bail!("compare.sh exited with {status}");
+    }
+    Ok(())
 }
 
 // xtask cannot depend on the corral crate: building corral needs the eBPF
