@@ -40,17 +40,22 @@ pub enum Bench {
     },
     /// corral beside the floor (a minimal proc-connector reactor) and
     /// ananicy-cpp-ng, on one kernel clock (exec tracepoint to cgroup
-    /// attach): runs the peers kit's `compare.sh` (`--peers DIR`, default
-    /// ../shared/peers) against this build.
+    /// attach, the peers kit's run.sh and measure.bt), one agent after
+    /// another at each rate, with each agent's CPU time over the storm
+    /// (every thread's schedstat) and its RSS after it.
     Peers {
-        /// The peers kit.
+        /// The peers kit (run.sh, measure.bt, floor-procconn.c, ananicy.sh).
         #[arg(long, default_value = "../shared/peers")]
         peers: PathBuf,
-        /// Rates (exec/s) and how many execs at each.
-        #[arg(long, default_value = "10 100 1000")]
-        rates: String,
-        #[arg(long, default_value = "300 2000 5000")]
-        counts: String,
+        /// Rates (exec/s), and how many execs at each.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+        rates: Vec<u32>,
+        #[arg(long, value_delimiter = ',', default_value = "300,2000,5000")]
+        counts: Vec<u32>,
+        /// Another corral build to run beside this one, as NAME=PATH
+        /// (e.g. the previous commit's target/release/corral).
+        #[arg(long)]
+        also: Vec<String>,
     },
     /// Exec-to-placement latency under an exec storm.
     Exec {
@@ -85,7 +90,8 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
             peers,
             rates,
             counts,
-        } => compare_with_peers(&peers, &rates, &counts),
+            also,
+        } => compare_with_peers(&peers, &rates, &counts, &also),
         Bench::Exec {
             rate,
             count,
@@ -96,27 +102,128 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     }
 }
 
-fn compare_with_peers(peers: &Path, rates: &str, counts: &str) -> anyhow::Result<()> {
+fn compare_with_peers(
+    peers: &Path,
+    rates: &[u32],
+    counts: &[u32],
+    also: &[String],
+) -> anyhow::Result<()> {
     let root = repo_root();
     let kit = root.join(peers);
-    let script = kit.join("compare.sh");
-    if !script.exists() {
+    let run_sh = kit.join("run.sh");
+    if !run_sh.exists() {
         bail!(
-            "{} not found: point --peers at the peers kit (the directory with compare.sh, floor-procconn.c and measure.bt)",
-            script.display()
+            "{} not found: point --peers at the peers kit (run.sh, measure.bt, floor-procconn.c)",
+            run_sh.display()
         );
     }
+    if rates.len() != counts.len() {
+        bail!("--rates and --counts must list as many values");
+    }
     crate::setup::apt(&["bpftrace", "gcc"])?;
-    let status = Command::new("bash")
-        .arg(&script)
-        .env("CORRAL", root.join("target/release/corral"))
-        .env("RATES", rates)
-        .env("COUNTS", counts)
-        .current_dir(&root)
-        .status()
-        .context("running compare.sh")?;
-    if !status.success() {
-        bail!("compare.sh exited with {status}");
+    let work = PathBuf::from(std::env::var("WORK").unwrap_or_else(|_| "/tmp/peers".into()));
+    std::fs::create_dir_all(&work)?;
+    // The policy compare.sh gives corral: one rule, by comm.
+    let policy = work.join("corral.toml");
+    std::fs::write(
+        &policy,
+        "[classes.game]\ncpus = \"0\"\n[[rules]]\nname = \"storm\"\nclass = \"game\"\ncomm = [\"stormgame\"]\n",
+    )?;
+    let corral_cmd = |binary: &Path| {
+        format!(
+            "{} run --policy {} --no-override --cgroup-root /sys/fs/cgroup/unified/peers-bench-corral --socket {}",
+            binary.display(),
+            policy.display(),
+            work.join("corral.sock").display()
+        )
+    };
+    let mut agents: Vec<(String, String)> = vec![
+        (
+            "floor".into(),
+            format!(
+                "nice -n -10 {} stormgame /sys/fs/cgroup/unified/peers-bench-floor",
+                work.join("build/floor-procconn").display()
+            ),
+        ),
+        (
+            "corral".into(),
+            corral_cmd(&root.join("target/release/corral")),
+        ),
+    ];
+    for extra in also {
+        let (name, path) = extra
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--also takes NAME=PATH, not {extra:?}"))?;
+        agents.push((name.to_owned(), corral_cmd(Path::new(path))));
+    }
+    let ananicy = kit.join("ananicy.sh");
+    let ananicy_built = ["build", "config"].iter().all(|step| {
+        Command::new("bash")
+            .arg(&ananicy)
+            .arg(step)
+            .env("WORK", &work)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if ananicy_built {
+        agents.push(("ananicy".into(), format!("{} run", ananicy.display())));
+    } else {
+        println!("ananicy-cpp-ng could not be built ({} build): left out", ananicy.display());
+    }
+    let wrap = root.join("xtask/peers/cpu-wrap.sh");
+    println!(
+        "| agent | rate/s | execs | missed | p50 us | p99 us | max us | CPU ms | CPU us/exec | RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (rate, count) in rates.iter().zip(counts) {
+        for (name, cmd) in &agents {
+            let cpu_file = work.join(format!("cpu-{name}-{rate}.txt"));
+            let _ = std::fs::remove_file(&cpu_file);
+            let output = Command::new("bash")
+                .arg(&run_sh)
+                .arg(format!("{} {} 2.5 {cmd}", wrap.display(), cpu_file.display()))
+                .env("WORK", &work)
+                .env("RATES", rate.to_string())
+                .env("COUNT", count.to_string())
+                .env("SETTLE_S", "3")
+                .stderr(Stdio::null())
+                .output()
+                .context("running run.sh")?;
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let line = stdout.lines().last().unwrap_or_default();
+            let field = |key: &str| -> String {
+                line.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            let cpu = std::fs::read_to_string(&cpu_file).unwrap_or_default();
+            let num = |key: &str| -> Option<f64> {
+                cpu.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                    .and_then(|v| v.parse().ok())
+            };
+            let cpu_ns = num("cpu_end_ns")
+                .zip(num("cpu_start_ns"))
+                .map(|(end, start)| end - start);
+            let execs: f64 = field("execs").parse().unwrap_or(0.0);
+            let show = |v: Option<f64>, scale: f64, digits: usize| {
+                v.map_or("?".to_owned(), |v| format!("{:.*}", digits, v / scale))
+            };
+            println!(
+                "| {name} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                field("execs"),
+                field("missed"),
+                field("p50_us"),
+                field("p99_us"),
+                field("max_us"),
+                show(cpu_ns, 1e6, 1),
+                show(cpu_ns.filter(|_| execs > 0.0), execs * 1e3, 1),
+                show(num("rss_kib"), 1024.0, 1),
+            );
+        }
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! root (create, core sets, weights, moving processes in and back), freezing,
 //! thawing and killing a group, and dmem (device memory) limits.
 //!
-//! Length: every cgroupfs file operation lives here on purpose (one module for them); the tests are the last 30 lines.
+//! Length: every cgroupfs file operation lives here on purpose (one module for them); the tests are the last 50 lines.
 
 use std::{
     collections::BTreeMap,
@@ -847,5 +847,26 @@ mod tests {
         assert!(parse_dmem_capacity("drm/x\n").is_err());
         assert!(parse_dmem_capacity("drm/x 12 13\n").is_err());
         assert!(parse_dmem_capacity("drm/x lots\n").is_err());
+    }
+
+    /// The kill path's guarantee: a handle taken before the pid could
+    /// change hands signals that process or nobody, never a newcomer.
+    #[test]
+    fn a_signal_through_the_handle_of_a_reaped_process_reaches_nobody() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let handle = PidRef::open(child.id()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let e = signal(&handle, libc::SIGKILL).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "{e}");
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        signal(&PidRef::open(live.id()).unwrap(), libc::SIGKILL).unwrap();
+        assert!(!live.wait().unwrap().success(), "the live one was killed");
     }
 }

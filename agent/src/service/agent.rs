@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -45,7 +46,7 @@ use crate::{
         metrics::{Histogram, ReloadCounts},
     },
     service::{
-        control::{self, EventCounts, Peer, Placement, ReloadStatus, Request, Response},
+        control::{self, EventCounts, Peer, ReloadStatus, Request, Response},
         desktop_notify::Notification,
     },
 };
@@ -128,6 +129,18 @@ pub enum Notice {
 /// memory that grows for the first hours of every agent's life.
 const PLACEMENT_LOG: usize = 16_384;
 
+/// One entry of the placement log as kept: what `corral placements`
+/// answers with, less the backend's join time (asked for when answering),
+/// with the class name shared.
+#[derive(Debug, Clone)]
+pub(super) struct LoggedPlacement {
+    pub pid: u32,
+    pub class: Arc<str>,
+    pub exec_ns: u64,
+    pub handled_ns: u64,
+    pub placed_ns: u64,
+}
+
 /// The state the loop owns.
 pub struct Agent {
     pub(super) source: PolicySource,
@@ -147,7 +160,9 @@ pub struct Agent {
     pub(super) clock: Clock,
     pub(super) counts: EventCounts,
     pub(super) placements_by_class: BTreeMap<String, u64>,
-    pub(super) placements: VecDeque<Placement>,
+    pub(super) placements: VecDeque<LoggedPlacement>,
+    /// The class names the placement log shares.
+    class_names: Vec<Arc<str>>,
     pub(super) kernel: KernelCounters,
     pub(super) last_reload: Option<ReloadStatus>,
     pub(super) own_pid: u32,
@@ -258,6 +273,7 @@ impl Agent {
             counts: EventCounts::default(),
             placements_by_class: BTreeMap::new(),
             placements: VecDeque::new(),
+            class_names: Vec::new(),
             kernel: KernelCounters::default(),
             last_reload: None,
             own_pid: std::process::id(),
@@ -590,6 +606,16 @@ impl Agent {
         self.placer.forget(pid);
     }
 
+    /// One shared copy of a class name for the placement log.
+    fn shared_class_name(&mut self, class: &str) -> Arc<str> {
+        if let Some(name) = self.class_names.iter().find(|n| &***n == class) {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(class);
+        self.class_names.push(name.clone());
+        name
+    }
+
     /// Classifies `pid` from its table entry and its ancestors' decisions.
     /// Returns whether the class changed.
     pub(super) fn decide(&mut self, pid: u32) -> bool {
@@ -629,20 +655,25 @@ impl Agent {
                 } else {
                     debug!(pid, comm = %esc(&process.info.comm), class, rule = %esc(&process.decision.rule), "moved");
                 }
-                *self.placements_by_class.entry(class.clone()).or_default() += 1;
+                match self.placements_by_class.get_mut(&class) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.placements_by_class.insert(class.clone(), 1);
+                    }
+                }
                 if let Some((exec_ns, handled_ns)) = exec {
                     self.placement_latency
                         .observe(placed_ns.saturating_sub(exec_ns) as f64 / 1e9);
                     if self.placements.len() == PLACEMENT_LOG {
                         self.placements.pop_front();
                     }
-                    self.placements.push_back(Placement {
+                    let class = self.shared_class_name(&class);
+                    self.placements.push_back(LoggedPlacement {
                         pid,
-                        class: class.clone(),
+                        class,
                         exec_ns,
                         handled_ns,
                         placed_ns,
-                        joined_ns: None,
                     });
                 }
                 if let Some(p) = self.table.get_mut(pid) {

@@ -9,7 +9,7 @@ use crate::{
     kernel::bpf::{SchedStats, Tracer},
     model::{classify, modes::Mode},
     observe::metrics::{self, ClassMetrics, GpuMetrics, Histogram, Metrics},
-    service::control::{AncestorLine, ClassStatus, Explanation, Request, Response, Status},
+    service::control::{self, AncestorLine, ClassStatus, Explanation, Request, Response, Status},
 };
 
 /// One class of the policy as it stands, for the read models.
@@ -156,10 +156,13 @@ impl Agent {
                 placements: self
                     .placements
                     .iter()
-                    .cloned()
-                    .map(|mut p| {
-                        p.joined_ns = self.placer.joined_ns(p.pid);
-                        p
+                    .map(|p| control::Placement {
+                        pid: p.pid,
+                        class: p.class.to_string(),
+                        exec_ns: p.exec_ns,
+                        handled_ns: p.handled_ns,
+                        placed_ns: p.placed_ns,
+                        joined_ns: self.placer.joined_ns(p.pid),
                     })
                     .collect(),
             },
