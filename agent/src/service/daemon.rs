@@ -276,6 +276,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     };
     let effects = agent.handle(Event::Seed);
     carry_out(effects, &agent);
+    // Loading the programs parsed the kernel's BTF (megabytes) and the seed
+    // read all of /proc: hand the freed heap back before the long run.
+    give_back_free_heap();
     let mut counters = tokio::time::interval(Duration::from_secs(1));
     let mut sweeps = tokio::time::interval(options.sweep_interval);
     sweeps.tick().await;
@@ -325,7 +328,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()).await },
                 if deadline.is_some() => agent.handle(Event::ModeTimer),
             _ = watchdog.tick() => agent.handle(Event::WatchdogTick),
-            _ = sweeps.tick() => agent.handle(Event::SweepTick),
+            _ = sweeps.tick() => {
+                // What an exec storm's processes took is free once they are
+                // gone: memory stays flat after one.
+                give_back_free_heap();
+                agent.handle(Event::SweepTick)
+            }
             _ = counters.tick() => agent.handle(Event::CountersTick),
             _ = sigterm.recv() => agent.handle(Event::Stop),
             _ = sigint.recv() => agent.handle(Event::Stop),
@@ -371,5 +379,15 @@ fn raise_descriptor_limit() {
                 );
             }
         }
+    }
+}
+
+/// Returns the allocator's free memory to the kernel (glibc keeps it
+/// otherwise, and the agent's RSS would stay at its highest).
+fn give_back_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
