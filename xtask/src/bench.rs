@@ -1,7 +1,9 @@
-//! Benchmarks. `exec`: spawn processes that match a class at a given rate
+//! Benchmarks. `peers`: corral beside the peers kit's floor and ananicy-cpp-ng. `exec`: spawn processes that match a class at a given rate
 //! and measure, per process, the time from the kernel's exec timestamp to
 //! the return of the agent's cgroup write; report p50/p99/max, how many
 //! were never placed, and the agent's RSS and CPU time over the run.
+//!
+//! Length: four benchmarks (exec, peers, overhead, reload) and the helpers they share.
 
 use std::{
     collections::HashMap,

@@ -12,6 +12,8 @@
 //! - `last-run/`: the share the guest sees as /host (package, launcher,
 //!   scripts, `results.tap`, `artifacts/`), `console.log` (the serial
 //!   console), `qemu.log`, and with `--keep-image` the run's disk overlay.
+//!
+//! Length: image build, guest boot and TAP reading of one tier belong together; the scenarios themselves are shell under tests/systemd-vm/.
 
 use std::{
     fmt::Write as _,

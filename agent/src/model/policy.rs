@@ -5,6 +5,8 @@
 //! `classify`, core-set resolution in `coresets`. Rules and matchers are in
 //! policy/rules.rs, `[gpu]` in policy/gpu.rs, key checks and positions in
 //! policy/keys.rs, tests in policy/tests.rs.
+//!
+//! Length: parsing, layering and validation of one file format; the sections with their own rules live in policy/ (rules, gpu, keys, desktop).
 
 use std::{
     collections::{BTreeMap, BTreeSet},

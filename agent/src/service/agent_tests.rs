@@ -2,7 +2,7 @@
 //! placer and a hand-driven clock. Each test feeds events and checks what
 //! the agent asked the placer to do.
 //!
-//! Length: 35 scenario tests of the loop, one per behaviour.
+//! Length: 43 scenario tests of the loop, one per behaviour.
 
 use std::{
     path::{Path, PathBuf},
