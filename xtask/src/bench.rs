@@ -172,7 +172,10 @@ fn compare_with_peers(
     if ananicy_built {
         agents.push(("ananicy".into(), format!("{} run", ananicy.display())));
     } else {
-        println!("ananicy-cpp-ng could not be built ({} build): left out", ananicy.display());
+        println!(
+            "ananicy-cpp-ng could not be built ({} build): left out",
+            ananicy.display()
+        );
     }
     let wrap = root.join("xtask/peers/cpu-wrap.sh");
     println!(
@@ -185,7 +188,11 @@ fn compare_with_peers(
             let _ = std::fs::remove_file(&cpu_file);
             let output = Command::new("bash")
                 .arg(&run_sh)
-                .arg(format!("{} {} 2.5 {cmd}", wrap.display(), cpu_file.display()))
+                .arg(format!(
+                    "{} {} 2.5 {cmd}",
+                    wrap.display(),
+                    cpu_file.display()
+                ))
                 .env("WORK", &work)
                 .env("RATES", rate.to_string())
                 .env("COUNT", count.to_string())

@@ -166,7 +166,10 @@ impl Groups {
                 why: r.why.clone(),
                 note: None,
                 // The same directory keeps its descriptor.
-                procs: previous.as_ref().map(|p| p.procs.clone()).unwrap_or_default(),
+                procs: previous
+                    .as_ref()
+                    .map(|p| p.procs.clone())
+                    .unwrap_or_default(),
             };
             info!(class = %r.class, cpus = %r.cpus, "{}", r.why);
             if self.writes_files {
@@ -281,7 +284,9 @@ impl Groups {
             };
             match file.write(&line[..len]) {
                 Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(MoveError::Gone(pid)),
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                    return Err(MoveError::Gone(pid));
+                }
                 // Anything else (the group was removed behind corral's
                 // back): the path, opened afresh, tells.
                 Err(_) => {}

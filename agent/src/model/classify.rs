@@ -582,10 +582,7 @@ rules = [
         )
         .unwrap();
         // The ancestor matcher's env, whatever the process.
-        assert_eq!(
-            facts_needed(&no_steam, &p("cc", "/usr/bin/cc", &[])),
-            env
-        );
+        assert_eq!(facts_needed(&no_steam, &p("cc", "/usr/bin/cc", &[])), env);
         // nvim could be `editor`: its `unless` reads argv.
         assert_eq!(
             facts_needed(&no_steam, &p("nvim", "/usr/bin/nvim", &[])),
