@@ -167,28 +167,40 @@ impl ProcRead {
 /// Where the loop reads processes from: /proc ([`LiveProcs`]) or, in the
 /// loop's unit tests, a scripted set ([`ScriptedProcs`]).
 pub trait ProcSource {
-    fn read(&self, pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError>;
+    /// Reads `pid`: the facts always read (pid, comm, exe, cgroup), then
+    /// the optional ones `ask` wants given those. Returns what it read and
+    /// which optional facts it holds.
+    fn read_wanted(&self, pid: u32, ask: &Ask<'_>) -> Result<(ProcRead, Facts), ReadError>;
     /// Every live pid (thread group ids).
     fn pids(&self) -> Vec<u32>;
     /// The real uid of a process.
     fn owner(&self, pid: u32) -> Option<u32>;
-    /// Reads `pid` with only the optional facts `wanted` asks for, given
-    /// the facts always read (pid, comm, exe, cgroup). Returns what it read
-    /// and which optional facts it holds.
-    fn read_wanted(
-        &self,
-        pid: u32,
-        env_keys: &BTreeSet<String>,
-        wanted: &dyn Fn(&ProcInfo) -> Facts,
-    ) -> Result<(ProcRead, Facts), ReadError> {
-        let mut read = self.read(pid, env_keys)?;
-        let facts = wanted(&read.info);
-        facts.blank(&mut read.info);
-        Ok((read, facts))
+    /// Reads every fact of `pid`.
+    fn read(&self, pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError> {
+        self.read_wanted(pid, &Ask::everything(env_keys))
+            .map(|(read, _)| read)
     }
     /// Its start time, for pid-reuse checks (a full read by default).
     fn start_ticks(&self, pid: u32) -> Option<u64> {
         self.read(pid, &BTreeSet::new()).ok().map(|r| r.start_ticks)
+    }
+}
+
+/// What one read of a process asks for beyond the facts always read.
+pub struct Ask<'a> {
+    /// The environment variables to keep.
+    pub env_keys: &'a BTreeSet<String>,
+    /// The optional facts wanted, given the facts always read.
+    pub wanted: &'a dyn Fn(&ProcInfo) -> Facts,
+}
+
+impl<'a> Ask<'a> {
+    /// Every fact.
+    pub fn everything(env_keys: &'a BTreeSet<String>) -> Self {
+        Ask {
+            env_keys,
+            wanted: &|_| Facts::ALL,
+        }
     }
 }
 
@@ -197,17 +209,8 @@ pub trait ProcSource {
 pub struct LiveProcs;
 
 impl ProcSource for LiveProcs {
-    fn read(&self, pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError> {
-        read_proc(pid, env_keys)
-    }
-
-    fn read_wanted(
-        &self,
-        pid: u32,
-        env_keys: &BTreeSet<String>,
-        wanted: &dyn Fn(&ProcInfo) -> Facts,
-    ) -> Result<(ProcRead, Facts), ReadError> {
-        read_proc_wanted(pid, env_keys, wanted)
+    fn read_wanted(&self, pid: u32, ask: &Ask<'_>) -> Result<(ProcRead, Facts), ReadError> {
+        read_proc_wanted(pid, ask)
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -245,14 +248,16 @@ impl ScriptedProcs {
 }
 
 impl ProcSource for ScriptedProcs {
-    fn read(&self, pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError> {
+    fn read_wanted(&self, pid: u32, ask: &Ask<'_>) -> Result<(ProcRead, Facts), ReadError> {
         let procs = self.procs.lock().expect("scripted procs lock");
         let (read, _) = procs.get(&pid).ok_or(ReadError::Gone(pid))?;
         let mut read = read.clone();
         read.info
             .env
-            .retain(|k, _| env_keys.contains(k) || ENV_ALWAYS.contains(&k.as_str()));
-        Ok(read)
+            .retain(|k, _| ask.env_keys.contains(k) || ENV_ALWAYS.contains(&k.as_str()));
+        let facts = (ask.wanted)(&read.info);
+        facts.blank(&mut read.info);
+        Ok((read, facts))
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -276,20 +281,17 @@ impl ProcSource for ScriptedProcs {
 /// Reads a process's facts from /proc, keeping the environment variables in
 /// `env_keys`.
 pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, ReadError> {
-    read_proc_wanted(pid, env_keys, &|_| Facts::ALL).map(|(read, _)| read)
+    read_proc_wanted(pid, &Ask::everything(env_keys)).map(|(read, _)| read)
 }
 
 /// Reads a process's stat, exe and cgroup from /proc, then the optional
-/// facts `wanted` asks for given those.
+/// facts `ask` wants given those.
 ///
 /// This is on the exec path, so it reads the files directly (open, read
 /// until the end, close: no size query, which /proc files cannot answer)
 /// instead of through a general /proc library.
-pub fn read_proc_wanted(
-    pid: u32,
-    env_keys: &BTreeSet<String>,
-    wanted: &dyn Fn(&ProcInfo) -> Facts,
-) -> Result<(ProcRead, Facts), ReadError> {
+pub fn read_proc_wanted(pid: u32, ask: &Ask<'_>) -> Result<(ProcRead, Facts), ReadError> {
+    let Ask { env_keys, wanted } = *ask;
     let dir = format!("/proc/{pid}");
     let gone = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => ReadError::Gone(pid),

@@ -38,7 +38,7 @@ use crate::{
         cpus::CpuList,
         modes::{self, Mode, ModeSwitch},
         policy::{Policy, PolicySource},
-        procs::{Facts, Proc, ProcInfo, ProcRead, ProcSource, ReadError, Table},
+        procs::{Ask, Facts, Proc, ProcInfo, ProcRead, ProcSource, ReadError, Table},
         topology::Topology,
     },
     observe::{
@@ -516,7 +516,13 @@ impl Agent {
                 start_ticks,
             },
             facts,
-        ) = match self.procs.read_wanted(pid, &self.env_keys, &wanted) {
+        ) = match self.procs.read_wanted(
+            pid,
+            &Ask {
+                env_keys: &self.env_keys,
+                wanted: &wanted,
+            },
+        ) {
             Ok(read) => read,
             Err(err) => {
                 self.forget(pid, &err);

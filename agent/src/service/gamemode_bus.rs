@@ -152,10 +152,6 @@ pub fn pid_of_pidfd(fd: BorrowedFd<'_>) -> Option<u32> {
         .and_then(pid)
 }
 
-fn pidfd(fd: &OwnedFd) -> Option<u32> {
-    pid_of_pidfd(fd.as_fd())
-}
-
 async fn caller_uid(conn: &Connection, header: &Header<'_>) -> Option<u32> {
     let sender = header.sender()?;
     let dbus = fdo::DBusProxy::new(conn).await.ok()?;
@@ -164,136 +160,66 @@ async fn caller_uid(conn: &Connection, header: &Header<'_>) -> Option<u32> {
         .ok()
 }
 
-// One Rust method per D-Bus method (the macro needs each spelled out);
-// each only turns its arguments into pids for `ask`.
-#[zbus::interface(name = "com.feralinteractive.GameMode")]
-impl GameModeApi {
-    async fn register_game(
-        &self,
-        pid_: i32,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> i32 {
-        self.ask(Op::Register, pid(pid_), pid(pid_), &header, conn)
-            .await
+/// A pid argument as it comes off the wire: a number or a pidfd.
+trait WirePid {
+    fn pid(&self) -> Option<u32>;
+}
+
+impl WirePid for i32 {
+    fn pid(&self) -> Option<u32> {
+        pid(*self)
     }
+}
 
-    async fn unregister_game(
-        &self,
-        pid_: i32,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> i32 {
-        self.ask(Op::Unregister, pid(pid_), pid(pid_), &header, conn)
-            .await
+impl WirePid for OwnedFd {
+    fn pid(&self) -> Option<u32> {
+        pid_of_pidfd(self.as_fd())
     }
+}
 
-    async fn query_status(
-        &self,
-        pid_: i32,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> i32 {
-        self.ask(Op::Query, pid(pid_), pid(pid_), &header, conn)
-            .await
-    }
+/// GameMode's nine methods differ only in their D-Bus name, the operation
+/// and how the pids arrive, so one template writes them all (zbus's
+/// `interface` macro needs each method spelled out). Each only turns its
+/// arguments into pids for [`GameModeApi::ask`].
+macro_rules! gamemode_interface {
+    (
+        own pid: $($own:ident => $own_op:ident),+;
+        two pids: $($two:ident $two_name:tt ($ty:ty) => $two_op:ident),+;
+    ) => {
+        #[zbus::interface(name = "com.feralinteractive.GameMode")]
+        impl GameModeApi {
+            $(async fn $own(&self, pid: i32, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection) -> i32 {
+                self.ask(Op::$own_op, pid.pid(), pid.pid(), &header, conn).await
+            })+
 
-    #[zbus(name = "RegisterGameByPID")]
-    async fn register_game_by_pid(
-        &self,
-        game: i32,
-        requester: i32,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> i32 {
-        self.ask(Op::Register, pid(game), pid(requester), &header, conn)
-            .await
-    }
+            $(#[zbus(name = $two_name)]
+            async fn $two(&self, game: $ty, requester: $ty, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection) -> i32 {
+                self.ask(Op::$two_op, game.pid(), requester.pid(), &header, conn).await
+            })+
 
-    #[zbus(name = "UnregisterGameByPID")]
-    async fn unregister_game_by_pid(
-        &self,
-        game: i32,
-        requester: i32,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> i32 {
-        self.ask(Op::Unregister, pid(game), pid(requester), &header, conn)
-            .await
-    }
+            #[zbus(property)]
+            async fn client_count(&self) -> i32 {
+                self.client_count.load(Ordering::Relaxed)
+            }
 
-    #[zbus(name = "QueryStatusByPID")]
-    async fn query_status_by_pid(
-        &self,
-        game: i32,
-        requester: i32,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> i32 {
-        self.ask(Op::Query, pid(game), pid(requester), &header, conn)
-            .await
-    }
+            #[zbus(signal)]
+            async fn game_registered(emitter: &SignalEmitter<'_>, pid: i32, game: ObjectPath<'_>) -> zbus::Result<()>;
 
-    #[zbus(name = "RegisterGameByPIDFd")]
-    async fn register_game_by_pidfd(
-        &self,
-        game: OwnedFd,
-        requester: OwnedFd,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> i32 {
-        self.ask(Op::Register, pidfd(&game), pidfd(&requester), &header, conn)
-            .await
-    }
+            #[zbus(signal)]
+            async fn game_unregistered(emitter: &SignalEmitter<'_>, pid: i32, game: ObjectPath<'_>) -> zbus::Result<()>;
+        }
+    };
+}
 
-    #[zbus(name = "UnregisterGameByPIDFd")]
-    async fn unregister_game_by_pidfd(
-        &self,
-        game: OwnedFd,
-        requester: OwnedFd,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> i32 {
-        self.ask(
-            Op::Unregister,
-            pidfd(&game),
-            pidfd(&requester),
-            &header,
-            conn,
-        )
-        .await
-    }
-
-    #[zbus(name = "QueryStatusByPIDFd")]
-    async fn query_status_by_pidfd(
-        &self,
-        game: OwnedFd,
-        requester: OwnedFd,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> i32 {
-        self.ask(Op::Query, pidfd(&game), pidfd(&requester), &header, conn)
-            .await
-    }
-
-    #[zbus(property)]
-    async fn client_count(&self) -> i32 {
-        self.client_count.load(Ordering::Relaxed)
-    }
-
-    #[zbus(signal)]
-    async fn game_registered(
-        emitter: &SignalEmitter<'_>,
-        pid: i32,
-        game: ObjectPath<'_>,
-    ) -> zbus::Result<()>;
-
-    #[zbus(signal)]
-    async fn game_unregistered(
-        emitter: &SignalEmitter<'_>,
-        pid: i32,
-        game: ObjectPath<'_>,
-    ) -> zbus::Result<()>;
+gamemode_interface! {
+    own pid: register_game => Register, unregister_game => Unregister, query_status => Query;
+    two pids:
+        register_game_by_pid "RegisterGameByPID" (i32) => Register,
+        unregister_game_by_pid "UnregisterGameByPID" (i32) => Unregister,
+        query_status_by_pid "QueryStatusByPID" (i32) => Query,
+        register_game_by_pidfd "RegisterGameByPIDFd" (OwnedFd) => Register,
+        unregister_game_by_pidfd "UnregisterGameByPIDFd" (OwnedFd) => Unregister,
+        query_status_by_pidfd "QueryStatusByPIDFd" (OwnedFd) => Query;
 }
 
 /// gamemoded, as corral follows it.
@@ -322,6 +248,22 @@ pub fn game_path(pid: u32) -> String {
 
 async fn next<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
     poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+/// Logs who provides GameMode on `bus_uid`'s bus now and tells the loop.
+async fn announce(calls: &mpsc::Sender<Incoming>, bus_uid: u32, provider: Provider) {
+    match provider {
+        Provider::Corral => info!(
+            bus_uid,
+            "GameMode: provided by corral on uid {bus_uid}'s bus"
+        ),
+        Provider::Gamemoded => info!(
+            bus_uid,
+            "GameMode: gamemoded holds or can take the name on uid {bus_uid}'s bus; following its signals"
+        ),
+    }
+    let provider = Some(provider);
+    let _ = calls.send(Incoming::Provider { bus_uid, provider }).await;
 }
 
 /// Why serving one bus ended.
@@ -360,30 +302,12 @@ pub async fn serve_bus(
         };
         let turn = match claim {
             Ok(_) => {
-                info!(
-                    bus_uid,
-                    "GameMode: provided by corral on uid {bus_uid}'s bus"
-                );
-                let _ = calls
-                    .send(Incoming::Provider {
-                        bus_uid,
-                        provider: Some(Provider::Corral),
-                    })
-                    .await;
+                announce(&calls, bus_uid, Provider::Corral).await;
                 provide(&conn, &mut signals, &client_count).await
             }
             Err(zbus::Error::NameTaken) => {
                 let _ = conn.object_server().remove::<GameModeApi, _>(PATH).await;
-                info!(
-                    bus_uid,
-                    "GameMode: gamemoded holds or can take the name on uid {bus_uid}'s bus; following its signals"
-                );
-                let _ = calls
-                    .send(Incoming::Provider {
-                        bus_uid,
-                        provider: Some(Provider::Gamemoded),
-                    })
-                    .await;
+                announce(&calls, bus_uid, Provider::Gamemoded).await;
                 follow(&conn, bus_uid, &calls, &mut signals).await
             }
             Err(e) => {
