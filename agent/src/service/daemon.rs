@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
 use tracing::{info, warn};
 
@@ -300,18 +301,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let effects = tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                // Every event's effects are carried out: an exit can end a
-                // GameMode registration (its signal) or queue a notice.
-                let mut effects = Vec::new();
-                while let Some(item) = ring.next() {
-                    if let Some(event) = bpf::decode(&item) {
-                        drop(item);
-                        effects.extend(agent.handle(Event::Kernel(event)));
-                    }
-                }
+                let effects = drain(guard.get_inner_mut(), &mut agent);
                 guard.clear_ready();
-                effects.extend(agent.handle(Event::KernelBatchDone));
                 effects
             }
             Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
@@ -334,7 +325,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 give_back_free_heap();
                 agent.handle(Event::SweepTick)
             }
-            _ = counters.tick() => agent.handle(Event::CountersTick),
+            _ = counters.tick() => {
+                // Fork and exit records do not wake the loop: they are
+                // read here when no exec came to read them first.
+                let mut effects = drain(events.get_mut(), &mut agent);
+                effects.extend(agent.handle(Event::CountersTick));
+                effects
+            }
             _ = sigterm.recv() => agent.handle(Event::Stop),
             _ = sigint.recv() => agent.handle(Event::Stop),
         };
@@ -350,6 +347,27 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&options.socket);
     Ok(())
+}
+
+/// Hands every record in the ring buffer to the loop and collects their
+/// effects: an exit can end a GameMode registration (its signal) or queue a
+/// notice. Moves made while handling a record are followed by the records
+/// written meanwhile (a child forked between an exec and its move), since
+/// the ring is read until it is empty.
+fn drain(ring: &mut RingBuf<MapData>, agent: &mut Agent) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    let mut any = false;
+    while let Some(item) = ring.next() {
+        any = true;
+        if let Some(event) = bpf::decode(&item) {
+            drop(item);
+            effects.extend(agent.handle(Event::Kernel(event)));
+        }
+    }
+    if any {
+        effects.extend(agent.handle(Event::KernelBatchDone));
+    }
+    effects
 }
 
 /// Descriptors the agent wants: the control socket takes at most
