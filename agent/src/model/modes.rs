@@ -167,12 +167,31 @@ impl ModeSwitch {
     /// One line for `corral status` saying why the mode is what it is, as of
     /// the last observation.
     pub fn why(&self) -> String {
+        self.why_counting(self.games)
+    }
+
+    /// How many games the last observation saw (the loop keeps the count
+    /// it has while games run; see `why_counting`).
+    pub fn games_seen(&self) -> usize {
+        self.games
+    }
+
+    /// [`Self::why`] with `games_running` counted now: the loop counts
+    /// launches when games may start or stop, not on every event, so a view
+    /// brings its own count. A count that disagrees with the last
+    /// observation on whether any game runs is not used.
+    pub fn why_counting(&self, games_running: usize) -> String {
+        let games_now = if (games_running > 0) == (self.games > 0) {
+            games_running
+        } else {
+            self.games
+        };
         let now = self.now;
         let hold = secs(self.config.hold_down);
         let dwell = secs(self.config.min_dwell);
         let until = |t: Duration| secs(t.saturating_sub(now));
         let ago = |t: Duration| secs(now.saturating_sub(t));
-        match (self.mode, self.games) {
+        match (self.mode, games_now) {
             (Mode::Protected, 0) => {
                 let mut line = match self.last_exit {
                     Some(exit) => format!(
@@ -383,6 +402,10 @@ mod tests {
         assert_eq!(sw.observe(s(20), 2), None);
         assert_eq!(sw.next_deadline(), None);
         assert_eq!(sw.why(), "protected: 2 game launches running");
+        assert_eq!(sw.why_counting(3), "protected: 3 game launches running");
+        // A count that says no game runs, against the last observation,
+        // is not used.
+        assert_eq!(sw.why_counting(0), "protected: 2 game launches running");
         // The old deadline passes without effect.
         assert_eq!(sw.observe(s(40), 2), None);
         assert_eq!(sw.mode(), Mode::Protected);

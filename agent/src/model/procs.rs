@@ -192,6 +192,9 @@ pub struct Ask<'a> {
     pub env_keys: &'a BTreeSet<String>,
     /// The optional facts wanted, given the facts always read.
     pub wanted: &'a dyn Fn(&ProcInfo) -> Facts,
+    /// The cgroup the kernel's record put the process in, if it came with
+    /// one: a cgroup already seen need not be read from /proc again.
+    pub cgroup_id: Option<u64>,
 }
 
 impl<'a> Ask<'a> {
@@ -200,17 +203,66 @@ impl<'a> Ask<'a> {
         Ask {
             env_keys,
             wanted: &|_| Facts::ALL,
+            cgroup_id: None,
         }
     }
 }
 
 /// The machine's /proc.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LiveProcs;
+#[derive(Debug, Default)]
+pub struct LiveProcs {
+    /// The cgroup2 mount, where cgroup paths are checked against ids.
+    cgroup2: Option<PathBuf>,
+    /// Cgroup id -> path (as /proc/PID/cgroup writes it), for the ids the
+    /// kernel's records carry: an exec storm's processes share a handful of
+    /// cgroups, and each saved read is an open, a read and a close.
+    cgroup_paths: std::sync::Mutex<HashMap<u64, String>>,
+}
+
+/// How many cgroup paths [`LiveProcs`] keeps before it starts over.
+const CGROUP_PATHS_KEPT: usize = 4096;
+
+impl LiveProcs {
+    /// /proc, with cgroup paths checked against the cgroup2 mount `cgroup2`
+    /// (None: every cgroup is read from /proc).
+    pub fn new(cgroup2: Option<PathBuf>) -> Self {
+        LiveProcs {
+            cgroup2,
+            cgroup_paths: Default::default(),
+        }
+    }
+
+    /// Keeps `path` as cgroup `id` if the directory there is that cgroup
+    /// now (its inode is the id). A process moved between its record and
+    /// the read was read in another cgroup, and that is not kept.
+    fn learn_cgroup(&self, id: u64, path: &str) {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(mount) = &self.cgroup2 else {
+            return;
+        };
+        let dir = mount.join(path.trim_start_matches('/'));
+        if std::fs::metadata(dir).is_ok_and(|m| m.ino() == id)
+            && let Ok(mut paths) = self.cgroup_paths.lock()
+        {
+            if paths.len() >= CGROUP_PATHS_KEPT {
+                paths.clear();
+            }
+            paths.insert(id, path.to_owned());
+        }
+    }
+}
 
 impl ProcSource for LiveProcs {
     fn read_wanted(&self, pid: u32, ask: &Ask<'_>) -> Result<(ProcRead, Facts), ReadError> {
-        read_proc_wanted(pid, ask)
+        let known = ask
+            .cgroup_id
+            .and_then(|id| self.cgroup_paths.lock().ok()?.get(&id).cloned());
+        let learn = known.is_none();
+        let read = read_proc_in(pid, ask, known)?;
+        if let (true, Some(id)) = (learn, ask.cgroup_id) {
+            self.learn_cgroup(id, &read.0.info.cgroup);
+        }
+        Ok(read)
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -291,7 +343,18 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, Read
 /// until the end, close: no size query, which /proc files cannot answer)
 /// instead of through a general /proc library.
 pub fn read_proc_wanted(pid: u32, ask: &Ask<'_>) -> Result<(ProcRead, Facts), ReadError> {
-    let Ask { env_keys, wanted } = *ask;
+    read_proc_in(pid, ask, None)
+}
+
+/// [`read_proc_wanted`], with the cgroup known already when `cgroup` says.
+fn read_proc_in(
+    pid: u32,
+    ask: &Ask<'_>,
+    cgroup: Option<String>,
+) -> Result<(ProcRead, Facts), ReadError> {
+    let Ask {
+        env_keys, wanted, ..
+    } = *ask;
     let dir = format!("/proc/{pid}");
     let gone = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => ReadError::Gone(pid),
@@ -315,9 +378,12 @@ pub fn read_proc_wanted(pid: u32, ask: &Ask<'_>) -> Result<(ProcRead, Facts), Re
             .unwrap_or_default()
     };
     let exe = link("exe");
-    let cgroup = match read_file(&format!("{dir}/cgroup"), &mut buf) {
-        Ok(()) => cgroup_line(&buf).unwrap_or_default(),
-        Err(_) => String::new(),
+    let cgroup = match cgroup {
+        Some(known) => known,
+        None => match read_file(&format!("{dir}/cgroup"), &mut buf) {
+            Ok(()) => cgroup_line(&buf).unwrap_or_default(),
+            Err(_) => String::new(),
+        },
     };
     let mut info = ProcInfo {
         pid,
@@ -471,7 +537,7 @@ const MAX_DEPTH: usize = 64;
 impl Table {
     /// Every process /proc shows now.
     pub fn snapshot(env_keys: &BTreeSet<String>) -> Self {
-        Self::read_all(&LiveProcs, env_keys)
+        Self::read_all(&LiveProcs::default(), env_keys)
     }
 
     /// Every process `source` shows now.
@@ -590,6 +656,63 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This process's cgroup2 path, the mount it is under and its id.
+    fn own_cgroup() -> Option<(PathBuf, String, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let text = std::fs::read(format!("/proc/{}/cgroup", std::process::id())).ok()?;
+        let path = cgroup_line(&text)?;
+        ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find_map(|mount| {
+                let dir = mount.join(path.trim_start_matches('/'));
+                let id = std::fs::metadata(&dir).ok()?.ino();
+                dir.join("cgroup.procs")
+                    .exists()
+                    .then(|| (mount, path.clone(), id))
+            })
+    }
+
+    #[test]
+    fn a_cgroup_read_once_by_its_id_is_not_read_again_and_a_wrong_id_is_not_kept() {
+        let Some((mount, path, id)) = own_cgroup() else {
+            eprintln!("skipped: no cgroup2 mount here");
+            return;
+        };
+        let me = std::process::id();
+        let keys = BTreeSet::new();
+        let ask = |cgroup_id| Ask {
+            env_keys: &keys,
+            wanted: &|_| Facts::NONE,
+            cgroup_id,
+        };
+        let procs = LiveProcs::new(Some(mount));
+        let kept = |procs: &LiveProcs| procs.cgroup_paths.lock().unwrap().clone();
+
+        // A record whose id is not where the process is (it moved since):
+        // read from /proc, not kept.
+        let (read, _) = procs.read_wanted(me, &ask(Some(id + 1_000_003))).unwrap();
+        assert_eq!(read.info.cgroup, path);
+        assert!(kept(&procs).is_empty());
+
+        // The right id: read, checked against the directory's inode, kept.
+        let (read, _) = procs.read_wanted(me, &ask(Some(id))).unwrap();
+        assert_eq!(read.info.cgroup, path);
+        assert_eq!(kept(&procs), HashMap::from([(id, path.clone())]));
+
+        // Kept means not read again: a path only the cache holds comes back.
+        procs
+            .cgroup_paths
+            .lock()
+            .unwrap()
+            .insert(id, "/kept-path".into());
+        let (read, _) = procs.read_wanted(me, &ask(Some(id))).unwrap();
+        assert_eq!(read.info.cgroup, "/kept-path");
+        // Without an id the cache is not asked.
+        let (read, _) = procs.read_wanted(me, &ask(None)).unwrap();
+        assert_eq!(read.info.cgroup, path);
+    }
 
     #[test]
     fn stat_with_parentheses_in_comm() {

@@ -297,11 +297,26 @@ impl Agent {
     /// How many launches of the protected class run: the roots of its
     /// process trees (a game and the 30 processes it forks are one).
     pub(super) fn protected_running(&self) -> usize {
-        let protected = self.protected();
-        if self.table.count(protected) == 0 {
-            return 0;
+        self.table.roots_of(self.protected())
+    }
+
+    /// Whether any process of the protected class runs (then at least one
+    /// launch does: a tree has a root).
+    pub(super) fn protected_active(&self) -> bool {
+        self.table.count(self.protected()) > 0
+    }
+
+    /// The game count the mode decides from. Counting launches walks the
+    /// protected class's members, which an exec storm of games makes long,
+    /// so they are counted only when games may start (none were seen); the
+    /// class emptying is seen at once. While games run the last count
+    /// stands, and views count afresh ([`ModeSwitch::why_counting`]).
+    fn games_for_mode(&self) -> usize {
+        match (self.protected_active(), self.modes.games_seen()) {
+            (false, _) => 0,
+            (true, 0) => self.protected_running(),
+            (true, seen) => seen,
         }
-        self.table.roots_of(protected)
     }
 
     /// Attaches or detaches scheduling telemetry as the policy says, and
@@ -521,6 +536,7 @@ impl Agent {
             &Ask {
                 env_keys: &self.env_keys,
                 wanted: &wanted,
+                cgroup_id: Some(e.cgroup_id).filter(|id| *id != 0),
             },
         ) {
             Ok(read) => read,
@@ -863,8 +879,9 @@ impl Agent {
     /// Feeds the game count to the dynamic mode and applies a switch.
     pub(super) fn update_mode(&mut self) {
         let now = self.now();
-        if let Some(mode) = self.modes.observe(now, self.protected_running()) {
-            info!(%mode, why = %self.modes.why(), "dynamic mode changed");
+        if let Some(mode) = self.modes.observe(now, self.games_for_mode()) {
+            let why = self.modes.why_counting(self.protected_running());
+            info!(%mode, %why, "dynamic mode changed");
             self.apply_layout();
         }
     }

@@ -92,8 +92,8 @@ impl Agent {
                     .table
                     .get(game)
                     .is_some_and(|p| p.decision.class == protected);
-                let running = self.protected_running() > 0
-                    || self.gamemode.registry.client_count(bus_uid) > 0;
+                let running =
+                    self.protected_active() || self.gamemode.registry.client_count(bus_uid) > 0;
                 (
                     gamemode::query_status(registered, in_protected, running),
                     Vec::new(),

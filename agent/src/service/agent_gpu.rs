@@ -112,7 +112,7 @@ impl Agent {
             total_bytes: device.total_bytes,
             free_bytes: device.free_bytes,
             used_by_class: self.vram_by_class(snapshot),
-            protected_running: self.protected_running() > 0,
+            protected_running: self.protected_active(),
         };
         let actions = self.gpu.arbiter.decide(&observation);
         self.execute(actions);

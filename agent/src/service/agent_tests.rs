@@ -728,6 +728,17 @@ fn one_game_and_its_children_count_as_one_game_launch() {
         info(43_000, "other", "/g/steamapps/common/y/other", &["other"]),
     );
     assert_eq!(rig.agent.protected_running(), 2);
+    // The loop did not count again (games were running already); status
+    // counts when it is asked.
+    rig.agent.handle(Event::KernelBatchDone);
+    assert_eq!(rig.agent.modes.games_seen(), 1);
+    let status = rig.agent.status();
+    assert_eq!(status.protected_launches, 2);
+    assert!(
+        status.mode_why.contains("2 game launches running"),
+        "{}",
+        status.mode_why
+    );
 }
 
 #[test]

@@ -198,7 +198,7 @@ impl Agent {
                 Mode::Protected => "protected",
             }
             .to_owned(),
-            mode_why: self.modes.why(),
+            mode_why: self.modes.why_counting(self.protected_running()),
             cgroup_root: self.placer.layout().root.display().to_string(),
             backend: self.placer.backend().to_owned(),
             backend_notes: self.placer.notes(),

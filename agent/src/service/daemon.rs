@@ -199,7 +199,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.sysfs_root,
         policy,
         placer,
-        Box::new(LiveProcs),
+        Box::new(LiveProcs::new(crate::actuate::cgroup::cgroup2_mount())),
         Some(tracer),
     );
     let (gpu_tx, mut gpu_rx) = mpsc::channel(8);
