@@ -31,9 +31,8 @@ impl EventKind {
 
 /// One record in the `EVENTS` ring buffer.
 ///
-/// * exec: `pid`/`tgid` of the process that exec'd, `ppid` its parent's tgid
-///   as seen at fork (0 when the fork predates the agent), `filename` the
-///   path given to exec.
+/// * exec: `pid`/`tgid` of the process that exec'd, `ppid` 0 (its parent
+///   at fork came in its fork record), `filename` the path given to exec.
 /// * fork: `pid`/`tgid` of the new process, `ppid` the forking tgid,
 ///   `cgroup_id` the parent's cgroup, which the child inherits. Threads are
 ///   not reported.

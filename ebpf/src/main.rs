@@ -26,11 +26,6 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Child tgid -> parent tgid as seen at fork, so exec records carry the
-/// parent of processes forked while the agent runs.
-#[map]
-static PARENTS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
-
 /// Task pid -> clone flags, from task_newtask, read by the fork program to
 /// tell threads from processes.
 #[map]
@@ -113,10 +108,9 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: offsets come from the running kernel's tracefs format file.
     let data_loc: u32 = unsafe { ctx.read_at(layout().exec_filename as usize)? };
     let offset = (data_loc & 0xffff) as usize;
-    // SAFETY: a lookup in our own map.
-    let ppid = unsafe { PARENTS.get(tgid) }.copied().unwrap_or(0);
     let mut read_failed = false;
-    emit(EventKind::Exec, pid, tgid, ppid, |event| {
+    // The parent at fork came in the fork record.
+    emit(EventKind::Exec, pid, tgid, 0, |event| {
         // SAFETY: `offset` lies within the tracepoint record.
         let src = unsafe { ctx.as_ptr().add(offset) } as *const u8;
         if unsafe { bpf_probe_read_kernel_str_bytes(src, &mut event.filename) }.is_err() {
@@ -162,7 +156,6 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let _ = PARENTS.insert(child, parent_tgid, 0);
     emit(EventKind::Fork, child, child, parent_tgid, |_| {});
     Ok(())
 }
@@ -174,7 +167,6 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     sched::forget_task(pid);
     // Only the group leader's exit ends a process for the agent.
     if tgid == pid {
-        let _ = PARENTS.remove(tgid);
         emit(EventKind::Exit, pid, tgid, 0, |_| {});
     }
     0

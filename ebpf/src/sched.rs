@@ -19,7 +19,7 @@ static CLASS_OF: HashMap<u64, u32> = HashMap::with_max_entries(CLASS_SLOTS, 0);
 #[map]
 static CLASS_STATS: PerCpuArray<ClassStats> = PerCpuArray::with_max_entries(CLASS_SLOTS, 0);
 
-/// pid -> cgroup id the task had when it last left a CPU.
+/// pid -> cgroup id a task of a class had when it last left a CPU.
 #[map]
 static TASK_CGROUP: LruHashMap<u32, u64> = LruHashMap::with_max_entries(32768, 0);
 
@@ -75,8 +75,15 @@ fn stats(slot: u32) -> Option<*mut ClassStats> {
 /// Forgets an exiting task, so the maps hold live tasks only and never
 /// need to evict (LRU eviction under the scheduler's locks is costly).
 pub fn forget_task(pid: u32) {
-    let _ = TASK_CGROUP.remove(pid);
-    let _ = RUNNABLE_SINCE.remove(pid);
+    // Only tasks of the classes are in these maps, and a lookup is
+    // lock-free where a delete is not: delete only what is there.
+    // SAFETY: lookups in our own maps.
+    if unsafe { TASK_CGROUP.get(pid) }.is_some() {
+        let _ = TASK_CGROUP.remove(pid);
+    }
+    if unsafe { RUNNABLE_SINCE.get(pid) }.is_some() {
+        let _ = RUNNABLE_SINCE.remove(pid);
+    }
 }
 
 #[tracepoint]
@@ -135,10 +142,15 @@ fn try_switch(ctx: &TracePointContext) -> Result<(), i32> {
                 (*s).oncpu_ns += now.saturating_sub(*since);
             }
         }
-        // Map updates cost more than lookups: write only what changed.
+        // Only tasks of the classes are kept (the rest of the machine costs
+        // a lookup here and nothing at its exit). Map updates cost more
+        // than lookups: write only what changed.
         // SAFETY: a lookup in our own map.
-        if unsafe { TASK_CGROUP.get(prev as u32) }.copied() != Some(cgroup) {
+        let known = unsafe { TASK_CGROUP.get(prev as u32) }.copied();
+        if slot != 0 && known != Some(cgroup) {
             let _ = TASK_CGROUP.insert(prev as u32, cgroup, 0);
+        } else if slot == 0 && known.is_some() {
+            let _ = TASK_CGROUP.remove(prev as u32);
         }
         // Preempted or yielding (no sleep state bits): it waits again.
         if slot != 0 && prev_state & 0x7f == 0 {

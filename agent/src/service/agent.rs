@@ -545,13 +545,14 @@ impl Agent {
                 return;
             }
         };
-        // The parent at fork is the better ancestor for classification: a
-        // reparented daemon still descends from what launched it.
+        // The parent at fork (from the fork record) is the better ancestor
+        // for classification: a reparented daemon still descends from what
+        // launched it. /proc's parent is for processes forked before the
+        // agent started.
         let previous = self.table.get(pid);
         let ppid = previous
             .map(|p| p.ppid)
             .filter(|p| *p != 0)
-            .or((e.ppid != 0).then_some(e.ppid))
             .unwrap_or(proc_ppid);
         let mut process = Proc::new(info, ppid, start_ticks);
         process.facts = facts;
