@@ -575,7 +575,7 @@ impl Agent {
     pub(super) fn on_fork(&mut self, e: &ProcEvent) {
         self.counts.fork += 1;
         let child = e.pid;
-        let Some(parent) = self.table.get(e.ppid).cloned() else {
+        let Some(parent) = self.table.get(e.ppid) else {
             // A parent we never saw: learn the child from /proc.
             match self.procs.read(child, &self.env_keys) {
                 Ok(read) => {
@@ -596,8 +596,9 @@ impl Agent {
         process.decision = parent.decision.clone();
         process.origin_cgroup = parent.origin_cgroup.clone();
         process.pinned = parent.pinned;
+        let placed_class = parent.placed_class.clone();
         self.table.insert(child, process);
-        if let Some(class) = parent.placed_class {
+        if let Some(class) = placed_class {
             if self.placer.holds_cgroup_id(&class, e.cgroup_id) {
                 if let Some(p) = self.table.get_mut(child) {
                     p.placed_class = Some(class);

@@ -326,8 +326,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 agent.handle(Event::SweepTick)
             }
             _ = counters.tick() => {
-                // Fork and exit records do not wake the loop: they are
-                // read here when no exec came to read them first.
+                // Exit records do not wake the loop: they are read here
+                // when no exec or fork came to read them first.
                 let mut effects = drain(events.get_mut(), &mut agent);
                 effects.extend(agent.handle(Event::CountersTick));
                 effects
