@@ -1,5 +1,8 @@
 //! The process table: what corral knows about each live process, seeded
 //! from /proc at start-up and kept current by the kernel's event stream.
+//!
+//! Length: the table and the /proc reader it is filled from (live and
+//! scripted) belong together; the last 90 lines are tests.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
