@@ -15,6 +15,15 @@ exec > >(tee -a "$ARTIFACTS/run-tests.log") 2>&1
 echo "corral-vm-tests: started at uptime $(cut -d' ' -f1 /proc/uptime) s"
 touch "$SHARE/started"
 
+# Kernel trouble shows in full and ends the run at once: the command line's
+# `quiet` hides the backtraces of a lockup or a stall (printed at the default
+# level, 4), and a locked-up guest would otherwise sit until the host's
+# timeout. panic=-1 on the command line turns the panic into a power-off.
+dmesg -n 5
+sysctl -q -w kernel.softlockup_panic=1 kernel.softlockup_all_cpu_backtrace=1 \
+    kernel.panic_on_rcu_stall=1 \
+    || diag "could not set the kernel's lockup sysctls"
+
 # Boot: wait until systemd says the system is up (degraded still runs).
 state=$(timeout 300 systemctl is-system-running --wait 2>&1)
 record_ms boot_uptime "$(awk '{printf "%d", $1 * 1000}' /proc/uptime)"

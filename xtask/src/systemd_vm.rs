@@ -621,10 +621,9 @@ fn boot(image: &Image, overlay: &Path, share: &Path, last: &Path) -> anyhow::Res
             let _ = child.kill();
             let _ = child.wait();
             bail!(
-                "the guest did not power off within {} min; killed qemu. Console ({}):\n{}",
+                "the guest did not power off within {} min; killed qemu.\n{}",
                 RUN_TIMEOUT.as_secs() / 60,
-                console.display(),
-                tail(&read(&console).unwrap_or_default(), 40)
+                console_excerpt(&console)
             );
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -632,10 +631,9 @@ fn boot(image: &Image, overlay: &Path, share: &Path, last: &Path) -> anyhow::Res
     print_new_lines(&results, printed);
     if !status.success() {
         bail!(
-            "qemu-system-x86_64 exited with {status}: {}\nConsole ({}):\n{}",
+            "qemu-system-x86_64 exited with {status}: {}\n{}",
             read(&qemu_log).unwrap_or_default().trim(),
-            console.display(),
-            tail(&read(&console).unwrap_or_default(), 40)
+            console_excerpt(&console)
         );
     }
     Ok(Boot {
@@ -675,12 +673,7 @@ fn report(share: &Path, last: &Path) -> anyhow::Result<()> {
     let console = last.join("console.log");
     let evidence = || {
         let mut text = String::new();
-        let _ = writeln!(
-            text,
-            "--- console ({}), last lines ---\n{}",
-            console.display(),
-            tail(&read(&console).unwrap_or_default(), 40)
-        );
+        let _ = writeln!(text, "{}", console_excerpt(&console));
         for name in ["journal-service.txt", "journal-corral.txt"] {
             if let Some(journal) = read(&artifacts.join(name)) {
                 let _ = writeln!(
@@ -760,6 +753,44 @@ fn read(path: &Path) -> Option<String> {
         .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
+/// The console's last lines, and before them the first kernel trouble it
+/// shows (a lockup, a stall, an oops, a panic) with the backtrace that
+/// follows: the tail of a guest that hung for minutes holds only repeats.
+fn console_excerpt(console: &Path) -> String {
+    const TROUBLE: &[&str] = &[
+        "BUG: ",
+        "WARNING: ",
+        "rcu: INFO: ",
+        "Oops",
+        "Kernel panic",
+        "INFO: task ",
+    ];
+    let text = read(console).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let last = format!(
+        "--- console ({}), last lines ---\n{}",
+        console.display(),
+        tail(&text, 40)
+    );
+    let Some(first) = lines
+        .iter()
+        .position(|l| TROUBLE.iter().any(|t| l.contains(t)))
+    else {
+        return last;
+    };
+    // Up to 120 lines of it, stopping where the tail begins.
+    let tail_start = lines.len().saturating_sub(40);
+    if first >= tail_start {
+        return last;
+    }
+    let end = (first + 120).min(tail_start);
+    format!(
+        "--- console, the first kernel trouble (line {}) ---\n{}\n{last}",
+        first + 1,
+        lines[first..end].join("\n")
+    )
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -776,4 +807,49 @@ fn run_cmd(cmd: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A console file of its own for each test (they run in parallel).
+    struct Console(PathBuf);
+    impl Drop for Console {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+    fn console_with(name: &str, lines: &[String]) -> Console {
+        let path = std::env::temp_dir().join(format!(
+            "xtask-console-{name}-{}.log",
+            std::process::id()
+        ));
+        fs::write(&path, lines.join("\n")).unwrap();
+        Console(path)
+    }
+
+    #[test]
+    fn a_lockup_far_before_the_tail_is_shown_with_its_backtrace() {
+        let mut lines: Vec<String> = (0..10).map(|i| format!("boot {i}")).collect();
+        lines.push("[  179.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [corral:1553]".into());
+        lines.push(" htab_lru_map_delete_elem+0x1f/0x90".into());
+        lines.extend((0..200).map(|i| format!("[  {i}] rcu: repeat")));
+        let console = console_with("lockup", &lines);
+        let excerpt = console_excerpt(&console.0);
+        assert!(excerpt.contains("first kernel trouble (line 11)"), "{excerpt}");
+        assert!(excerpt.contains("htab_lru_map_delete_elem"), "{excerpt}");
+        assert!(excerpt.contains("rcu: repeat"), "{excerpt}");
+        assert!(!excerpt.contains("boot 9"), "{excerpt}");
+    }
+
+    #[test]
+    fn a_quiet_console_shows_only_its_tail() {
+        let lines: Vec<String> = (0..100).map(|i| format!("line {i}")).collect();
+        let console = console_with("quiet", &lines);
+        let excerpt = console_excerpt(&console.0);
+        assert!(!excerpt.contains("kernel trouble"), "{excerpt}");
+        assert!(excerpt.contains("line 99") && excerpt.contains("line 60"));
+        assert!(!excerpt.contains("line 59\n"), "{excerpt}");
+    }
 }
