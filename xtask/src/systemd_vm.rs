@@ -829,10 +829,8 @@ mod tests {
         }
     }
     fn console_with(name: &str, lines: &[String]) -> Console {
-        let path = std::env::temp_dir().join(format!(
-            "xtask-console-{name}-{}.log",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("xtask-console-{name}-{}.log", std::process::id()));
         fs::write(&path, lines.join("\n")).unwrap();
         Console(path)
     }
@@ -840,12 +838,17 @@ mod tests {
     #[test]
     fn a_lockup_far_before_the_tail_is_shown_with_its_backtrace() {
         let mut lines: Vec<String> = (0..10).map(|i| format!("boot {i}")).collect();
-        lines.push("[  179.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [corral:1553]".into());
+        lines.push(
+            "[  179.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [corral:1553]".into(),
+        );
         lines.push(" htab_lru_map_delete_elem+0x1f/0x90".into());
         lines.extend((0..200).map(|i| format!("[  {i}] rcu: repeat")));
         let console = console_with("lockup", &lines);
         let excerpt = console_excerpt(&console.0);
-        assert!(excerpt.contains("first kernel trouble (line 11)"), "{excerpt}");
+        assert!(
+            excerpt.contains("first kernel trouble (line 11)"),
+            "{excerpt}"
+        );
         assert!(excerpt.contains("htab_lru_map_delete_elem"), "{excerpt}");
         assert!(excerpt.contains("rcu: repeat"), "{excerpt}");
         assert!(!excerpt.contains("boot 9"), "{excerpt}");
