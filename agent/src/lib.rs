@@ -1,7 +1,7 @@
 //! corral: classify every process and keep each class on its own cores.
 //!
 //! One folder per layer; each says what it may touch:
-//! - `kernel/`: load, attach and read the eBPF side (BPF, tracefs).
+//! - `kernel/`: load, attach and read the eBPF side (BPF, tracefs, BTF).
 //! - `model/`: the process table, policy, classification, topology, core
 //!   sets, modes; pure, reads files it is given, writes nothing.
 //! - `actuate/`: placement backends behind one seam, and the power hold;

@@ -32,7 +32,9 @@ impl EventKind {
 /// One record in the `EVENTS` ring buffer.
 ///
 /// * exec: `pid`/`tgid` of the process that exec'd, `ppid` 0 (its parent
-///   at fork came in its fork record), `filename` the path given to exec.
+///   at fork came in its fork record), `filename` the path given to exec,
+///   `start_boottime_ns` its start time (0 where the kernel's BTF did not
+///   say where task_struct keeps it).
 /// * fork: `pid`/`tgid` of the new process, `ppid` the forking tgid,
 ///   `cgroup_id` the parent's cgroup, which the child inherits. Threads are
 ///   not reported.
@@ -44,6 +46,9 @@ pub struct ProcEvent {
     pub ktime_ns: u64,
     /// cgroup v2 id (the cgroup directory's inode number).
     pub cgroup_id: u64,
+    /// exec: `task_struct.start_boottime`, the start time /proc/PID/stat
+    /// gives in clock ticks (ns / 10^7); 0 in other records.
+    pub start_boottime_ns: u64,
     /// An `EventKind` as u32.
     pub kind: u32,
     pub pid: u32,
@@ -80,6 +85,9 @@ pub struct TracepointLayout {
     /// task_newtask: offset of `pid` and of `clone_flags`.
     pub newtask_pid: u32,
     pub newtask_clone_flags: u32,
+    /// Byte offset of `start_boottime` in `struct task_struct`, from the
+    /// kernel's BTF; 0: unknown, not read.
+    pub task_start_boottime: u32,
 }
 
 /// Run-queue latency buckets: bucket i counts waits in [2^i, 2^(i+1)) µs
@@ -126,6 +134,6 @@ mod pod {
     const _: () =
         assert!(core::mem::size_of::<super::ClassStats>() == 8 * (3 + super::RUNQ_BUCKETS));
     const _: () = assert!(core::mem::size_of::<super::SchedLayout>() == 16);
-    const _: () = assert!(core::mem::size_of::<super::ProcEvent>() == 8 + 8 + 16 + 16 + 256);
-    const _: () = assert!(core::mem::size_of::<super::TracepointLayout>() == 16);
+    const _: () = assert!(core::mem::size_of::<super::ProcEvent>() == 8 + 8 + 8 + 16 + 16 + 256);
+    const _: () = assert!(core::mem::size_of::<super::TracepointLayout>() == 20);
 }

@@ -10,7 +10,8 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
     },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -38,6 +39,7 @@ static LAYOUT: TracepointLayout = TracepointLayout {
     fork_child_pid: 20,
     newtask_pid: 8,
     newtask_clone_flags: 32,
+    task_start_boottime: 0,
 };
 
 fn layout() -> TracepointLayout {
@@ -84,6 +86,7 @@ fn emit(kind: EventKind, pid: u32, tgid: u32, ppid: u32, fill: impl FnOnce(&mut 
     unsafe {
         (*event).ktime_ns = bpf_ktime_get_ns();
         (*event).cgroup_id = bpf_get_current_cgroup_id();
+        (*event).start_boottime_ns = 0;
         (*event).kind = kind as u32;
         (*event).pid = pid;
         (*event).tgid = tgid;
@@ -109,7 +112,8 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), i32> {
     let tgid = (pid_tgid >> 32) as u32;
     let pid = pid_tgid as u32;
     // SAFETY: offsets come from the running kernel's tracefs format file.
-    let data_loc: u32 = unsafe { ctx.read_at(layout().exec_filename as usize)? };
+    let layout = layout();
+    let data_loc: u32 = unsafe { ctx.read_at(layout.exec_filename as usize)? };
     let offset = (data_loc & 0xffff) as usize;
     let mut read_failed = false;
     // The parent at fork came in the fork record.
@@ -118,6 +122,17 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), i32> {
         let src = unsafe { ctx.as_ptr().add(offset) } as *const u8;
         if unsafe { bpf_probe_read_kernel_str_bytes(src, &mut event.filename) }.is_err() {
             read_failed = true;
+        }
+        // The start time, so the agent need not read /proc/PID/stat for it.
+        // After exec the caller is the thread group's leader (de_thread
+        // gave it the leader's start time), as /proc/PID reports.
+        if layout.task_start_boottime != 0 {
+            // SAFETY: a probe read (fault-safe) at the offset the kernel's
+            // BTF gives for task_struct.start_boottime.
+            let field = unsafe { bpf_get_current_task() }
+                .wrapping_add(u64::from(layout.task_start_boottime))
+                as *const u64;
+            event.start_boottime_ns = unsafe { bpf_probe_read_kernel(field) }.unwrap_or(0);
         }
     });
     if read_failed { Err(-1) } else { Ok(()) }

@@ -15,7 +15,7 @@ use aya::{
 use corral_common::{
     CLASS_SLOTS, ClassStats, ProcEvent, RUNQ_BUCKETS, SchedLayout, TracepointLayout, counter,
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 /// The object built from `ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/corral"));
@@ -85,7 +85,13 @@ impl Tracer {
     pub fn load(ring_bytes: u32) -> anyhow::Result<(Self, RingBuf<MapData>)> {
         ensure_tracefs()?;
         let tracefs = Path::new(TRACEFS);
-        let layout = layout_from_tracefs(tracefs)?;
+        let mut layout = layout_from_tracefs(tracefs)?;
+        // Without it exec records carry no start time and the agent reads
+        // /proc/PID/stat for it, as before.
+        match super::btf::task_start_boottime_offset(Path::new(super::btf::VMLINUX_BTF)) {
+            Ok(offset) => layout.task_start_boottime = offset,
+            Err(e) => info!("exec records without start times ({e:#}): read from /proc"),
+        }
         let mut telemetry = Telemetry::default();
         let sched_layout = telemetry_layout(tracefs).unwrap_or_else(|reason| {
             // The telemetry programs are then neither loaded nor attached,
@@ -435,6 +441,7 @@ pub fn layout_from_tracefs(tracefs: &Path) -> anyhow::Result<TracepointLayout> {
         fork_child_pid: offset("sched", "sched_process_fork", "child_pid")?,
         newtask_pid: offset("task", "task_newtask", "pid")?,
         newtask_clone_flags: offset("task", "task_newtask", "clone_flags")?,
+        task_start_boottime: 0,
     })
 }
 

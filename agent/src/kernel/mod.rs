@@ -1,4 +1,6 @@
 //! The kernel side: loading and attaching the eBPF programs, reading their
-//! ring buffer and maps. Touches BPF, tracefs and the BPF maps; decides nothing.
+//! ring buffer and maps. Touches BPF, tracefs, the kernel's BTF and the BPF
+//! maps; decides nothing.
 
 pub mod bpf;
+pub mod btf;

@@ -198,6 +198,31 @@ pub struct Ask<'a> {
     /// The cgroup the kernel's record put the process in, if it came with
     /// one: a cgroup already seen need not be read from /proc again.
     pub cgroup_id: Option<u64>,
+    /// What /proc/PID/stat would say, when the kernel's record and the
+    /// table know it all already: then stat is not read.
+    pub stat: Option<StatFacts>,
+}
+
+/// The facts read from /proc/PID/stat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatFacts {
+    pub comm: String,
+    pub ppid: u32,
+    /// Clock ticks since boot.
+    pub start_ticks: u64,
+}
+
+/// /proc/PID/stat's start time (clock ticks, USER_HZ 100) of a start time
+/// in ns since boot (task_struct.start_boottime), as the kernel converts it.
+pub fn start_ticks_of_boottime_ns(ns: u64) -> u64 {
+    ns / 10_000_000
+}
+
+/// A comm as the kernel's records carry it (NUL-padded bytes), as
+/// /proc/PID/stat would give it.
+pub fn comm_of_record(comm: &[u8]) -> String {
+    let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 impl<'a> Ask<'a> {
@@ -207,6 +232,7 @@ impl<'a> Ask<'a> {
             env_keys,
             wanted: &|_| Facts::ALL,
             cgroup_id: None,
+            stat: None,
         }
     }
 }
@@ -307,6 +333,12 @@ impl ProcSource for ScriptedProcs {
         let procs = self.procs.lock().expect("scripted procs lock");
         let (read, _) = procs.get(&pid).ok_or(ReadError::Gone(pid))?;
         let mut read = read.clone();
+        // As from /proc: what the record said stands in for stat.
+        if let Some(stat) = &ask.stat {
+            read.info.comm = stat.comm.clone();
+            read.ppid = stat.ppid;
+            read.start_ticks = stat.start_ticks;
+        }
         read.info
             .env
             .retain(|k, _| ask.env_keys.contains(k) || ENV_ALWAYS.contains(&k.as_str()));
@@ -356,7 +388,10 @@ fn read_proc_in(
     cgroup: Option<String>,
 ) -> Result<(ProcRead, Facts), ReadError> {
     let Ask {
-        env_keys, wanted, ..
+        env_keys,
+        wanted,
+        ref stat,
+        ..
     } = *ask;
     let dir = format!("/proc/{pid}");
     let gone = |e: std::io::Error| match e.kind() {
@@ -368,11 +403,16 @@ fn read_proc_in(
         },
     };
     let mut buf = Vec::with_capacity(1024);
-    read_file(&format!("{dir}/stat"), &mut buf).map_err(gone)?;
-    let (comm, ppid, start_ticks) = parse_stat(&buf).ok_or_else(|| ReadError::Other {
-        pid,
-        source: procfs::ProcError::Incomplete(Some(PathBuf::from(format!("{dir}/stat")))),
-    })?;
+    let (comm, ppid, start_ticks) = match stat {
+        Some(known) => (known.comm.clone(), known.ppid, known.start_ticks),
+        None => {
+            read_file(&format!("{dir}/stat"), &mut buf).map_err(gone)?;
+            parse_stat(&buf).ok_or_else(|| ReadError::Other {
+                pid,
+                source: procfs::ProcError::Incomplete(Some(PathBuf::from(format!("{dir}/stat")))),
+            })?
+        }
+    };
     // Kernel threads have no exe and no argv; an unreadable exe of a user
     // process (permissions, a zombie) leaves it empty.
     let link = |name: &str| {
@@ -689,6 +729,7 @@ mod tests {
             env_keys: &keys,
             wanted: &|_| Facts::NONE,
             cgroup_id,
+            stat: None,
         };
         let procs = LiveProcs::new(Some(mount));
         let kept = |procs: &LiveProcs| procs.cgroup_paths.lock().unwrap().clone();

@@ -38,7 +38,10 @@ use crate::{
         cpus::CpuList,
         modes::{self, Mode, ModeSwitch},
         policy::{Policy, PolicySource},
-        procs::{Ask, Facts, Proc, ProcInfo, ProcRead, ProcSource, ReadError, Table},
+        procs::{
+            Ask, Facts, Proc, ProcInfo, ProcRead, ProcSource, ReadError, StatFacts, Table,
+            comm_of_record, start_ticks_of_boottime_ns,
+        },
         topology::Topology,
     },
     observe::{
@@ -524,6 +527,20 @@ impl Agent {
                 ..Facts::NONE
             })
         };
+        // The parent at fork (from the fork record) is the better ancestor
+        // for classification: a reparented daemon still descends from what
+        // launched it. /proc's parent is for processes forked before the
+        // agent started.
+        let fork_ppid = self.table.get(pid).map(|p| p.ppid).filter(|p| *p != 0);
+        // With that parent and the record's start time, /proc/PID/stat has
+        // nothing to add (the record's comm is the one stat would give).
+        let stat = fork_ppid
+            .zip(Some(e.start_boottime_ns).filter(|ns| *ns != 0))
+            .map(|(ppid, ns)| StatFacts {
+                comm: comm_of_record(&e.comm),
+                ppid,
+                start_ticks: start_ticks_of_boottime_ns(ns),
+            });
         let (
             ProcRead {
                 info,
@@ -537,6 +554,7 @@ impl Agent {
                 env_keys: &self.env_keys,
                 wanted: &wanted,
                 cgroup_id: Some(e.cgroup_id).filter(|id| *id != 0),
+                stat,
             },
         ) {
             Ok(read) => read,
@@ -545,15 +563,8 @@ impl Agent {
                 return;
             }
         };
-        // The parent at fork (from the fork record) is the better ancestor
-        // for classification: a reparented daemon still descends from what
-        // launched it. /proc's parent is for processes forked before the
-        // agent started.
         let previous = self.table.get(pid);
-        let ppid = previous
-            .map(|p| p.ppid)
-            .filter(|p| *p != 0)
-            .unwrap_or(proc_ppid);
+        let ppid = fork_ppid.unwrap_or(proc_ppid);
         let mut process = Proc::new(info, ppid, start_ticks);
         process.facts = facts;
         if let Some(previous) = previous {

@@ -109,6 +109,7 @@ fn event(kind: EventKind, pid: u32, ppid: u32, cgroup_id: u64) -> ProcEvent {
     ProcEvent {
         ktime_ns: monotonic_ns(),
         cgroup_id,
+        start_boottime_ns: 0,
         kind: kind as u32,
         pid,
         tgid: pid,
@@ -344,6 +345,36 @@ fn a_fork_from_an_unknown_parent_is_learned_from_proc() {
     rig.agent
         .handle(Event::Kernel(event(EventKind::Fork, 7001, 9999, 0)));
     assert_eq!(rig.placed("dev"), vec![7001]);
+}
+
+#[test]
+fn an_exec_record_gives_the_start_time_and_comm_of_a_process_whose_fork_was_seen() {
+    let mut rig = rig("");
+    rig.script(1, plain(7100, "bash"), 0);
+    rig.agent.handle(Event::Seed);
+    rig.fork(7100, 7101, 0);
+    // The child exec's nvim; /proc would say start 7101 and parent 1.
+    rig.script(1, nvim(7101), 0);
+    let mut exec = event(EventKind::Exec, 7101, 0, 0);
+    exec.start_boottime_ns = 123_456_789_000;
+    exec.comm[..4].copy_from_slice(b"nvim");
+    rig.agent.handle(Event::Kernel(exec));
+    rig.agent.handle(Event::KernelBatchDone);
+    let child = rig.agent.table.get(7101).unwrap();
+    assert_eq!(
+        child.start_ticks, 12_345,
+        "ns since boot / 10^7, as stat says"
+    );
+    assert_eq!((child.ppid, child.info.comm.as_str()), (7100, "nvim"));
+    assert_eq!(rig.placed("dev"), vec![7101]);
+
+    // No fork record seen: the parent and start time come from /proc.
+    rig.script(1, nvim(7200), 0);
+    let mut exec = event(EventKind::Exec, 7200, 0, 0);
+    exec.start_boottime_ns = 999_000_000_000;
+    rig.agent.handle(Event::Kernel(exec));
+    let unseen = rig.agent.table.get(7200).unwrap();
+    assert_eq!((unseen.start_ticks, unseen.ppid), (7200, 1));
 }
 
 #[test]
