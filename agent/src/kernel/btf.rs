@@ -29,16 +29,29 @@ struct TypeAt {
     kind_flag: bool,
 }
 
-/// A BTF blob, walked once into an index of its types (type id i is
-/// `types[i - 1]`).
+/// A BTF blob, walked once into an index of where each type's record
+/// starts (type id i at `index[i - 1]`; 4 bytes a type, as vmlinux has
+/// some 150,000).
 pub struct Btf<'a> {
     types: &'a [u8],
     strings: &'a [u8],
-    index: Vec<TypeAt>,
+    index: Vec<u32>,
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The common part of the type record at byte `at` of the type section.
+fn type_at(types: &[u8], at: usize) -> Option<TypeAt> {
+    let (name_off, info) = (u32_at(types, at)?, u32_at(types, at + 4)?);
+    Some(TypeAt {
+        at,
+        kind: (info >> 24) & 0x1f,
+        name_off,
+        vlen: (info & 0xffff) as usize,
+        kind_flag: info >> 31 == 1,
+    })
 }
 
 impl<'a> Btf<'a> {
@@ -63,14 +76,12 @@ impl<'a> Btf<'a> {
         };
         let types = section(type_off, type_len)?;
         let strings = section(str_off, str_len)?;
-        let mut index = Vec::new();
+        let mut index = Vec::with_capacity(types.len() / 32);
         let mut at = 0;
         while at < types.len() {
-            let (Some(name_off), Some(info)) = (u32_at(types, at), u32_at(types, at + 4)) else {
+            let Some(TypeAt { kind, vlen, .. }) = type_at(types, at) else {
                 bail!("a type record at byte {at} is cut short");
             };
-            let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
             // Each kind's trailing data after the 12-byte common record.
             let extra = match kind {
                 1 | 14 | 17 => 4,             // int, var, decl_tag
@@ -80,13 +91,7 @@ impl<'a> Btf<'a> {
                 2 | 7..=12 | 16 | 18 => 0,
                 other => bail!("unknown BTF kind {other} at byte {at}"),
             };
-            index.push(TypeAt {
-                at,
-                kind,
-                name_off,
-                vlen,
-                kind_flag: info >> 31 == 1,
-            });
+            index.push(u32::try_from(at)?);
             at += 12 + extra;
         }
         Ok(Btf {
@@ -107,10 +112,11 @@ impl<'a> Btf<'a> {
         let outer = self
             .index
             .iter()
+            .filter_map(|at| type_at(self.types, *at as usize))
             .find(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == name.as_bytes())
             .ok_or_else(|| anyhow!("no struct {name}"))?;
         let bits = self
-            .find_member(outer, member.as_bytes(), 0)
+            .find_member(&outer, member.as_bytes(), 0)
             .ok_or_else(|| anyhow!("struct {name} has no member {member}"))?;
         if bits % 8 != 0 {
             bail!("{name}.{member} is a bitfield");
@@ -140,10 +146,13 @@ impl<'a> Btf<'a> {
                 }
                 continue;
             }
-            let inner = self.index.get((type_id as usize).checked_sub(1)?)?;
+            let inner = type_at(
+                self.types,
+                *self.index.get((type_id as usize).checked_sub(1)?)? as usize,
+            )?;
             if matches!(inner.kind, KIND_STRUCT | KIND_UNION)
                 && depth < 8
-                && let Some(found) = self.find_member(inner, member, depth + 1)
+                && let Some(found) = self.find_member(&inner, member, depth + 1)
             {
                 return Some(bits + found);
             }
