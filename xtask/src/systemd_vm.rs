@@ -775,10 +775,11 @@ fn console_excerpt(console: &Path) -> String {
     ];
     let text = read(console).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
+    let tail_start = lines.len().saturating_sub(40);
     let last = format!(
         "--- console ({}), last lines ---\n{}",
         console.display(),
-        tail(&text, 40)
+        lines[tail_start..].join("\n")
     );
     let Some(first) = lines
         .iter()
@@ -787,7 +788,6 @@ fn console_excerpt(console: &Path) -> String {
         return last;
     };
     // Up to 120 lines of it, stopping where the tail begins.
-    let tail_start = lines.len().saturating_sub(40);
     if first >= tail_start {
         return last;
     }

@@ -255,7 +255,7 @@ mod tests {
 
     /// The running kernel's task_struct has start_boottime where its BTF
     /// says; the value read there is checked against /proc in the
-    /// real-kernel tests (tests/tests/bpf.rs).
+    /// real-kernel tests (tests/tests/kernel.rs).
     #[test]
     fn the_running_kernel_names_start_boottime() {
         let vmlinux = Path::new(VMLINUX_BTF);

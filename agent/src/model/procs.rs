@@ -403,8 +403,12 @@ fn read_proc_in(
         },
     };
     let mut buf = Vec::with_capacity(1024);
-    let (comm, ppid, start_ticks) = match stat {
-        Some(known) => (known.comm.clone(), known.ppid, known.start_ticks),
+    let StatFacts {
+        comm,
+        ppid,
+        start_ticks,
+    } = match stat {
+        Some(known) => known.clone(),
         None => {
             read_file(&format!("{dir}/stat"), &mut buf).map_err(gone)?;
             parse_stat(&buf).ok_or_else(|| ReadError::Other {
@@ -505,7 +509,7 @@ fn cgroup_line(text: &[u8]) -> Option<String> {
 
 /// comm, ppid and start time (clock ticks) from /proc/PID/stat. The comm
 /// sits in parentheses and may itself contain ") ".
-fn parse_stat(stat: &[u8]) -> Option<(String, u32, u64)> {
+fn parse_stat(stat: &[u8]) -> Option<StatFacts> {
     let open = stat.iter().position(|b| *b == b'(')?;
     let close = stat.iter().rposition(|b| *b == b')')?;
     let comm = String::from_utf8_lossy(stat.get(open + 1..close)?).into_owned();
@@ -513,8 +517,12 @@ fn parse_stat(stat: &[u8]) -> Option<(String, u32, u64)> {
     let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
     // rest[0] is field 3 (state): ppid is field 4, starttime field 22.
     let ppid = fields.get(1)?.parse().ok()?;
-    let start = fields.get(19)?.parse().ok()?;
-    Some((comm, ppid, start))
+    let start_ticks = fields.get(19)?.parse().ok()?;
+    Some(StatFacts {
+        comm,
+        ppid,
+        start_ticks,
+    })
 }
 
 /// A process's start time (clock ticks since boot) from /proc/PID/stat
@@ -522,7 +530,7 @@ fn parse_stat(stat: &[u8]) -> Option<(String, u32, u64)> {
 pub fn start_ticks(pid: u32) -> Option<u64> {
     let mut stat = Vec::with_capacity(512);
     read_file(&format!("/proc/{pid}/stat"), &mut stat).ok()?;
-    parse_stat(&stat).map(|(_, _, start)| start)
+    parse_stat(&stat).map(|stat| stat.start_ticks)
 }
 
 /// A process's cgroup (relative to the cgroup2 mount) from /proc/PID/cgroup
@@ -762,7 +770,14 @@ mod tests {
     fn stat_with_parentheses_in_comm() {
         let stat =
             b"4242 (we) ird) S 17 4242 4242 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 987654 0 0";
-        assert_eq!(parse_stat(stat), Some(("we) ird".to_owned(), 17, 987654)));
+        assert_eq!(
+            parse_stat(stat),
+            Some(StatFacts {
+                comm: "we) ird".to_owned(),
+                ppid: 17,
+                start_ticks: 987654
+            })
+        );
         assert_eq!(parse_stat(b"garbage"), None);
     }
 
