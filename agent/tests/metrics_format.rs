@@ -352,7 +352,7 @@ async fn served_metrics_scrape_and_only_count_up() {
     let shared = Arc::new(Mutex::new(populated()));
     let state = Arc::clone(&shared);
     let (addr, server) = metrics::serve("127.0.0.1:0".parse().unwrap(), move || {
-        state.lock().unwrap().render()
+        std::future::ready(Some(state.lock().unwrap().render()))
     })
     .await
     .expect("bind on a free loopback port");
@@ -476,5 +476,38 @@ async fn served_metrics_scrape_and_only_count_up() {
         .expect("the idle client is answered or closed in time");
     assert!(late.is_empty() || late.starts_with(b"HTTP/1.1 200 OK\r\n"));
 
+    server.abort();
+}
+
+#[tokio::test]
+async fn each_scrape_renders_afresh_and_a_gone_renderer_answers_503() {
+    let renders = Arc::new(Mutex::new(0u32));
+    let counted = Arc::clone(&renders);
+    let (addr, server) = metrics::serve("127.0.0.1:0".parse().unwrap(), move || {
+        let counted = Arc::clone(&counted);
+        async move {
+            let mut n = counted.lock().unwrap();
+            *n += 1;
+            // The third scrape finds the loop gone.
+            (*n < 3).then(|| format!("corral_scrapes {n}\n"))
+        }
+    })
+    .await
+    .expect("bind on a free loopback port");
+    assert_eq!(
+        *renders.lock().unwrap(),
+        0,
+        "nothing rendered before a scrape"
+    );
+    let (code, _, body) = get(addr, "/metrics").await;
+    assert_eq!((code, body.as_str()), (200, "corral_scrapes 1\n"));
+    let (code, _, body) = get(addr, "/metrics").await;
+    assert_eq!((code, body.as_str()), (200, "corral_scrapes 2\n"));
+    let (code, _, _) = get(addr, "/nothing").await;
+    assert_eq!(code, 404);
+    assert_eq!(*renders.lock().unwrap(), 2, "a 404 renders nothing");
+    let (code, _, body) = get(addr, "/metrics").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("stopping"), "{body}");
     server.abort();
 }

@@ -954,8 +954,9 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
 // HTTP
 // ---------------------------------------------------------------------------
 
-/// Serves `GET /metrics` (and `HEAD`) on `addr` with whatever `snapshot`
-/// returns, `200` with [`CONTENT_TYPE`]; any other path is `404`. Binds
+/// Serves `GET /metrics` (and `HEAD`) on `addr` with what `render` gives
+/// for each scrape, `200` with [`CONTENT_TYPE`] (`503` when it gives
+/// nothing: the loop that renders is gone); any other path is `404`. Binds
 /// before returning, so the returned address is the real one (ask for port 0
 /// in tests). The accept loop runs until the returned task is aborted.
 ///
@@ -964,20 +965,23 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
 /// `431`, and a client that takes over 5 s to send its request or read the
 /// answer is dropped. Before closing, the server reads and discards what
 /// the client still sends (at most 64 KiB, 0.5 s), so a `431` is not lost
-/// to a TCP reset. `snapshot` is called once per scrape on a runtime
-/// thread, so it should only clone a ready string (e.g. from a
-/// `tokio::sync::watch` or an `Arc<Mutex<String>>`).
-pub async fn serve(
+/// to a TCP reset. `render` is called once per scrape: the agent asks its
+/// loop for the page then, so nothing is rendered when nobody scrapes.
+pub async fn serve<R, F>(
     addr: SocketAddr,
-    snapshot: impl Fn() -> String + Send + Sync + 'static,
-) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    render: R,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)>
+where
+    R: Fn() -> F + Send + Sync + 'static,
+    F: Future<Output = Option<String>> + Send,
+{
     let listener = TcpListener::bind(addr).await.with_context(|| {
         format!("binding the metrics server to {addr}: is another corral or exporter using it? choose another address")
     })?;
     let bound = listener
         .local_addr()
         .with_context(|| format!("reading the address the metrics server bound for {addr}"))?;
-    let snapshot = Arc::new(snapshot);
+    let render = Arc::new(render);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
         loop {
@@ -994,10 +998,10 @@ pub async fn serve(
                 debug!("metrics server: {MAX_CONNECTIONS} connections open, closing {peer}");
                 continue;
             };
-            let snapshot = Arc::clone(&snapshot);
+            let render = Arc::clone(&render);
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(e) = answer(stream, &*snapshot).await {
+                if let Err(e) = answer(stream, &*render).await {
                     debug!("metrics server: {peer}: {e}");
                 }
             });
@@ -1019,9 +1023,9 @@ enum Request {
 }
 
 /// Reads one request head, answers it, closes.
-async fn answer(
+async fn answer<F: Future<Output = Option<String>>>(
     mut stream: TcpStream,
-    snapshot: &(dyn Fn() -> String + Send + Sync),
+    render: &(dyn Fn() -> F + Send + Sync),
 ) -> std::io::Result<()> {
     let request = match timeout(IO_TIMEOUT, read_head(&mut stream)).await {
         Ok(r) => r?,
@@ -1044,8 +1048,15 @@ async fn answer(
         Request::Parsed { method, path } => {
             let path = path.split('?').next().unwrap_or_default();
             match (method.as_str(), path) {
-                ("GET", "/metrics") => response("200 OK", CONTENT_TYPE, &snapshot(), true),
-                ("HEAD", "/metrics") => response("200 OK", CONTENT_TYPE, &snapshot(), false),
+                ("GET" | "HEAD", "/metrics") => match render().await {
+                    Some(page) => response("200 OK", CONTENT_TYPE, &page, method == "GET"),
+                    None => response(
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "the agent is stopping\n",
+                        true,
+                    ),
+                },
                 _ => response(
                     "404 Not Found",
                     "text/plain",

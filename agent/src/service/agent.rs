@@ -103,8 +103,6 @@ pub enum ReloadCause {
 pub enum Effect {
     /// Tell systemd (sd_notify).
     Notify(Notice),
-    /// Re-render the metrics page.
-    RenderMetrics,
     /// Hold or release `performance` (power-profiles-daemon, else sysfs).
     Power(PowerRequest),
     /// A desktop notification on user `uid`'s session bus.
@@ -421,7 +419,6 @@ impl Agent {
                         status: self.one_line_status(),
                     }),
                     Effect::Notify(Notice::Watchdog),
-                    Effect::RenderMetrics,
                 ]
             }
             Event::Kernel(e) => {
@@ -480,14 +477,14 @@ impl Agent {
             }
             Event::Power(status) => {
                 self.on_power(status);
-                vec![Effect::RenderMetrics]
+                Vec::new()
             }
             Event::CountersTick => {
                 self.read_kernel_counters();
                 if self.dropped_since_sweep() {
                     self.sweep(true);
                 }
-                vec![Effect::RenderMetrics]
+                Vec::new()
             }
             Event::WatchdogTick => vec![Effect::Notify(Notice::Watchdog)],
             Event::GameMode(incoming) => self.on_gamemode(incoming),
@@ -508,7 +505,6 @@ impl Agent {
             Effect::Notify(Notice::Ready {
                 status: self.one_line_status(),
             }),
-            Effect::RenderMetrics,
         ];
         (status, effects)
     }

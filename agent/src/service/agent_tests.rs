@@ -1082,10 +1082,7 @@ fn a_game_holds_performance_and_the_last_game_ending_releases_it_after_the_hold_
         detail: "`performance` through power-profiles-daemon (net.hadess.PowerProfiles, cookie 3)"
             .into(),
     };
-    assert_eq!(
-        rig.agent.handle(Event::Power(held.clone())),
-        [Effect::RenderMetrics]
-    );
+    assert_eq!(rig.agent.handle(Event::Power(held.clone())), []);
     assert_eq!(rig.agent.status().power, held);
     assert_eq!(rig.agent.metrics().power_held.as_deref(), Some("ppd"));
     assert_eq!(

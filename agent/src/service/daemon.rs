@@ -11,7 +11,11 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::mpsc};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::SignalKind,
+    sync::{mpsc, oneshot},
+};
 use tracing::{info, warn};
 
 pub use super::agent::{Agent, Effect, Event, Notice, ReloadCause, core_sets_here, load_ananicy};
@@ -219,17 +223,21 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // (both live until this function returns).
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    // The metrics endpoint serves the latest rendering, refreshed by the
-    // loop (scrapes never touch the agent's state).
-    let rendered = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    // Each scrape asks the loop for the page, and the loop renders it from
+    // its own state (scrapes never touch it): nothing is rendered, and no
+    // group's pressure is read, while nobody scrapes.
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<oneshot::Sender<String>>(8);
     let metrics_server = match metrics_addr {
         Some(addr) => {
-            let shared = rendered.clone();
-            match metrics::serve(addr, move || {
-                shared.lock().map(|t| t.clone()).unwrap_or_default()
-            })
-            .await
-            {
+            let ask = move || {
+                let scrapes = scrape_tx.clone();
+                async move {
+                    let (reply, page) = oneshot::channel();
+                    scrapes.send(reply).await.ok()?;
+                    page.await.ok()
+                }
+            };
+            match metrics::serve(addr, ask).await {
                 Ok((bound, handle)) => {
                     info!(%bound, "metrics at http://{bound}/metrics");
                     agent.metrics_bound = Some(bound);
@@ -244,7 +252,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         None => None,
     };
     let notifier = crate::service::notify::Notifier::from_env();
-    let carry_out = |effects: Vec<Effect>, agent: &Agent| -> bool {
+    let carry_out = |effects: Vec<Effect>| -> bool {
         let mut go_on = true;
         for effect in effects {
             match effect {
@@ -252,14 +260,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 Effect::Notify(Notice::Reloading) => notifier.reloading(),
                 Effect::Notify(Notice::Watchdog) => notifier.watchdog(),
                 Effect::Notify(Notice::Stopping) => notifier.stopping(),
-                // Rendering is only worth it when something can scrape it.
-                Effect::RenderMetrics if metrics_server.is_some() => {
-                    let text = agent.metrics().render();
-                    if let Ok(mut shared) = rendered.lock() {
-                        *shared = text;
-                    }
-                }
-                Effect::RenderMetrics => {}
                 Effect::Power(request) if dry_run => {
                     info!(?request, "dry run: the power profile is left as it is");
                 }
@@ -276,7 +276,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         go_on
     };
     let effects = agent.handle(Event::Seed);
-    carry_out(effects, &agent);
+    carry_out(effects);
     // Loading the programs parsed the kernel's BTF (megabytes) and the seed
     // read all of /proc: hand the freed heap back before the long run.
     give_back_free_heap();
@@ -308,6 +308,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
             Some(status) = power_rx.recv() => agent.handle(Event::Power(status)),
             Some(incoming) = control_rx.recv() => agent.handle(Event::Control(incoming)),
+            Some(reply) = scrape_rx.recv() => {
+                let _ = reply.send(agent.metrics().render());
+                Vec::new()
+            }
             Some(incoming) = gamemode_rx.recv() => agent.handle(Event::GameMode(incoming)),
             Some(()) = file_rx.recv() => {
                 // Let the editor finish, then reload once for the burst.
@@ -335,7 +339,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             _ = sigterm.recv() => agent.handle(Event::Stop),
             _ = sigint.recv() => agent.handle(Event::Stop),
         };
-        if !carry_out(effects, &agent) {
+        if !carry_out(effects) {
             break;
         }
     }
