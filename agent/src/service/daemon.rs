@@ -296,9 +296,26 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         dry_run = options.dry_run,
         "corral is running"
     );
+    // One timer for the mode's next deadline, moved only when it changes
+    // (a new sleep per pass would re-enter the timer wheel every record).
+    let mode_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(mode_timer);
+    let mut armed_for: Option<Instant> = None;
     loop {
         let deadline = agent.mode_deadline();
+        if deadline != armed_for {
+            if let Some(at) = deadline {
+                mode_timer.as_mut().reset(at.into());
+            }
+            armed_for = deadline;
+        }
+        // Polled in this order, so a pass that kernel records woke polls
+        // only the ring (every other source is cancel-safe and polled when
+        // the ring has nothing). Stopping comes first.
         let effects = tokio::select! {
+            biased;
+            _ = sigterm.recv() => agent.handle(Event::Stop),
+            _ = sigint.recv() => agent.handle(Event::Stop),
             guard = events.readable_mut() => {
                 let mut guard = guard?;
                 let effects = drain(guard.get_inner_mut(), &mut agent);
@@ -320,8 +337,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 agent.handle(Event::Reload(ReloadCause::FileChanged))
             }
             _ = sighup.recv() => agent.handle(Event::Reload(ReloadCause::Signal)),
-            _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()).await },
-                if deadline.is_some() => agent.handle(Event::ModeTimer),
+            _ = &mut mode_timer, if armed_for.is_some() => {
+                armed_for = None;
+                agent.handle(Event::ModeTimer)
+            }
             _ = watchdog.tick() => agent.handle(Event::WatchdogTick),
             _ = sweeps.tick() => {
                 // What an exec storm's processes took is free once they are
@@ -336,8 +355,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 effects.extend(agent.handle(Event::CountersTick));
                 effects
             }
-            _ = sigterm.recv() => agent.handle(Event::Stop),
-            _ = sigint.recv() => agent.handle(Event::Stop),
         };
         if !carry_out(effects) {
             break;
