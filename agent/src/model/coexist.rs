@@ -1,7 +1,7 @@
 //! Other tools that tune the same knobs: a loaded sched_ext scheduler, and
 //! gamemoded, ananicy-cpp, system76-scheduler, falcond or tuned running.
-//! Detection reads a /proc and a /sys root it is given (fixtures in tests)
-//! and says, for each finding, which actions overlap and which side wins.
+//! Detection takes the processes' names (the agent's process table, which
+//! kernel records keep current) and a /sys root (fixtures in tests) and says, for each finding, which actions overlap and which side wins.
 //! corral itself never changes a nice value, so a nice value set by hand
 //! or by one of these tools always stays.
 
@@ -77,7 +77,10 @@ const DAEMONS: &[Daemon] = &[
 const SCHED_EXT_OUTCOME: &str = "the current sched_ext schedulers ignore cpu.weight, so class weights have no effect while it is loaded; core sets (cpuset, AllowedCPUs, affinity) still hold and corral keeps them";
 
 /// Everything found under `proc_root` and `sys_root`, sched_ext first.
-pub fn detect(proc_root: &Path, sys_root: &Path) -> Vec<Finding> {
+pub fn detect<'a>(
+    names: impl IntoIterator<Item = (u32, &'a str)>,
+    sys_root: &Path,
+) -> Vec<Finding> {
     let mut found = Vec::new();
     let state = std::fs::read_to_string(sys_root.join("kernel/sched_ext/state"));
     if state.is_ok_and(|s| s.trim() == "enabled") {
@@ -95,9 +98,9 @@ pub fn detect(proc_root: &Path, sys_root: &Path) -> Vec<Finding> {
             outcome: SCHED_EXT_OUTCOME.to_owned(),
         });
     }
-    let names = process_names(proc_root);
+    let names: Vec<(u32, &str)> = names.into_iter().collect();
     for daemon in DAEMONS {
-        if let Some(pid) = find(&names, daemon.name) {
+        if let Some(pid) = find(names.iter().copied(), daemon.name) {
             found.push(Finding {
                 tool: daemon.name.to_owned(),
                 pid: Some(pid),
@@ -111,34 +114,34 @@ pub fn detect(proc_root: &Path, sys_root: &Path) -> Vec<Finding> {
 
 /// The pid of a process called `name` under `proc_root`, if one runs.
 pub fn running(proc_root: &Path, name: &str) -> Option<u32> {
-    find(&process_names(proc_root), name)
+    let names = process_names(proc_root);
+    find(names.iter().map(|(pid, comm)| (*pid, comm.as_str())), name)
 }
 
-/// (pid, comm) of every process. comm alone: one small read each, every
-/// sweep (a script's comm is its file name: `tuned`).
+/// (pid, comm) of every process under `proc_root`: one small read each (a
+/// script's comm is its file name: `tuned`).
 fn process_names(proc_root: &Path) -> Vec<(u32, String)> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
-    let mut names: Vec<(u32, String)> = entries
+    entries
         .filter_map(Result::ok)
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
             Some((pid, comm.trim().to_owned()))
         })
-        .collect();
-    names.sort();
-    names
+        .collect()
 }
 
-/// The kernel cuts comm to 15 bytes (`system76-schedu`).
-fn find(names: &[(u32, String)], name: &str) -> Option<u32> {
+/// The lowest pid called `name`. The kernel cuts comm to 15 bytes
+/// (`system76-schedu`).
+fn find<'a>(names: impl Iterator<Item = (u32, &'a str)>, name: &str) -> Option<u32> {
     let short = &name[..name.len().min(15)];
     names
-        .iter()
-        .find(|(_, comm)| comm == short)
-        .map(|(pid, _)| *pid)
+        .filter(|(_, comm)| *comm == short)
+        .map(|(pid, _)| pid)
+        .min()
 }
 
 /// What changed between two detections, for the log: (appeared, gone).
@@ -189,10 +192,10 @@ mod tests {
         let sched_ext = dir.join("sys/kernel/sched_ext");
         std::fs::create_dir_all(sched_ext.join("root")).unwrap();
         std::fs::write(sched_ext.join("state"), "disabled\n").unwrap();
-        assert!(detect(&dir.join("proc"), &dir.join("sys")).is_empty());
+        assert!(detect([], &dir.join("sys")).is_empty());
         std::fs::write(sched_ext.join("state"), "enabled\n").unwrap();
         std::fs::write(sched_ext.join("root/ops"), "lavd_1.0\n").unwrap();
-        let found = detect(&dir.join("proc"), &dir.join("sys"));
+        let found = detect([(1, "systemd")], &dir.join("sys"));
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].tool, "sched_ext (lavd_1.0)");
         assert_eq!(found[0].overlaps, ["cpu.weight"]);
@@ -209,7 +212,15 @@ mod tests {
         process(&dir, 950, "tuned");
         // Not a prefix match: `gamemoded-helper` is not gamemoded.
         process(&dir, 990, "gamemoded-helpe");
-        let found = detect(&dir.join("proc"), &dir.join("sys"));
+        let names = [
+            (1, "systemd"),
+            (950, "tuned"),
+            (990, "gamemoded-helpe"),
+            (900, "system76-schedu"),
+            (812, "gamemoded"),
+            (1200, "gamemoded"),
+        ];
+        let found = detect(names, &dir.join("sys"));
         let tools: Vec<(&str, Option<u32>)> =
             found.iter().map(|f| (f.tool.as_str(), f.pid)).collect();
         assert_eq!(

@@ -408,8 +408,9 @@ impl Agent {
     fn on_event(&mut self, event: Event) -> Vec<Effect> {
         match event {
             Event::Seed => {
-                self.check_coexistence();
                 self.seed();
+                // From the table the seed just filled.
+                self.check_coexistence();
                 // The core sets of the mode the agent starts in.
                 self.apply_layout();
                 self.sync_telemetry();

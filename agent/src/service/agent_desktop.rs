@@ -4,7 +4,7 @@
 //! (rate limited), and the coexistence findings, re-checked on the sweep.
 //! Decisions only: the runner carries out the [`Effect`]s.
 
-use std::{collections::BTreeSet, path::PathBuf};
+use std::collections::BTreeSet;
 
 use tracing::{info, warn};
 
@@ -22,8 +22,6 @@ pub(super) struct DesktopState {
     /// What the runner reported back.
     pub(super) power: PowerStatus,
     pub(super) coexist: Vec<coexist::Finding>,
-    /// Where coexisting daemons are looked for (/proc; a fixture in tests).
-    pub(super) proc_root: PathBuf,
     pub(super) limit: RateLimit,
     /// Effects decided deep in the loop (a ladder step), handed out by
     /// [`Agent::handle`].
@@ -40,7 +38,6 @@ impl DesktopState {
                 ..PowerStatus::default()
             },
             coexist: Vec::new(),
-            proc_root: PathBuf::from("/proc"),
             limit: RateLimit::default(),
             outbox: Vec::new(),
             stopping: false,
@@ -49,12 +46,6 @@ impl DesktopState {
 }
 
 impl Agent {
-    /// Looks for coexisting daemons under `root` instead of /proc (tests).
-    pub fn with_proc_root(mut self, root: PathBuf) -> Self {
-        self.desktop.proc_root = root;
-        self
-    }
-
     /// The effects decided since the last event, and a power request when
     /// what the mode calls for changed: `Hold` while the protected class
     /// runs and `[power]` is on, `Release` once it ends, on stop, or when
@@ -88,8 +79,14 @@ impl Agent {
     }
 
     /// Re-detects coexisting tools; logs what appeared and went away.
+    /// Looks for other tuners among the processes the table knows (kept
+    /// current by kernel records and sweeps: no read of every /proc/PID/comm).
     pub(super) fn check_coexistence(&mut self) {
-        let now = coexist::detect(&self.desktop.proc_root, &self.sysfs_root);
+        let names = self
+            .table
+            .iter()
+            .map(|(pid, p)| (*pid, p.info.comm.as_str()));
+        let now = coexist::detect(names, &self.sysfs_root);
         let (appeared, gone) = coexist::changes(&self.desktop.coexist, &now);
         for f in appeared {
             warn!("coexistence: {}", f.describe());

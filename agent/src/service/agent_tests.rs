@@ -1193,25 +1193,37 @@ fn a_thermal_emergency_is_critical_and_goes_to_the_game_s_and_the_cooled_classes
 
 #[test]
 fn coexisting_tools_are_found_at_start_and_on_the_sweep() {
-    let root = std::env::temp_dir().join(format!("corral-agent-coexist-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(root.join("proc")).unwrap();
     let mut rig = rig("");
-    rig.agent = rig.agent.with_proc_root(root.join("proc"));
-    rig.seeded();
-    assert!(rig.agent.status().coexistence.is_empty());
-    let gamemoded = root.join("proc/812");
-    std::fs::create_dir_all(&gamemoded).unwrap();
-    std::fs::write(gamemoded.join("comm"), "gamemoded\n").unwrap();
-    rig.agent.handle(Event::SweepTick);
-    let found = rig.agent.status().coexistence;
-    assert_eq!(found.len(), 1);
-    assert_eq!(
-        (found[0].tool.as_str(), found[0].pid),
-        ("gamemoded", Some(812))
+    rig.script(
+        1,
+        info(812, "gamemoded", "/usr/bin/gamemoded", &["gamemoded"]),
+        0,
     );
+    rig.seeded();
+    let tools = |rig: &Rig| -> Vec<(String, Option<u32>)> {
+        let found = rig.agent.status().coexistence;
+        found.into_iter().map(|f| (f.tool, f.pid)).collect()
+    };
+    assert_eq!(tools(&rig), [("gamemoded".to_owned(), Some(812))]);
     assert_eq!(rig.agent.metrics().coexisting, ["gamemoded"]);
-    let _ = std::fs::remove_dir_all(&root);
+    rig.exec(
+        1,
+        info(950, "tuned", "/usr/bin/python3", &["/usr/sbin/tuned"]),
+    );
+    // Not before the sweep: detection is on the slow timer.
+    assert_eq!(tools(&rig).len(), 1);
+    rig.agent.handle(Event::SweepTick);
+    assert_eq!(
+        tools(&rig),
+        [
+            ("gamemoded".to_owned(), Some(812)),
+            ("tuned".to_owned(), Some(950))
+        ]
+    );
+    rig.exit(812);
+    rig.exit(950);
+    rig.agent.handle(Event::SweepTick);
+    assert!(tools(&rig).is_empty());
 }
 
 #[test]

@@ -310,18 +310,20 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             armed_for = deadline;
         }
         // Polled in this order, so a pass that kernel records woke polls
-        // only the ring (every other source is cancel-safe and polled when
-        // the ring has nothing). Stopping comes first.
+        // only the ring. Nothing waits behind it for long: a drained ring
+        // is not ready again until the runtime next polls the kernel, so
+        // the pass after a drain polls every other source (each of them is
+        // cancel-safe).
         let effects = tokio::select! {
             biased;
-            _ = sigterm.recv() => agent.handle(Event::Stop),
-            _ = sigint.recv() => agent.handle(Event::Stop),
             guard = events.readable_mut() => {
                 let mut guard = guard?;
                 let effects = drain(guard.get_inner_mut(), &mut agent);
                 guard.clear_ready();
                 effects
             }
+            _ = sigterm.recv() => agent.handle(Event::Stop),
+            _ = sigint.recv() => agent.handle(Event::Stop),
             Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
             Some(status) = power_rx.recv() => agent.handle(Event::Power(status)),
             Some(incoming) = control_rx.recv() => agent.handle(Event::Control(incoming)),
