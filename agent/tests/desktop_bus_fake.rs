@@ -875,27 +875,34 @@ async fn sched_ext_enabled_and_a_running_gamemoded_show_in_status_with_what_corr
     std::fs::create_dir_all(sysfs.join("kernel/sched_ext/root")).unwrap();
     std::fs::write(sysfs.join("kernel/sched_ext/state"), "enabled\n").unwrap();
     std::fs::write(sysfs.join("kernel/sched_ext/root/ops"), "lavd_1.0.12\n").unwrap();
-    // A real process called gamemoded, in the real /proc.
-    let gamemoded = scratch.0.join("gamemoded");
-    std::fs::copy("/bin/sleep", &gamemoded).unwrap();
-    let mut child = Command::new(&gamemoded).arg("30").spawn().unwrap();
-
-    let mut agent = agent_on(&sysfs, &scratch).agent;
+    // A gamemoded among the processes the agent knows.
+    let Loop {
+        mut agent, procs, ..
+    } = agent_on(&sysfs, &scratch);
+    let gamemoded = 812;
+    procs.set(
+        proc_read(
+            gamemoded,
+            1,
+            "gamemoded",
+            "/usr/bin/gamemoded",
+            &["gamemoded"],
+        ),
+        ALICE,
+    );
     agent.handle(Event::Seed);
     let text = status_text(&agent);
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(
         text.contains("\ncoexist sched_ext (lavd_1.0.12): overlaps cpu.weight; the current sched_ext schedulers ignore cpu.weight, so class weights have no effect"),
         "{text}"
     );
     assert!(
         text.contains(&format!(
-            "\ncoexist gamemoded (pid {}): overlaps renice, affinity, governor; gamemode's nice and ioprio values stay (corral never renices)",
-            child.id()
+            "\ncoexist gamemoded (pid {gamemoded}): overlaps renice, affinity, governor; gamemode's nice and ioprio values stay (corral never renices)",
         )),
         "{text}"
     );
+    procs.remove(gamemoded);
     // Gone at the next sweep.
     agent.handle(Event::SweepTick);
     assert!(!status_text(&agent).contains("coexist gamemoded"));
