@@ -1,8 +1,9 @@
 #!/bin/bash
 # cpu-wrap.sh OUT DELAY_S AGENT...: runs AGENT, and writes to OUT its CPU
 # time (ns, every thread's schedstat) DELAY_S after the start (before the
-# storm) and when asked to stop (after it), plus its RSS then:
-#   cpu_start_ns=.. cpu_end_ns=.. rss_kib=.. hwm_kib=..
+# storm) and when asked to stop (after it), plus its RSS then and how often
+# its threads went to sleep meanwhile (voluntary context switches: wake-ups):
+#   cpu_start_ns=.. cpu_end_ns=.. rss_kib=.. hwm_kib=.. sleeps=..
 # For `cargo xtask bench peers`: run.sh starts the agent, waits, storms,
 # then sends SIGTERM to this script's process group.
 set -u
@@ -14,16 +15,25 @@ cpu_ns() {
 	done
 	echo "$total"
 }
+sleeps() {
+	local total=0 n
+	for t in /proc/"$1"/task/*/status; do
+		n=$(awk '/^voluntary_ctxt_switches:/{print $2}' "$t" 2>/dev/null)
+		total=$((total + ${n:-0}))
+	done
+	echo "$total"
+}
 # Its own process group: run.sh stops the group, and the numbers must be
 # read before the agent sees the signal.
 setsid "$@" &
 agent=$!
 stop() {
-	local end rss hwm
+	local end rss hwm slept
 	end=$(cpu_ns "$agent")
+	slept=$(($(sleeps "$agent") - ${sleeps_start:-0}))
 	rss=$(awk '/^VmRSS:/{print $2}' /proc/"$agent"/status 2>/dev/null)
 	hwm=$(awk '/^VmHWM:/{print $2}' /proc/"$agent"/status 2>/dev/null)
-	echo "cpu_start_ns=${start:-0} cpu_end_ns=$end rss_kib=${rss:-0} hwm_kib=${hwm:-0}" > "$out"
+	echo "cpu_start_ns=${start:-0} cpu_end_ns=$end rss_kib=${rss:-0} hwm_kib=${hwm:-0} sleeps=$slept" > "$out"
 	kill -TERM "$agent" 2>/dev/null
 	wait "$agent"
 	exit 0
@@ -31,4 +41,5 @@ stop() {
 trap stop TERM INT
 sleep "$delay" & wait $!
 start=$(cpu_ns "$agent")
+sleeps_start=$(sleeps "$agent")
 while kill -0 "$agent" 2>/dev/null; do sleep 0.2 & wait $!; done

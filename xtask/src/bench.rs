@@ -44,7 +44,8 @@ pub enum Bench {
     /// ananicy-cpp-ng, on one kernel clock (exec tracepoint to cgroup
     /// attach, the peers kit's run.sh and measure.bt), one agent after
     /// another at each rate, with each agent's CPU time over the storm
-    /// (every thread's schedstat) and its RSS after it.
+    /// (every thread's schedstat), how often it went to sleep (each sleep
+    /// is a wake-up paid for) and its RSS after it.
     Peers {
         /// The peers kit (run.sh, measure.bt, floor-procconn.c, ananicy.sh).
         #[arg(long, default_value = "../shared/peers")]
@@ -179,9 +180,9 @@ fn compare_with_peers(
     }
     let wrap = root.join("xtask/peers/cpu-wrap.sh");
     println!(
-        "| agent | rate/s | execs | missed | p50 us | p99 us | max us | CPU ms | CPU us/exec | RSS MiB |"
+        "| agent | rate/s | execs | missed | p50 us | p99 us | max us | CPU ms | CPU us/exec | sleeps/exec | RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (rate, count) in rates.iter().zip(counts) {
         for (name, cmd) in &agents {
             let cpu_file = work.join(format!("cpu-{name}-{rate}.txt"));
@@ -222,7 +223,7 @@ fn compare_with_peers(
                 v.map_or("?".to_owned(), |v| format!("{:.*}", digits, v / scale))
             };
             println!(
-                "| {name} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {name} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 field("execs"),
                 field("missed"),
                 field("p50_us"),
@@ -230,6 +231,7 @@ fn compare_with_peers(
                 field("max_us"),
                 show(cpu_ns, 1e6, 1),
                 show(cpu_ns.filter(|_| execs > 0.0), execs * 1e3, 1),
+                show(num("sleeps").filter(|_| execs > 0.0), execs, 2),
                 show(num("rss_kib"), 1024.0, 1),
             );
         }
