@@ -16,12 +16,7 @@ cpu_ns() {
 	echo "$total"
 }
 sleeps() {
-	local total=0 n
-	for t in /proc/"$1"/task/*/status; do
-		n=$(awk '/^voluntary_ctxt_switches:/{print $2}' "$t" 2>/dev/null)
-		total=$((total + ${n:-0}))
-	done
-	echo "$total"
+	awk '/^voluntary_ctxt_switches:/{n += $2} END{print n + 0}' /proc/"$1"/task/*/status 2>/dev/null
 }
 # Its own process group: run.sh stops the group, and the numbers must be
 # read before the agent sees the signal.
