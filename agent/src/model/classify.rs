@@ -128,24 +128,22 @@ pub fn classify_one(
     }
 }
 
-/// The optional facts (argv, cwd, environment) `policy` can use for a
-/// process whose always-read facts are `known`: those of every rule whose
-/// exe and comm globs let it match (its own matcher and `unless`), and
-/// those `ancestor` matchers read (this process may become someone's
-/// ancestor). What the exec path reads from /proc. A rule left out fails
-/// on exe or comm, which [`first_miss`] checks first, so `--rules`
-/// reports the same miss from a partial read as from a full one.
-pub fn facts_needed(policy: &Policy, known: &ProcInfo) -> Facts {
-    let passes = |globs: &[GlobMatcher], value: &str| {
-        globs.is_empty() || globs.iter().any(|g| g.is_match(value))
+/// The optional facts (exe, argv, cwd, environment) `policy` can use for a
+/// process whose facts are `known`, of which the optional ones `held` were
+/// read: those of every rule whose comm glob, and exe glob once the exe is
+/// read, let it match (its own matcher and `unless`). What the exec path
+/// reads from /proc: asked first with no exe, and again with it if an exe
+/// glob wanted it. A rule left out fails on comm or exe, which
+/// [`first_miss`] checks first, so `--rules` reports the same miss from a
+/// partial read as from a full one. Ancestor matchers are left to
+/// [`ancestor_facts_needed`].
+pub fn facts_needed(policy: &Policy, known: &ProcInfo, held: Facts) -> Facts {
+    let passes = |globs: &[GlobMatcher], value: &str, read: bool| {
+        globs.is_empty() || !read || globs.iter().any(|g| g.is_match(value))
     };
     policy.rules.iter().fold(Facts::NONE, |facts, rule| {
-        let facts = match &rule.ancestor {
-            Some(a) => facts.union(a.facts_used()),
-            None => facts,
-        };
         let m = &rule.matcher;
-        if !(passes(&m.exe, &known.exe) && passes(&m.comm, &known.comm)) {
+        if !(passes(&m.comm, &known.comm, true) && passes(&m.exe, &known.exe, held.exe)) {
             return facts;
         }
         let facts = facts.union(m.facts_used());
@@ -154,6 +152,19 @@ pub fn facts_needed(policy: &Policy, known: &ProcInfo) -> Facts {
             None => facts,
         }
     })
+}
+
+/// The facts `policy`'s ancestor matchers look at for `process`: those of
+/// every rule with an `ancestor` whose own matcher `process` passes. Its
+/// ancestors must hold them before it is classified; the exec path read
+/// each process only for its own rules.
+pub fn ancestor_facts_needed(policy: &Policy, process: &ProcInfo) -> Facts {
+    policy
+        .rules
+        .iter()
+        .filter_map(|rule| rule.ancestor.as_ref().map(|a| (rule, a)))
+        .filter(|(rule, _)| first_miss(&rule.matcher, process).is_none())
+        .fold(Facts::NONE, |facts, (_, a)| facts.union(a.facts_used()))
 }
 
 /// Classifies the last process of `chain` (outermost ancestor first).
@@ -359,9 +370,11 @@ fn rule_miss<'m, 'p>(
 
 /// The one matching walk: [`matches`] and `--rules` both read it.
 fn first_miss<'m, 'p>(m: &'m Matcher, p: &'p ProcInfo) -> Option<Miss<'m, 'p>> {
+    // comm before exe: the exec path reads the exe only for rules whose
+    // comm lets them match.
     let values = [
-        ("exe", &m.exe, &p.exe),
         ("comm", &m.comm, &p.comm),
+        ("exe", &m.exe, &p.exe),
         ("cwd", &m.cwd, &p.cwd),
         ("cgroup", &m.cgroup, &p.cgroup),
     ];
@@ -545,29 +558,53 @@ rules = [
         }
     }
 
+    const EXE: Facts = Facts {
+        exe: true,
+        ..Facts::NONE
+    };
+    const ARGV: Facts = Facts {
+        argv: true,
+        ..Facts::NONE
+    };
+    const CWD: Facts = Facts {
+        cwd: true,
+        ..Facts::NONE
+    };
+    const ENV: Facts = Facts {
+        env: true,
+        ..Facts::NONE
+    };
+
+    /// The exec path asks twice: with no exe read, then with it.
+    fn needed_in_stages(policy: &Policy, process: &ProcInfo) -> (Facts, Option<Facts>) {
+        let unread = ProcInfo {
+            exe: String::new(),
+            ..process.clone()
+        };
+        let first = facts_needed(policy, &unread, Facts::NONE);
+        let second = first
+            .exe
+            .then(|| facts_needed(policy, process, EXE).union(EXE));
+        (first, second)
+    }
+
     #[test]
-    fn facts_needed_are_those_of_rules_that_can_still_match_plus_ancestor_rules() {
+    fn facts_needed_are_those_of_rules_that_can_still_match_the_exe_first() {
         let comm_only = Policy::parse(
             Path::new("t.toml"),
             "classes = { game = { cpus = \"0\" } }\nrules = [{ name = \"s\", class = \"game\", comm = [\"stormgame\"] }]\n",
         )
         .unwrap();
+        // Nothing: not even the exe.
         let storm = p("stormgame", "/tmp/stormgame", &[]);
-        assert_eq!(facts_needed(&comm_only, &storm), Facts::NONE);
-        let policy = policy();
-        let env = Facts {
-            env: true,
-            ..Facts::NONE
-        };
-        let argv = Facts {
-            argv: true,
-            ..Facts::NONE
-        };
+        assert_eq!(needed_in_stages(&comm_only, &storm), (Facts::NONE, None));
         // `in-editor` has no exe or comm and reads env; `dota`'s steam_app
-        // expands to env and argv matchers: both, for every process.
+        // expands to env and argv matchers: both, for every process. The
+        // exe for `editor`, whose exe glob then fails for make.
+        let policy = policy();
         assert_eq!(
-            facts_needed(&policy, &p("make", "/usr/bin/make", &[])),
-            env.union(argv)
+            needed_in_stages(&policy, &p("make", "/usr/bin/make", &[])),
+            (EXE.union(ENV).union(ARGV), Some(EXE.union(ENV).union(ARGV)))
         );
         let no_steam = Policy::parse(
             Path::new("t.toml"),
@@ -581,20 +618,70 @@ rules = [
 "#,
         )
         .unwrap();
-        // The ancestor matcher's env, whatever the process.
-        assert_eq!(facts_needed(&no_steam, &p("cc", "/usr/bin/cc", &[])), env);
+        // The exe for `editor`; given /usr/bin/cc, nothing more. The
+        // ancestor matcher's facts are the ancestors' to hold.
+        assert_eq!(
+            needed_in_stages(&no_steam, &p("cc", "/usr/bin/cc", &[])),
+            (EXE.union(ARGV), Some(EXE))
+        );
         // nvim could be `editor`: its `unless` reads argv.
         assert_eq!(
-            facts_needed(&no_steam, &p("nvim", "/usr/bin/nvim", &[])),
-            env.union(argv)
+            needed_in_stages(&no_steam, &p("nvim", "/usr/bin/nvim", &[])),
+            (EXE.union(ARGV), Some(EXE.union(ARGV)))
         );
-        // make could be `proj`: its cwd.
+        // make could be `proj` (its cwd) and, before the exe, `editor`.
         assert_eq!(
-            facts_needed(&no_steam, &p("make", "/usr/bin/make", &[])),
-            env.union(Facts {
-                cwd: true,
-                ..Facts::NONE
-            })
+            needed_in_stages(&no_steam, &p("make", "/usr/bin/make", &[])),
+            (EXE.union(ARGV).union(CWD), Some(EXE.union(CWD)))
+        );
+        // The exec path's question answers every rule: the partial read
+        // classifies and explains as a full one does.
+        for process in [
+            p("cc", "/usr/bin/cc", &[]),
+            p("nvim", "/usr/bin/nvim", &["nvim", "--probe"]),
+            p("make", "/usr/bin/make", &["make"]),
+        ] {
+            let (first, second) = needed_in_stages(&no_steam, &process);
+            let mut partial = process.clone();
+            second.unwrap_or(first).blank(&mut partial);
+            assert_eq!(
+                explain_rules(&no_steam, &partial, &[]),
+                explain_rules(&no_steam, &process, &[]),
+                "{process:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ancestor_facts_are_needed_for_rules_the_process_passes_on_its_own() {
+        let policy = Policy::parse(
+            Path::new("t.toml"),
+            r#"
+classes = { dev = { cpus = "1" }, render = { cpus = "0" } }
+rules = [
+    { name = "in-editor", class = "dev", ancestor = { exe = ["*/nvim"], env = { TERM = "x*" } } },
+    { name = "blender-child", class = "render", comm = ["python3"], ancestor = { exe = ["*/blender"], argv = ["-b"] } },
+]
+"#,
+        )
+        .unwrap();
+        // `in-editor` has no own matcher: everyone passes it.
+        assert_eq!(
+            ancestor_facts_needed(&policy, &p("cc", "/usr/bin/cc", &[])),
+            EXE.union(ENV)
+        );
+        assert_eq!(
+            ancestor_facts_needed(&policy, &p("python3", "/usr/bin/python3", &[])),
+            EXE.union(ENV).union(ARGV)
+        );
+        let comm_only = Policy::parse(
+            Path::new("t.toml"),
+            "classes = { game = { cpus = \"0\" } }\nrules = [{ name = \"s\", class = \"game\", comm = [\"stormgame\"] }]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ancestor_facts_needed(&comm_only, &p("stormgame", "", &[])),
+            Facts::NONE
         );
     }
 

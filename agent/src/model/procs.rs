@@ -52,13 +52,17 @@ pub const ENV_ALWAYS: &[&str] = &[
     "SNAP_NAME",
 ];
 
-/// Which of a process's optional facts a read fetched. The pid, comm, exe,
-/// parent, start time and cgroup are always read; argv, cwd and the
-/// environment only when a rule that can still match this process, an
-/// ancestor rule or the ananicy rules look at them (the exec path reads
-/// no more than the policy can use). Fields not read are empty.
+/// Which of a process's optional facts a read fetched. The pid, comm,
+/// parent, start time and cgroup are always known (from the kernel's
+/// record where it carries them); the exe, argv, cwd and the environment
+/// are read only when a rule that can still match this process or the
+/// ananicy rules look at them (the exec path reads no more than the policy
+/// can use). An ancestor matcher's facts are read from the ancestor when a
+/// descendant's rule gets that far ([`Facts::lacking`]). Fields not read
+/// are empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Facts {
+    pub exe: bool,
     pub argv: bool,
     pub cwd: bool,
     pub env: bool,
@@ -66,11 +70,13 @@ pub struct Facts {
 
 impl Facts {
     pub const ALL: Facts = Facts {
+        exe: true,
         argv: true,
         cwd: true,
         env: true,
     };
     pub const NONE: Facts = Facts {
+        exe: false,
         argv: false,
         cwd: false,
         env: false,
@@ -78,6 +84,7 @@ impl Facts {
 
     pub fn union(self, other: Facts) -> Facts {
         Facts {
+            exe: self.exe || other.exe,
             argv: self.argv || other.argv,
             cwd: self.cwd || other.cwd,
             env: self.env || other.env,
@@ -88,8 +95,16 @@ impl Facts {
         self == Facts::ALL
     }
 
+    /// Whether some fact `wanted` holds is one `self` does not.
+    pub fn lacking(self, wanted: Facts) -> bool {
+        self.union(wanted) != self
+    }
+
     /// Empties the fields `self` does not hold.
-    fn blank(self, info: &mut ProcInfo) {
+    pub fn blank(self, info: &mut ProcInfo) {
+        if !self.exe {
+            info.exe.clear();
+        }
         if !self.argv {
             info.argv.clear();
         }
@@ -170,8 +185,9 @@ impl ProcRead {
 /// Where the loop reads processes from: /proc ([`LiveProcs`]) or, in the
 /// loop's unit tests, a scripted set ([`ScriptedProcs`]).
 pub trait ProcSource {
-    /// Reads `pid`: the facts always read (pid, comm, exe, cgroup), then
-    /// the optional ones `ask` wants given those. Returns what it read and
+    /// Reads `pid`: the facts always known (pid, comm, parent, start time,
+    /// cgroup), then the optional ones `ask` wants given those (the exe
+    /// first, then the others given the exe). Returns what it read and
     /// which optional facts it holds.
     fn read_wanted(&self, pid: u32, ask: &Ask<'_>) -> Result<(ProcRead, Facts), ReadError>;
     /// Every live pid (thread group ids).
@@ -193,8 +209,10 @@ pub trait ProcSource {
 pub struct Ask<'a> {
     /// The environment variables to keep.
     pub env_keys: &'a BTreeSet<String>,
-    /// The optional facts wanted, given the facts always read.
-    pub wanted: &'a dyn Fn(&ProcInfo) -> Facts,
+    /// The optional facts wanted, given what the process's facts are so
+    /// far and which optional ones among them were read: asked first with
+    /// none read, and again once the exe is read if it was wanted.
+    pub wanted: &'a dyn Fn(&ProcInfo, Facts) -> Facts,
     /// The cgroup the kernel's record put the process in, if it came with
     /// one: a cgroup already seen need not be read from /proc again.
     pub cgroup_id: Option<u64>,
@@ -230,7 +248,7 @@ impl<'a> Ask<'a> {
     pub fn everything(env_keys: &'a BTreeSet<String>) -> Self {
         Ask {
             env_keys,
-            wanted: &|_| Facts::ALL,
+            wanted: &|_, _| Facts::ALL,
             cgroup_id: None,
             stat: None,
         }
@@ -342,7 +360,8 @@ impl ProcSource for ScriptedProcs {
         read.info
             .env
             .retain(|k, _| ask.env_keys.contains(k) || ENV_ALWAYS.contains(&k.as_str()));
-        let facts = (ask.wanted)(&read.info);
+        let exe = read.info.exe.clone();
+        let facts = read_in_stages(&mut read.info, ask.wanted, |info| info.exe = exe);
         facts.blank(&mut read.info);
         Ok((read, facts))
     }
@@ -371,8 +390,8 @@ pub fn read_proc(pid: u32, env_keys: &BTreeSet<String>) -> Result<ProcRead, Read
     read_proc_wanted(pid, &Ask::everything(env_keys)).map(|(read, _)| read)
 }
 
-/// Reads a process's stat, exe and cgroup from /proc, then the optional
-/// facts `ask` wants given those.
+/// Reads a process's stat and cgroup from /proc (unless `ask` knows them),
+/// then the optional facts `ask` wants given those.
 ///
 /// This is on the exec path, so it reads the files directly (open, read
 /// until the end, close: no size query, which /proc files cannot answer)
@@ -424,7 +443,6 @@ fn read_proc_in(
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
-    let exe = link("exe");
     let cgroup = match cgroup {
         Some(known) => known,
         None => match read_file(&format!("{dir}/cgroup"), &mut buf) {
@@ -434,14 +452,14 @@ fn read_proc_in(
     };
     let mut info = ProcInfo {
         pid,
-        exe,
+        exe: String::new(),
         comm,
         argv: Vec::new(),
         cwd: String::new(),
         cgroup,
         env: BTreeMap::new(),
     };
-    let facts = wanted(&info);
+    let facts = read_in_stages(&mut info, wanted, |info| info.exe = link("exe"));
     if facts.cwd {
         info.cwd = link("cwd");
     }
@@ -468,8 +486,13 @@ fn read_proc_in(
             .collect();
     }
     // A process that exited while we read has left most fields empty:
-    // report it gone rather than classify a husk.
-    if info.exe.is_empty() && info.argv.is_empty() && !Path::new(&dir).exists() {
+    // report it gone rather than classify a husk. (Nothing read from /proc
+    // but what the record told: a gone process fails its move instead.)
+    if (facts.exe || facts.argv)
+        && info.exe.is_empty()
+        && info.argv.is_empty()
+        && !Path::new(&dir).exists()
+    {
         return Err(ReadError::Gone(pid));
     }
     Ok((
@@ -480,6 +503,27 @@ fn read_proc_in(
         },
         facts,
     ))
+}
+
+/// Which optional facts to read for `info`, whose always-known facts are
+/// filled: the exe first if `wanted` asks for it (read by `read_exe`),
+/// then the rest as `wanted` decides given the exe.
+fn read_in_stages(
+    info: &mut ProcInfo,
+    wanted: &dyn Fn(&ProcInfo, Facts) -> Facts,
+    read_exe: impl FnOnce(&mut ProcInfo),
+) -> Facts {
+    info.exe.clear();
+    let first = wanted(info, Facts::NONE);
+    if !first.exe {
+        return first;
+    }
+    read_exe(info);
+    let exe_read = Facts {
+        exe: true,
+        ..Facts::NONE
+    };
+    wanted(info, exe_read).union(exe_read)
 }
 
 /// The whole of a /proc file into `buf` (cleared first): open and read(2)
@@ -735,7 +779,7 @@ mod tests {
         let keys = BTreeSet::new();
         let ask = |cgroup_id| Ask {
             env_keys: &keys,
-            wanted: &|_| Facts::NONE,
+            wanted: &|_, _| Facts::NONE,
             cgroup_id,
             stat: None,
         };
@@ -764,6 +808,63 @@ mod tests {
         // Without an id the cache is not asked.
         let (read, _) = procs.read_wanted(me, &ask(None)).unwrap();
         assert_eq!(read.info.cgroup, path);
+    }
+
+    #[test]
+    fn the_exe_is_read_only_when_wanted_and_the_rest_is_asked_for_given_it() {
+        let me = std::process::id();
+        let keys = BTreeSet::new();
+        let exe = std::env::current_exe()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let asked = std::sync::Mutex::new(Vec::new());
+        let ask = |wanted: &dyn Fn(&ProcInfo, Facts) -> Facts| {
+            LiveProcs::new(None)
+                .read_wanted(
+                    me,
+                    &Ask {
+                        env_keys: &keys,
+                        wanted,
+                        cgroup_id: None,
+                        stat: None,
+                    },
+                )
+                .unwrap()
+        };
+        // Not wanted: not read, and asked once.
+        let (read, facts) = ask(&|info, held| {
+            asked.lock().unwrap().push((info.exe.clone(), held));
+            Facts::NONE
+        });
+        assert_eq!((read.info.exe.as_str(), facts), ("", Facts::NONE));
+        assert!(read.info.argv.is_empty());
+        assert_eq!(asked.lock().unwrap().len(), 1);
+        // Wanted: read, then asked again with it, and what that answer
+        // wants is read.
+        asked.lock().unwrap().clear();
+        let (read, facts) = ask(&|info, held| {
+            asked.lock().unwrap().push((info.exe.clone(), held));
+            Facts {
+                exe: true,
+                argv: held.exe,
+                ..Facts::NONE
+            }
+        });
+        assert_eq!(read.info.exe, exe);
+        assert!(
+            facts.exe && facts.argv && !facts.cwd && !facts.env,
+            "{facts:?}"
+        );
+        assert!(!read.info.argv.is_empty() && read.info.cwd.is_empty());
+        let exe_read = Facts {
+            exe: true,
+            ..Facts::NONE
+        };
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [(String::new(), Facts::NONE), (exe.clone(), exe_read)]
+        );
     }
 
     #[test]

@@ -516,8 +516,8 @@ impl Agent {
         let pid = e.tgid;
         // Only what the policy can use for this process is read.
         let (policy, ananicy) = (&self.policy, self.ananicy.is_some());
-        let wanted = |known: &ProcInfo| {
-            let facts = classify::facts_needed(policy, known);
+        let wanted = |known: &ProcInfo, held: Facts| {
+            let facts = classify::facts_needed(policy, known, held);
             // ananicy rules look at argv[0].
             facts.union(Facts {
                 argv: ananicy,
@@ -651,8 +651,44 @@ impl Agent {
     /// Classifies `pid` from its table entry and its ancestors' decisions.
     /// Returns whether the class changed.
     pub(super) fn decide(&mut self, pid: u32) -> bool {
+        self.read_ancestor_facts(pid);
         classify::classify_in_table(&self.policy, self.ananicy.as_ref(), &self.table, pid)
             .is_some_and(|decision| self.table.set_decision(pid, decision))
+    }
+
+    /// Reads the ancestors of `pid` whole when a rule `pid` passes on its
+    /// own facts looks at its ancestors' facts and some ancestor's entry
+    /// does not hold them (the exec path read it only for its own rules).
+    /// The table holds live processes only, so /proc still has them.
+    fn read_ancestor_facts(&mut self, pid: u32) {
+        let Some(process) = self.table.get(pid) else {
+            return;
+        };
+        let wanted = classify::ancestor_facts_needed(&self.policy, &process.info);
+        if wanted == Facts::NONE {
+            return;
+        }
+        for ancestor in self.table.ancestors(pid) {
+            if !self
+                .table
+                .get(ancestor)
+                .is_some_and(|a| a.facts.lacking(wanted))
+            {
+                continue;
+            }
+            match self.procs.read(ancestor, &self.env_keys) {
+                Ok(read) => {
+                    if let Some(a) = self.table.get_mut(ancestor) {
+                        a.info.exe = read.info.exe;
+                        a.info.argv = read.info.argv;
+                        a.info.cwd = read.info.cwd;
+                        a.info.env = read.info.env;
+                        a.facts = Facts::ALL;
+                    }
+                }
+                Err(err) => debug!("ancestor {ancestor} of {pid}: {err}"),
+            }
+        }
     }
 
     /// Moves `pid` into its class's group unless it is there already or
@@ -809,6 +845,7 @@ impl Agent {
             if let Ok(read) = self.procs.read(pid, &self.env_keys)
                 && let Some(p) = self.table.get_mut(pid)
             {
+                p.info.exe = read.info.exe;
                 p.info.argv = read.info.argv;
                 p.info.cwd = read.info.cwd;
                 p.info.env = read.info.env;

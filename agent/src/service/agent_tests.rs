@@ -581,10 +581,11 @@ fn the_exec_path_reads_cwd_only_for_a_rule_that_can_match_and_a_reload_that_need
     let read = rig.agent.table.get(7130).unwrap();
     assert!(!read.facts.cwd, "{:?}", read.facts);
     assert_eq!(read.info.cwd, "");
-    // The shipped ancestor rules read argv, its env-only rules the
-    // environment: those are always read.
-    assert!(read.facts.argv && read.facts.env, "{:?}", read.facts);
-    assert_eq!(read.info.argv, vec!["worker".to_owned()]);
+    // The shipped env-only rules read the environment for everyone; no
+    // rule a worker can pass reads its argv (the ancestor rules read their
+    // ancestors', when a descendant gets that far).
+    assert!(read.facts.env && !read.facts.argv, "{:?}", read.facts);
+    assert!(read.info.argv.is_empty());
     // python3 could be ComfyUI (exe, argv and cwd globs): its cwd is read.
     let mut comfy = info(7131, "python3", "/usr/bin/python3", &["python3", "main.py"]);
     comfy.cwd = "/home/u/ComfyUI".into();
@@ -605,6 +606,45 @@ fn the_exec_path_reads_cwd_only_for_a_rule_that_can_match_and_a_reload_that_need
     rig.exec(1, next);
     assert!(rig.agent.table.get(7132).unwrap().facts.cwd);
     assert_eq!(rig.class_of(7132).as_deref(), Some("dev"));
+}
+
+#[test]
+fn an_ancestor_is_read_for_an_ancestor_rule_when_a_descendant_gets_that_far() {
+    let mut rig = rig(
+        "[[rules]]\nname = \"proj-x-build\"\nclass = \"render\"\ncomm = [\"xworker\"]\n\
+         ancestor = { argv = [\"*proj-x*\"] }\n",
+    );
+    rig.agent.handle(Event::Seed);
+    // No rule a `builder` passes reads argv: its exec reads none.
+    rig.exec(
+        1,
+        info(
+            7140,
+            "builder",
+            "/usr/bin/builder",
+            &["builder", "--in", "proj-x"],
+        ),
+    );
+    assert!(!rig.agent.table.get(7140).unwrap().facts.argv);
+    // Its xworker passes `proj-x-build` on its own: the builder is read whole
+    // and the ancestor matcher sees its argv.
+    rig.exec(7140, plain(7141, "xworker"));
+    assert_eq!(rig.class_of(7141).as_deref(), Some("render"));
+    let builder = rig.agent.table.get(7140).unwrap();
+    assert!(builder.facts.is_all(), "{:?}", builder.facts);
+    assert_eq!(builder.info.argv, ["builder", "--in", "proj-x"]);
+    // Under another builder, not: the rule's ancestor matcher decides.
+    rig.exec(
+        1,
+        info(
+            7142,
+            "builder",
+            "/usr/bin/builder",
+            &["builder", "--in", "proj-y"],
+        ),
+    );
+    rig.exec(7142, plain(7143, "xworker"));
+    assert_eq!(rig.class_of(7143).as_deref(), Some("system"));
 }
 
 #[test]

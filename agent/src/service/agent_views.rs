@@ -247,15 +247,27 @@ impl Agent {
             .as_ref()
             .map(|read| read.info.cgroup.clone())
             .unwrap_or_default();
-        // The exec path reads argv only when a rule can use it; show it anyway.
-        let argv = match live {
-            Some(read) if !process.facts.argv => read.info.argv,
-            _ => process.info.argv.clone(),
+        // The exec path reads the exe and argv only when a rule can use
+        // them; show them anyway.
+        let (exe, argv) = match live {
+            Some(read) => (
+                if process.facts.exe {
+                    process.info.exe.clone()
+                } else {
+                    read.info.exe
+                },
+                if process.facts.argv {
+                    process.info.argv.clone()
+                } else {
+                    read.info.argv
+                },
+            ),
+            None => (process.info.exe.clone(), process.info.argv.clone()),
         };
         Some(Explanation {
             pid,
             comm: process.info.comm.clone(),
-            exe: process.info.exe.clone(),
+            exe,
             argv,
             decision: process.decision.clone(),
             group: group.map(|g| g.path.display().to_string()),

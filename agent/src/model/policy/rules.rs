@@ -141,9 +141,10 @@ impl Matcher {
             && self.steam_app.is_none()
     }
 
-    /// The optional facts (argv, cwd, environment) this matcher reads.
+    /// The optional facts (exe, argv, cwd, environment) this matcher reads.
     pub fn facts_used(&self) -> Facts {
         let own = Facts {
+            exe: !self.exe.is_empty(),
             argv: !self.argv.is_empty(),
             cwd: !self.cwd.is_empty(),
             env: !self.env.is_empty(),
