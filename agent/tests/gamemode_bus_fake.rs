@@ -703,6 +703,43 @@ async fn with_gamemoded_on_the_bus_corral_follows_its_signals_and_takes_the_name
     server.abort();
 }
 
+/// The next provider `calls` announces for a bus.
+async fn announced(incoming: &mut mpsc::Receiver<Incoming>) -> (u32, bool) {
+    let wait = async {
+        loop {
+            match incoming.recv().await.expect("the supervisor is running") {
+                Incoming::Provider { bus_uid, provider } => return (bus_uid, provider.is_some()),
+                _ => continue,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("a provider was announced within 10 s")
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_supervisor_finds_a_bus_that_appears_after_its_directory_and_one_that_comes_back() {
+    let scratch = Scratch::new();
+    let runtime = scratch.0.join("run-user");
+    std::fs::create_dir_all(&runtime).unwrap();
+    let (calls, mut incoming) = mpsc::channel(16);
+    let _buses =
+        gamemode_bus::Buses::spawn_watching(runtime.clone(), calls, Duration::from_millis(200));
+    // A login: the directory first, its bus well after the directory
+    // stopped being looked at every second. Only inotify can tell.
+    let dir = runtime.join(USER.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let bus = DbusDaemon::start(&dir);
+    assert_eq!(announced(&mut incoming).await, (USER, true));
+    // The bus goes (its server says so) and comes back at the same path.
+    drop(bus);
+    assert_eq!(announced(&mut incoming).await, (USER, false));
+    let _bus = DbusDaemon::start(&dir);
+    assert_eq!(announced(&mut incoming).await, (USER, true));
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn with_gamemoded_installed_but_not_running_corral_leaves_it_the_name_and_follows_it() {
     // gamemoded exits when the name is taken (sd-bus never queues), so

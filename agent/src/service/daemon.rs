@@ -90,8 +90,8 @@ pub fn monotonic_ns() -> u64 {
 /// notifications on `tx` when one of the files is written, moved in or
 /// removed.
 fn watch_policy(files: Vec<PathBuf>, tx: mpsc::Sender<()>) -> anyhow::Result<()> {
+    use super::inotify_events::next_event;
     use inotify::{Inotify, WatchMask};
-    use tokio_stream_shim::next_event;
     let inotify = Inotify::init().context("inotify")?;
     let mut dirs = BTreeSet::new();
     for file in &files {
@@ -125,24 +125,6 @@ fn watch_policy(files: Vec<PathBuf>, tx: mpsc::Sender<()>) -> anyhow::Result<()>
         }
     });
     Ok(())
-}
-
-/// The one place that touches inotify's stream type.
-mod tokio_stream_shim {
-    use std::ffi::OsString;
-
-    use inotify::EventStream;
-
-    /// The name in the next event (None for events without one); None at the end.
-    pub async fn next_event(stream: &mut EventStream<Vec<u8>>) -> Option<Option<OsString>> {
-        std::future::poll_fn(|cx| {
-            use futures_core::Stream as _;
-            std::pin::Pin::new(&mut *stream).poll_next(cx)
-        })
-        .await
-        .and_then(Result::ok)
-        .map(|event| event.name)
-    }
 }
 
 /// Runs the agent until SIGINT or SIGTERM: turns every source into an

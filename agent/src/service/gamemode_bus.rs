@@ -54,7 +54,7 @@ pub const PATH: &str = "/com/feralinteractive/GameMode";
 /// Where GameMode puts one object per game (`.../Games/PID`).
 pub const GAMES_PATH: &str = "/com/feralinteractive/GameMode/Games";
 /// How often a provider looks for a gamemoded waiting for the name, and the
-/// supervisor for new users' buses.
+/// supervisor at a bus it could not serve or a new user's directory.
 const POLL: Duration = Duration::from_secs(1);
 
 /// One GameMode request for the loop.
@@ -504,25 +504,139 @@ async fn follow(
 /// found as `/run/user/UID/bus` sockets, each connected as that user.
 pub struct Buses {
     senders: std::sync::Mutex<HashMap<u32, mpsc::UnboundedSender<Signal>>>,
+    /// Told when a bus's server ends, so the supervisor looks again.
+    ended: Arc<tokio::sync::Notify>,
+}
+
+/// How long a new runtime directory is looked at every [`POLL`], besides
+/// its inotify watch: logind mounts a tmpfs over `/run/user/UID` right
+/// after creating it, and a watch taken before the mount sees nothing
+/// inside it.
+const YOUNG_DIR: Duration = Duration::from_secs(10);
+
+/// One user's runtime directory, as the supervisor last looked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RuntimeDir {
+    /// Its `bus` socket is there.
+    bus: bool,
+    /// A server runs on that bus.
+    served: bool,
+    /// Since the supervisor first saw the directory.
+    age: Duration,
+}
+
+/// Whether the supervisor looks again in a [`POLL`] rather than only when
+/// inotify or an ending server wakes it: a bus nobody serves (its
+/// connection failed or closed: tried again each second), or a directory
+/// too young for its watch to be trusted ([`YOUNG_DIR`]). Otherwise it
+/// sleeps: logins, logouts and new bus sockets are inotify events.
+fn look_again_soon(dirs: &[RuntimeDir], young_dir: Duration) -> bool {
+    dirs.iter()
+        .any(|d| (d.bus && !d.served) || (!d.bus && d.age < young_dir))
 }
 
 impl Buses {
-    /// Starts watching `runtime_root` (`/run/user`) for session buses.
+    /// Starts watching `runtime_root` (`/run/user`) for session buses:
+    /// inotify on it and on each user's directory in it, and a look every
+    /// [`POLL`] only while [`look_again_soon`] says so (or, without
+    /// inotify, always).
     pub fn spawn(runtime_root: PathBuf, calls: mpsc::Sender<Incoming>) -> Arc<Buses> {
+        Self::spawn_watching(runtime_root, calls, YOUNG_DIR)
+    }
+
+    /// [`Buses::spawn`], with new directories looked at every second for
+    /// `young_dir` (tests shorten it).
+    pub fn spawn_watching(
+        runtime_root: PathBuf,
+        calls: mpsc::Sender<Incoming>,
+        young_dir: Duration,
+    ) -> Arc<Buses> {
         let buses = Arc::new(Buses {
             senders: std::sync::Mutex::new(HashMap::new()),
+            ended: Arc::new(tokio::sync::Notify::new()),
         });
         let watcher = buses.clone();
-        tokio::spawn(async move {
-            let mut poll = tokio::time::interval(POLL);
-            loop {
-                poll.tick().await;
-                for uid in session_buses(&runtime_root) {
-                    watcher.ensure(uid, &runtime_root, &calls);
-                }
-            }
-        });
+        tokio::spawn(async move { watcher.supervise(&runtime_root, &calls, young_dir).await });
         buses
+    }
+
+    async fn supervise(
+        &self,
+        runtime_root: &std::path::Path,
+        calls: &mpsc::Sender<Incoming>,
+        young_dir: Duration,
+    ) {
+        use inotify::{Inotify, WatchMask};
+        let mut stream = Inotify::init()
+            .and_then(|inotify| {
+                inotify.watches().add(
+                    runtime_root,
+                    WatchMask::CREATE
+                        | WatchMask::DELETE
+                        | WatchMask::MOVED_TO
+                        | WatchMask::ONLYDIR,
+                )?;
+                inotify.into_event_stream(vec![0u8; 4096])
+            })
+            .map_err(|e| {
+                debug!(
+                    "GameMode: cannot watch {} ({e}); looking every second",
+                    runtime_root.display()
+                );
+            })
+            .ok();
+        let mut first_seen: HashMap<u32, tokio::time::Instant> = HashMap::new();
+        loop {
+            let now = tokio::time::Instant::now();
+            let found = runtime_dirs(runtime_root);
+            first_seen.retain(|uid, _| found.iter().any(|(u, _)| u == uid));
+            let mut dirs = Vec::with_capacity(found.len());
+            for (uid, bus) in found {
+                if let Some(stream) = &stream {
+                    // The same directory again is the same watch; a tmpfs
+                    // mounted over it since is a new one.
+                    let _ = stream.watches().add(
+                        runtime_root.join(uid.to_string()),
+                        WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::ONLYDIR,
+                    );
+                }
+                if bus {
+                    self.ensure(uid, runtime_root, calls);
+                }
+                dirs.push(RuntimeDir {
+                    bus,
+                    served: self.served(uid),
+                    age: now - *first_seen.entry(uid).or_insert(now),
+                });
+            }
+            let soon = stream.is_none() || look_again_soon(&dirs, young_dir);
+            tokio::select! {
+                event = async {
+                    match &mut stream {
+                        Some(s) => super::inotify_events::next_event(s).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let ended = event.is_none()
+                        || !super::inotify_events::skip_queued(stream.as_mut().expect("a stream gave the event")).await;
+                    if ended {
+                        debug!("GameMode: the watch on {} ended; looking every second", runtime_root.display());
+                        stream = None;
+                    }
+                }
+                // A server ended: its bus is tried again in a second
+                // (a bus that refuses is tried once a second, no faster).
+                _ = self.ended.notified() => tokio::time::sleep(POLL).await,
+                _ = tokio::time::sleep(POLL), if soon => {}
+            }
+        }
+    }
+
+    /// Whether a server runs on `uid`'s bus.
+    fn served(&self, uid: u32) -> bool {
+        self.senders
+            .lock()
+            .is_ok_and(|senders| senders.get(&uid).is_some_and(|s| !s.is_closed()))
     }
 
     fn ensure(&self, uid: u32, runtime_root: &std::path::Path, calls: &mpsc::Sender<Incoming>) {
@@ -536,11 +650,17 @@ impl Buses {
         senders.insert(uid, tx);
         let path = runtime_root.join(uid.to_string()).join("bus");
         let calls = calls.clone();
+        let ended = self.ended.clone();
         tokio::spawn(async move {
             match crate::actuate::systemd_bus::user_bus_connection(uid, &path).await {
                 Ok(conn) => serve_bus(conn, uid, calls, rx).await,
-                Err(e) => debug!("GameMode: {e}"),
+                Err(e) => {
+                    drop(rx);
+                    debug!("GameMode: {e}");
+                }
             }
+            // The receiver is gone: the sender reads closed.
+            ended.notify_one();
         });
     }
 
@@ -554,14 +674,18 @@ impl Buses {
     }
 }
 
-/// The uids with a session bus socket under `runtime_root`.
-fn session_buses(runtime_root: &std::path::Path) -> Vec<u32> {
+/// The users' directories under `runtime_root` (`/run/user/UID`), each
+/// with whether its `bus` socket is there.
+fn runtime_dirs(runtime_root: &std::path::Path) -> Vec<(u32, bool)> {
     let Ok(dir) = std::fs::read_dir(runtime_root) else {
         return Vec::new();
     };
     dir.filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|uid| runtime_root.join(uid.to_string()).join("bus").exists())
+        .map(|uid| {
+            let bus = runtime_root.join(uid.to_string()).join("bus").exists();
+            (uid, bus)
+        })
         .collect()
 }
 
@@ -579,6 +703,31 @@ mod tests {
         assert_eq!(pid_of_pidfd(fd.as_fd()), Some(std::process::id()));
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         assert_eq!(pid_of_pidfd(std::os::fd::AsFd::as_fd(&file)), None);
+    }
+
+    #[test]
+    fn the_supervisor_looks_every_second_only_at_an_unserved_bus_or_a_young_directory() {
+        let young = Duration::from_secs(10);
+        let dir = |bus, served, age_s| RuntimeDir {
+            bus,
+            served,
+            age: Duration::from_secs(age_s),
+        };
+        // Nothing to look at, or every bus served: inotify alone.
+        assert!(!look_again_soon(&[], young));
+        assert!(!look_again_soon(
+            &[dir(true, true, 0), dir(true, true, 99)],
+            young
+        ));
+        // An old directory without a bus: its watch tells when one comes.
+        assert!(!look_again_soon(&[dir(false, false, 10)], young));
+        // A new one may get a tmpfs over it that its watch cannot see.
+        assert!(look_again_soon(
+            &[dir(false, false, 9), dir(true, true, 0)],
+            young
+        ));
+        // A bus whose connection failed or closed is tried again.
+        assert!(look_again_soon(&[dir(true, false, 99)], young));
     }
 
     #[test]

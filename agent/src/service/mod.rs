@@ -10,4 +10,5 @@ pub mod control;
 pub mod daemon;
 pub mod desktop_notify;
 pub mod gamemode_bus;
+mod inotify_events;
 pub mod notify;
