@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 pub use super::agent::{Agent, Effect, Event, Notice, ReloadCause, core_sets_here, load_ananicy};
 pub use super::agent_views::cpus_allowed;
+use super::ticker::Ticker;
 use crate::{
     actuate::{
         Placer,
@@ -262,9 +263,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // Loading the programs parsed the kernel's BTF (megabytes) and the seed
     // read all of /proc: hand the freed heap back before the long run.
     give_back_free_heap();
-    let mut counters = tokio::time::interval(Duration::from_secs(1));
-    let mut sweeps = tokio::time::interval(options.sweep_interval);
-    sweeps.tick().await;
+    // The slow ticks are timerfds: one wake-up a period (see `ticker`).
+    let mut counters = Ticker::every(Duration::from_secs(1)).context("a timerfd")?;
+    let mut sweeps = Ticker::every(options.sweep_interval).context("a timerfd")?;
     // Fed from the loop itself, so a stuck loop stops feeding it.
     let mut watchdog =
         tokio::time::interval(notifier.watchdog_every.unwrap_or(Duration::from_secs(3600)));
@@ -326,13 +327,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 agent.handle(Event::ModeTimer)
             }
             _ = watchdog.tick() => agent.handle(Event::WatchdogTick),
-            _ = sweeps.tick() => {
+            ticked = sweeps.tick() => {
+                ticked.context("the sweep timer")?;
                 // What an exec storm's processes took is free once they are
                 // gone: memory stays flat after one.
                 give_back_free_heap();
                 agent.handle(Event::SweepTick)
             }
-            _ = counters.tick() => {
+            ticked = counters.tick() => {
+                ticked.context("the counters timer")?;
                 // Exit records do not wake the loop: they are read here
                 // when no exec or fork came to read them first.
                 let mut effects = drain(events.get_mut(), &mut agent);

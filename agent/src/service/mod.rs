@@ -12,3 +12,4 @@ pub mod desktop_notify;
 pub mod gamemode_bus;
 mod inotify_events;
 pub mod notify;
+mod ticker;
