@@ -676,19 +676,24 @@ impl Agent {
             {
                 continue;
             }
-            match self.procs.read(ancestor, &self.env_keys) {
-                Ok(read) => {
-                    if let Some(a) = self.table.get_mut(ancestor) {
-                        a.info.exe = read.info.exe;
-                        a.info.argv = read.info.argv;
-                        a.info.cwd = read.info.cwd;
-                        a.info.env = read.info.env;
-                        a.facts = Facts::ALL;
-                    }
-                }
-                Err(err) => debug!("ancestor {ancestor} of {pid}: {err}"),
+            if let Err(err) = self.read_whole(ancestor) {
+                debug!("ancestor {ancestor} of {pid}: {err}");
             }
         }
+    }
+
+    /// Reads `pid` from /proc again and fills in the optional facts (exe,
+    /// argv, cwd, environment) its table entry holds: all of them after.
+    fn read_whole(&mut self, pid: u32) -> Result<(), ReadError> {
+        let read = self.procs.read(pid, &self.env_keys)?;
+        if let Some(p) = self.table.get_mut(pid) {
+            p.info.exe = read.info.exe;
+            p.info.argv = read.info.argv;
+            p.info.cwd = read.info.cwd;
+            p.info.env = read.info.env;
+            p.facts = Facts::ALL;
+        }
+        Ok(())
     }
 
     /// Moves `pid` into its class's group unless it is there already or
@@ -842,15 +847,7 @@ impl Agent {
             .map(|(pid, _)| *pid)
             .collect();
         for pid in pids {
-            if let Ok(read) = self.procs.read(pid, &self.env_keys)
-                && let Some(p) = self.table.get_mut(pid)
-            {
-                p.info.exe = read.info.exe;
-                p.info.argv = read.info.argv;
-                p.info.cwd = read.info.cwd;
-                p.info.env = read.info.env;
-                p.facts = Facts::ALL;
-            }
+            let _ = self.read_whole(pid);
         }
         let mode_config_changed = policy.modes != self.modes.config();
         if policy.gpu.arbiter != self.policy.gpu.arbiter {

@@ -636,14 +636,14 @@ impl Buses {
     fn served(&self, uid: u32) -> bool {
         self.senders
             .lock()
-            .is_ok_and(|senders| senders.get(&uid).is_some_and(|s| !s.is_closed()))
+            .is_ok_and(|senders| serving(&senders, uid))
     }
 
     fn ensure(&self, uid: u32, runtime_root: &std::path::Path, calls: &mpsc::Sender<Incoming>) {
         let Ok(mut senders) = self.senders.lock() else {
             return;
         };
-        if senders.get(&uid).is_some_and(|s| !s.is_closed()) {
+        if serving(&senders, uid) {
             return;
         }
         let (tx, rx) = mpsc::unbounded_channel();
@@ -672,6 +672,12 @@ impl Buses {
             let _ = tx.send(signal);
         }
     }
+}
+
+/// Whether `senders` holds a live server for `uid`'s bus (its task keeps
+/// the receiving end until it ends).
+fn serving(senders: &HashMap<u32, mpsc::UnboundedSender<Signal>>, uid: u32) -> bool {
+    senders.get(&uid).is_some_and(|s| !s.is_closed())
 }
 
 /// The users' directories under `runtime_root` (`/run/user/UID`), each
