@@ -82,6 +82,11 @@ enum Command {
         /// (also right after the kernel reports dropped events).
         #[arg(long, default_value_t = 10_000)]
         sweep_interval_ms: u64,
+        /// Let exec and fork records wake the agent from BPF instead of
+        /// listening on the kernel's proc connector (what a kernel without
+        /// CONFIG_PROC_EVENTS gets). For tests and benchmarks.
+        #[arg(long, hide = true)]
+        no_proc_connector: bool,
         /// How to place processes: `systemd` (units and slices of each
         /// process's own manager), `cgroupfs` (corral's own cgroup subtree),
         /// or `auto`: systemd when it is the service manager.
@@ -291,6 +296,7 @@ fn main() -> anyhow::Result<()> {
             sweep_interval_ms,
             backend,
             realtime,
+            no_proc_connector,
             ..
         } => {
             if realtime {
@@ -322,6 +328,7 @@ fn main() -> anyhow::Result<()> {
                 socket,
                 dry_run,
                 ring_bytes,
+                proc_connector: !no_proc_connector,
                 sweep_interval: std::time::Duration::from_millis(sweep_interval_ms.max(100)),
                 backend,
             };

@@ -59,22 +59,32 @@ fn bump(slot: u32) {
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
+/// How exec and fork records are submitted, set by the agent at load:
+/// `BPF_RB_NO_WAKEUP` when the kernel's proc connector wakes it (it rings
+/// right after this tracepoint, in the same task), else
+/// `BPF_RB_FORCE_WAKEUP`.
+#[unsafe(no_mangle)]
+static EXEC_WAKE: u64 = BPF_RB_FORCE_WAKEUP;
+
 /// Reserve a record and fill the fields every kind shares. Counts a full
 /// ring buffer instead of losing the record silently.
 ///
-/// Exec and fork records wake the agent; exit records do not. A wake-up is
-/// an interrupt the traced process pays for (about 19 us of a 20 us
-/// program in a VM, measured with kernel.bpf_stats_enabled). An exec needs
-/// an answer at once. A fork's wake-up is paid for latency too: it starts
-/// the agent before the child's exec, which is then read in the same pass
-/// (at 100 exec/s it took p99 exec -> placement from 1.35 ms to 0.29 ms).
-/// Exit records wait in the ring for the next wake-up or for the agent's
-/// once-a-second drain. The wake-ups are forced: the kernel's default wakes
-/// only a reader that has caught up, and a waiting exit record means it
-/// has not.
+/// Exec and fork records must wake the agent; exit records need not. A
+/// wake-up from here is an interrupt the traced process pays for (about
+/// 19 us of a 20 us program in a VM, measured with kernel.bpf_stats_enabled:
+/// the ring's wake-up is deferred to irq_work, a self-IPI). So where the
+/// proc connector is there, the agent listens on it for execs and process
+/// forks and these records wake nobody (`EXEC_WAKE`). Otherwise they are
+/// forced: the kernel's default wakes only a reader that has caught up, and
+/// a waiting exit record means it has not. A fork's wake-up is paid for
+/// latency: it starts the agent before the child's exec, which is then read
+/// in the same pass (at 100 exec/s it took p99 exec -> placement from
+/// 1.35 ms to 0.29 ms). Exit records wait in the ring for the next wake-up
+/// or for the agent's once-a-second drain.
 fn emit(kind: EventKind, pid: u32, tgid: u32, ppid: u32, fill: impl FnOnce(&mut ProcEvent)) {
     let wake = match kind {
-        EventKind::Exec | EventKind::Fork => BPF_RB_FORCE_WAKEUP,
+        // SAFETY: a read of a global the loader may have rewritten.
+        EventKind::Exec | EventKind::Fork => unsafe { core::ptr::read_volatile(&EXEC_WAKE) },
         EventKind::Exit => BPF_RB_NO_WAKEUP,
     };
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {

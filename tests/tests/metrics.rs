@@ -175,3 +175,58 @@ fn metric_names(expr: &str) -> Vec<String> {
     }
     names
 }
+
+/// Guards the wake-up path: records that woke no one would be read only at
+/// the once-a-second drain, and most of ten execs would wait longer than
+/// 100 ms. With the proc connector (the default) and with the BPF
+/// programs' own wake-ups (`--no-proc-connector`), every one is placed at
+/// once.
+#[test]
+fn every_exec_is_placed_within_100ms_whichever_wakes_the_agent() {
+    for args in [&[][..], &["--no-proc-connector"][..]] {
+        let agent = Agent::builder("wake", POLICY).args(args).start().unwrap();
+        let addr = agent
+            .status()
+            .unwrap()
+            .metrics_addr
+            .expect("metrics endpoint");
+        let busy = corral_tests::named_copy(&agent.dir, "sleep", "cme-busy").unwrap();
+        let mut children = Vec::new();
+        for _ in 0..10 {
+            children.push(std::process::Command::new(&busy).arg("5").spawn().unwrap());
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let latency = |scrape: &prometheus_parse::Scrape| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == "corral_placement_latency_seconds")
+                .and_then(|s| match &s.value {
+                    prometheus_parse::Value::Histogram(buckets) => Some(buckets.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        };
+        let placed = wait_for(Duration::from_secs(5), || {
+            latency(&scrape(&addr))
+                .last()
+                .is_some_and(|b| b.count >= 10.0)
+        });
+        let buckets = latency(&scrape(&addr));
+        for mut child in children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(
+            placed,
+            "{args:?}: not all 10 placed: {buckets:?}\n{}",
+            agent.log()
+        );
+        let within = buckets.iter().find(|b| b.less_than == 0.1).map(|b| b.count);
+        let all = buckets.last().map(|b| b.count);
+        assert_eq!(
+            within, all,
+            "{args:?}: placements slower than 100 ms: {buckets:?}"
+        );
+    }
+}

@@ -78,11 +78,31 @@ pub struct KernelCounters {
     pub threads_skipped: u64,
 }
 
+/// What wakes the loop when an exec or fork record is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The proc connector ([`super::doorbell`]); the records wake nobody.
+    Doorbell,
+    /// The ring buffer: each such record forces a wake-up.
+    Ring,
+}
+
+impl Wake {
+    /// `bpf_ringbuf_submit` flags for exec and fork records.
+    fn submit_flags(self) -> u64 {
+        match self {
+            Wake::Doorbell => 1, // BPF_RB_NO_WAKEUP
+            Wake::Ring => 2,     // BPF_RB_FORCE_WAKEUP
+        }
+    }
+}
+
 impl Tracer {
     /// Loads everything and attaches the process programs. `ring_bytes`
     /// must be a power of two multiple of the page size. Returns the ring
     /// buffer of process events separately, for the event loop to poll.
-    pub fn load(ring_bytes: u32) -> anyhow::Result<(Self, RingBuf<MapData>)> {
+    /// `woken_by` says whether exec and fork records wake the ring's reader.
+    pub fn load(ring_bytes: u32, woken_by: Wake) -> anyhow::Result<(Self, RingBuf<MapData>)> {
         ensure_tracefs()?;
         let tracefs = Path::new(TRACEFS);
         let mut layout = layout_from_tracefs(tracefs)?;
@@ -102,6 +122,7 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &layout, true)
             .override_global("SCHED_LAYOUT", &sched_layout, true)
+            .override_global("EXEC_WAKE", &woken_by.submit_flags(), true)
             .map_max_entries("EVENTS", ring_bytes)
             .load(OBJECT)
             .context("loading the eBPF object (are you root, with BPF enabled in the kernel?)")?;

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use corral_common::EventKind;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::SignalKind,
@@ -28,7 +29,10 @@ use crate::{
         power::{Power, PowerEnv},
         systemd::SystemdPlacer,
     },
-    kernel::bpf::{self, Tracer},
+    kernel::{
+        bpf::{self, Tracer, Wake},
+        doorbell::{self, Doorbell, Rings},
+    },
     model::{policy::PolicySource, procs::LiveProcs},
     observe::metrics,
     service::{control, desktop_notify, gamemode_bus},
@@ -45,6 +49,9 @@ pub struct Options {
     pub socket: PathBuf,
     pub dry_run: bool,
     pub ring_bytes: u32,
+    /// Listen on the proc connector for execs and forks (else the BPF
+    /// records wake the loop).
+    pub proc_connector: bool,
     /// How often /proc is swept for processes whose events were missed.
     pub sweep_interval: Duration,
     /// How processes are placed: through systemd, or corral's own cgroupfs
@@ -168,8 +175,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             Box::new(groups)
         }
     };
+    // Execs and forks ring the proc connector right after their records
+    // are written; without it, the records wake the loop themselves (at a
+    // higher cost to the process that execs, see `kernel::doorbell`).
+    let doorbell = match options.proc_connector.then(Doorbell::open) {
+        None => None,
+        Some(Ok(doorbell)) => Some(doorbell),
+        Some(Err(e)) => {
+            info!("no proc connector ({e}): exec and fork records wake the agent from BPF");
+            None
+        }
+    };
+    let woken_by = if doorbell.is_some() {
+        Wake::Doorbell
+    } else {
+        Wake::Ring
+    };
     // Attach before seeding, so nothing started in between is missed.
-    let (tracer, events) = Tracer::load(options.ring_bytes)?;
+    let (tracer, events) = Tracer::load(options.ring_bytes, woken_by)?;
     let watched = options.source.watched_files();
     let gpu_config = policy.gpu.clone();
     let metrics_addr = policy.telemetry.metrics_addr;
@@ -206,6 +229,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     // (both live until this function returns).
     let mut events = unsafe { AsyncFd::register(events) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let doorbell = doorbell
+        // SAFETY: the doorbell owns its socket and outlives the
+        // registration (both live until this function returns).
+        .map(|doorbell| unsafe { AsyncFd::register(doorbell) })
+        .transpose()
+        .context("polling the proc connector")?;
     // Each scrape asks the loop for the page, and the loop renders it from
     // its own state (scrapes never touch it): nothing is rendered, and no
     // group's pressure is read, while nobody scrapes.
@@ -305,6 +334,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 guard.clear_ready();
                 effects
             }
+            rung = rung(doorbell.as_ref()) => {
+                let rings = rung.context("reading the proc connector")?;
+                drain_rung(events.get_mut(), &mut agent, rings.forks)
+            }
             _ = sigterm.recv() => agent.handle(Event::Stop),
             _ = sigint.recv() => agent.handle(Event::Stop),
             Some(event) = gpu_rx.recv() => agent.handle(Event::Gpu(event)),
@@ -357,25 +390,80 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits for the doorbell to ring and takes its messages (never, without
+/// one). Readiness is cleared only after a read that emptied the socket:
+/// a message that comes later is a new edge for the runtime's epoll.
+async fn rung(doorbell: Option<&AsyncFd<Doorbell>>) -> std::io::Result<Rings> {
+    let Some(doorbell) = doorbell else {
+        return std::future::pending().await;
+    };
+    loop {
+        let mut guard = doorbell.readable().await?;
+        match guard.get_inner().take() {
+            Ok(rings) => {
+                // A short batch emptied the socket; a full one may have
+                // left some, read on the next pass.
+                if rings.messages < doorbell::BATCH {
+                    guard.clear_ready();
+                }
+                return Ok(rings);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => guard.clear_ready(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How long a drain waits for the fork records the doorbell announced: the
+/// forking task writes each a few microseconds after ringing. A record
+/// later than this is read at the next ring or the once-a-second drain.
+const FORK_RECORD_WAIT: Duration = Duration::from_micros(200);
+
+/// [`drain`] after the doorbell rang `forks` process forks: a child forked
+/// while its parent was being moved must be read and moved too, so the
+/// drain waits (briefly) until it has read as many fork records.
+fn drain_rung(ring: &mut RingBuf<MapData>, agent: &mut Agent, forks: usize) -> Vec<Effect> {
+    let mut drained = drain_counting(ring, agent);
+    let started = Instant::now();
+    while drained.forks < forks && started.elapsed() < FORK_RECORD_WAIT {
+        std::hint::spin_loop();
+        let more = drain_counting(ring, agent);
+        drained.forks += more.forks;
+        drained.effects.extend(more.effects);
+    }
+    drained.effects
+}
+
+struct Drained {
+    effects: Vec<Effect>,
+    forks: usize,
+}
+
 /// Hands every record in the ring buffer to the loop and collects their
 /// effects: an exit can end a GameMode registration (its signal) or queue a
 /// notice. Moves made while handling a record are followed by the records
 /// written meanwhile (a child forked between an exec and its move), since
 /// the ring is read until it is empty.
 fn drain(ring: &mut RingBuf<MapData>, agent: &mut Agent) -> Vec<Effect> {
+    drain_counting(ring, agent).effects
+}
+
+fn drain_counting(ring: &mut RingBuf<MapData>, agent: &mut Agent) -> Drained {
     let mut effects = Vec::new();
-    let mut any = false;
+    let (mut any, mut forks) = (false, 0);
     while let Some(item) = ring.next() {
         any = true;
         if let Some(event) = bpf::decode(&item) {
             drop(item);
+            forks += usize::from(event.kind == EventKind::Fork as u32);
             effects.extend(agent.handle(Event::Kernel(event)));
         }
     }
     if any {
         effects.extend(agent.handle(Event::KernelBatchDone));
     }
-    effects
+    Drained { effects, forks }
 }
 
 /// Descriptors the agent wants: the control socket takes at most
