@@ -708,9 +708,16 @@ impl Agent {
             return false;
         };
         let class = process.decision.class.clone();
-        if self.placer.layout().group(&class).is_none()
-            || process.placed_class.as_deref() == Some(&class)
-        {
+        if self.placer.layout().group(&class).is_none() {
+            return false;
+        }
+        if process.placed_class.as_deref() == Some(&class) {
+            // Said again for an exec: the "moved" line may name the
+            // program before this one (a record's comm read with a later
+            // exe, for a process that exec'd twice in a row).
+            if exec.is_some() {
+                debug!(pid, comm = %esc(&process.info.comm), class, rule = %esc(&process.decision.rule), "exec'd in place");
+            }
             return false;
         }
         let target = Target {
