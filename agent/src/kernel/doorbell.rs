@@ -1,6 +1,7 @@
 //! The kernel's proc connector as a doorbell: it rings when a process
 //! execs or forks, and the agent then reads the facts from the ring buffer.
-//! It carries no facts the loop uses.
+//! It carries no facts the loop decides from; the loop only counts the
+//! forks among its rings, to know which records are still to come.
 //!
 //! Why: a wake-up from a BPF program goes through irq_work, a self-IPI the
 //! traced process pays for (most of the exec program's cost in a VM). The
@@ -17,7 +18,7 @@
 use std::{
     io,
     mem::size_of,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
 /// `<linux/cn_proc.h>`: `enum what` values the filter lets through, and
@@ -50,9 +51,9 @@ pub struct Doorbell {
 }
 
 impl Doorbell {
-    /// Opens and subscribes. Fails without CAP_NET_ADMIN (before 6.6) or
-    /// without CONFIG_PROC_EVENTS; the caller then has the BPF programs
-    /// wake it instead.
+    /// Opens and subscribes. Fails without CAP_NET_ADMIN, outside the
+    /// initial namespaces or without CONFIG_PROC_EVENTS; the caller then
+    /// has the BPF programs wake it instead.
     pub fn open() -> io::Result<Doorbell> {
         // SAFETY: plain socket(2); the fd is owned at once.
         let fd = unsafe {
@@ -247,12 +248,6 @@ impl Drop for Doorbell {
 impl AsRawFd for Doorbell {
     fn as_raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
-    }
-}
-
-impl AsFd for Doorbell {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
     }
 }
 
