@@ -652,7 +652,7 @@ fn boot(image: &Image, overlay: &Path, share: &Path, last: &Path) -> anyhow::Res
 
 /// Prints the complete lines of `path` after byte `from`; returns where it
 /// stopped.
-fn print_new_lines(path: &Path, from: u64) -> u64 {
+pub(crate) fn print_new_lines(path: &Path, from: u64) -> u64 {
     let Ok(mut file) = fs::File::open(path) else {
         return from;
     };

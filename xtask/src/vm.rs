@@ -4,13 +4,18 @@
 //! controller. Recipe: shared/VM.md.
 
 use std::{
-    path::PathBuf,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail};
 
-use crate::setup::{apt, repo_root};
+use crate::{
+    setup::{apt, repo_root},
+    systemd_vm::print_new_lines,
+};
 
 fn venv() -> PathBuf {
     repo_root().join("target/vng-venv")
@@ -64,6 +69,17 @@ fn kernel() -> anyhow::Result<PathBuf> {
 
 /// Runs `command` (one shell string) in the guest, as root, in the repo.
 pub fn run(command: &str) -> anyhow::Result<()> {
+    run_within(command, None, None)
+}
+
+/// [`run`], killing the VM (vng, QEMU and all) once `limit` has passed, and
+/// printing the new lines of `follow` (a file the guest writes through the
+/// share) as they come, so a hung guest shows where it stopped.
+fn run_within(
+    command: &str,
+    limit: Option<Duration>,
+    follow: Option<&Path>,
+) -> anyhow::Result<()> {
     let venv = ensure_tools()?;
     let root = repo_root();
     let path = format!(
@@ -90,19 +106,57 @@ pub fn run(command: &str) -> anyhow::Result<()> {
         // would wipe a log file our caller redirected us into.
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own group, so a kill past the limit reaches QEMU too.
+        .process_group(0)
         .spawn()
         .context("starting vng")?;
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
+    let copy_out = std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::stdout()));
     let copy_err = std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::stderr()));
-    std::io::copy(&mut out, &mut std::io::stdout())?;
+    let started = Instant::now();
+    let mut printed = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if let Some(follow) = follow {
+            printed = print_new_lines(follow, printed);
+        }
+        if let Some(limit) = limit
+            && started.elapsed() > limit
+        {
+            // SAFETY: kill(2) of the group vng leads; no memory is involved.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            // The line the guest was writing: the test that hung.
+            if let Some(follow) = follow
+                && let Ok(text) = std::fs::read(follow)
+            {
+                let rest = text.get(printed as usize..).unwrap_or_default();
+                println!("  {}", String::from_utf8_lossy(rest));
+            }
+            bail!(
+                "the VM did not finish within {} min; killed it (the output above \
+                 ends where the guest stopped)",
+                limit.as_secs() / 60
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    if let Some(follow) = follow {
+        print_new_lines(follow, printed);
+    }
+    let _ = copy_out.join();
     let _ = copy_err.join();
-    let status = child.wait()?;
     if !status.success() {
         bail!("the VM command failed with {status}");
     }
     Ok(())
 }
+
+/// How long the test tier may take in the VM: about 5 min here under TCG.
+const TEST_TIER_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 /// Integration test files run again in the VM.
 /// (test file, name filter): the tests whose results depend on cgroup v2
@@ -184,10 +238,10 @@ pub fn test_tier() -> anyhow::Result<()> {
         runs = runs.join("; "),
         log = log.display()
     );
-    let result = run(&command);
+    println!("--- VM tier output ---");
+    run_within(&command, Some(TEST_TIER_LIMIT), Some(&log))?;
+    println!("--- end of VM tier ---");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    println!("--- VM tier output ---\n{text}--- end of VM tier ---");
-    result?;
     if !text.contains("exit=0") {
         bail!("VM tier failed (see output above)");
     }
