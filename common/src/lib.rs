@@ -123,6 +123,11 @@ pub struct SchedLayout {
 /// `CLONE_THREAD` from linux/sched.h.
 pub const CLONE_THREAD: u64 = 0x0001_0000;
 
+/// `bpf_ringbuf_submit` flags (linux/bpf.h): leave the reader asleep, or
+/// always wake it. The agent picks one for exec and fork records at load.
+pub const BPF_RB_NO_WAKEUP: u64 = 1;
+pub const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both are repr(C), made only of integers and byte arrays,

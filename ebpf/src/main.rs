@@ -17,7 +17,10 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
-use corral_common::{CLONE_THREAD, EventKind, ProcEvent, TracepointLayout, counter};
+use corral_common::{
+    BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, CLONE_THREAD, EventKind, ProcEvent, TracepointLayout,
+    counter,
+};
 
 /// Process records, read by the agent. Its size is set by the agent at load.
 #[map]
@@ -54,10 +57,6 @@ fn bump(slot: u32) {
         unsafe { *count += 1 };
     }
 }
-
-/// `bpf_ringbuf_submit` flags: leave the reader asleep, or always wake it.
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// How exec and fork records are submitted, set by the agent at load:
 /// `BPF_RB_NO_WAKEUP` when the kernel's proc connector wakes it (it rings

@@ -75,11 +75,7 @@ pub fn run(command: &str) -> anyhow::Result<()> {
 /// [`run`], killing the VM (vng, QEMU and all) once `limit` has passed, and
 /// printing the new lines of `follow` (a file the guest writes through the
 /// share) as they come, so a hung guest shows where it stopped.
-fn run_within(
-    command: &str,
-    limit: Option<Duration>,
-    follow: Option<&Path>,
-) -> anyhow::Result<()> {
+fn run_within(command: &str, limit: Option<Duration>, follow: Option<&Path>) -> anyhow::Result<()> {
     let venv = ensure_tools()?;
     let root = repo_root();
     let path = format!(

@@ -91,8 +91,8 @@ impl Wake {
     /// `bpf_ringbuf_submit` flags for exec and fork records.
     fn submit_flags(self) -> u64 {
         match self {
-            Wake::Doorbell => 1, // BPF_RB_NO_WAKEUP
-            Wake::Ring => 2,     // BPF_RB_FORCE_WAKEUP
+            Wake::Doorbell => corral_common::BPF_RB_NO_WAKEUP,
+            Wake::Ring => corral_common::BPF_RB_FORCE_WAKEUP,
         }
     }
 }
