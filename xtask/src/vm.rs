@@ -6,7 +6,7 @@
 use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -74,9 +74,35 @@ pub fn run(command: &str) -> anyhow::Result<()> {
 
 /// [`run`], killing the VM (vng, QEMU and all) once `limit` has passed, and
 /// printing the new lines of `follow` (a file the guest writes through the
-/// share) as they come, so a hung guest shows where it stopped.
+/// share) as they come, so a hung guest shows where it stopped. A guest
+/// that has not created `follow` within [`BOOT_LIMIT`] hung booting (it
+/// happens under TCG): it is killed and booted once more.
 fn run_within(command: &str, limit: Option<Duration>, follow: Option<&Path>) -> anyhow::Result<()> {
     let venv = ensure_tools()?;
+    for boot in 1..=2 {
+        match boot_and_run(&venv, command, limit, follow)? {
+            Some(status) if status.success() => return Ok(()),
+            Some(status) => bail!("the VM command failed with {status}"),
+            None => println!(
+                "VM: boot {boot} did not reach the command within {} min; killed it",
+                BOOT_LIMIT.as_secs() / 60
+            ),
+        }
+    }
+    bail!("the VM hung booting twice (see above)")
+}
+
+/// How long a boot may take to reach the command: about 1 min here.
+const BOOT_LIMIT: Duration = Duration::from_secs(10 * 60);
+
+/// One boot for [`run_within`]: the command's exit status, or None when
+/// the guest never started it.
+fn boot_and_run(
+    venv: &Path,
+    command: &str,
+    limit: Option<Duration>,
+    follow: Option<&Path>,
+) -> anyhow::Result<Option<ExitStatus>> {
     let root = repo_root();
     let path = format!(
         "{}:{}",
@@ -110,6 +136,11 @@ fn run_within(command: &str, limit: Option<Duration>, follow: Option<&Path>) -> 
     let mut err = child.stderr.take().expect("piped");
     let copy_out = std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::stdout()));
     let copy_err = std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::stderr()));
+    let kill = |child: &mut std::process::Child| {
+        // SAFETY: kill(2) of the group vng leads; no memory is involved.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+    };
     let started = Instant::now();
     let mut printed = 0;
     let status = loop {
@@ -118,13 +149,15 @@ fn run_within(command: &str, limit: Option<Duration>, follow: Option<&Path>) -> 
         }
         if let Some(follow) = follow {
             printed = print_new_lines(follow, printed);
+            if !follow.exists() && started.elapsed() > BOOT_LIMIT {
+                kill(&mut child);
+                return Ok(None);
+            }
         }
         if let Some(limit) = limit
             && started.elapsed() > limit
         {
-            // SAFETY: kill(2) of the group vng leads; no memory is involved.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
+            kill(&mut child);
             // The line the guest was writing: the test that hung.
             if let Some(follow) = follow
                 && let Ok(text) = std::fs::read(follow)
@@ -145,10 +178,7 @@ fn run_within(command: &str, limit: Option<Duration>, follow: Option<&Path>) -> 
     }
     let _ = copy_out.join();
     let _ = copy_err.join();
-    if !status.success() {
-        bail!("the VM command failed with {status}");
-    }
-    Ok(())
+    Ok(Some(status))
 }
 
 /// How long the test tier may take in the VM: about 5 min here under TCG.
